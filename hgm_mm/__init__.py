@@ -1,2 +1,19 @@
-"""hgm_mm: scene-aware furniture matching with CLIP-style and BERT towers."""
+"""hgm_mm: scene-aware furniture matching with CLIP-style and BERT towers.
+
+    import hgm_mm
+    model = hgm_mm.create_model("hgm-lite-en")
+    rooms = model.encode_room(["room.jpg"], ["a Nordic living room, warm light"])
+"""
+from .config import FusionConfig as FusionConfig
+from .config import ImageTowerConfig as ImageTowerConfig
+from .config import ModelConfig as ModelConfig
+from .config import TextTowerConfig as TextTowerConfig
+from .factory import create_model as create_model
+from .model import HGMModel as HGMModel
+from .model import HGMOutput as HGMOutput
+from .model import load_model as load_model
+from .pretrained import RandomInitWarning as RandomInitWarning
+from .pretrained import builtin_model_names as builtin_model_names
 from .version import __version__ as __version__
+
+list_models = builtin_model_names

@@ -1,0 +1,174 @@
+"""Dataclass configs of a model: its towers, fusion, scene head and preprocessing.
+
+A `ModelConfig` is everything needed to rebuild a model's architecture with no network:
+`save_pretrained` writes it as JSON beside the weights, and `model_configs/*.json` hold the
+built-in ones. Unknown keys are an error, never silently dropped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+IMAGE_TOWER_SOURCES = ("timm", "open_clip")
+TEXT_TOWER_SOURCES = ("hf", "open_clip")
+POOLING_MODES = ("mean", "cls")
+PROJECTIONS = ("linear", "none")
+
+# Scene labels of the built-in models: the union of the IKEA room scenes and the
+# Places365 room classes that ship with the project's data format.
+DEFAULT_SCENE_LABELS = (
+    "bathroom",
+    "bedroom",
+    "children_room",
+    "dining_room",
+    "entrance_hall",
+    "hallway",
+    "home_office",
+    "kitchen",
+    "laundry",
+    "living_room",
+    "outdoor",
+)
+
+
+def _check_choice(owner: str, name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{owner}.{name}={value!r} is not valid; expected one of {list(allowed)}")
+
+
+@dataclass
+class ImageTowerConfig:
+    """An image tower and how to feed it."""
+
+    source: str = "timm"  # "timm": any timm model; "open_clip": the visual tower of an open_clip model
+    name: str = "tf_efficientnet_lite0"  # timm model name, or open_clip model name
+    pretrained: str | None = None  # weight source, see `hgm_mm.pretrained.resolve_weight_source`
+    image_size: int = 224  # square input side, pixels
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    interpolation: str = "bicubic"  # resize filter: "bicubic" or "bilinear"
+    crop_pct: float = 1.0  # resize shorter side to image_size / crop_pct, then centre crop
+    projection: str = "linear"  # "linear" maps features to embed_dim; "none" keeps them (must equal embed_dim)
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)  # extra kwargs for timm.create_model
+
+    def __post_init__(self) -> None:
+        _check_choice("ImageTowerConfig", "source", self.source, IMAGE_TOWER_SOURCES)
+        _check_choice("ImageTowerConfig", "projection", self.projection, PROJECTIONS)
+        _check_choice("ImageTowerConfig", "interpolation", self.interpolation, ("bicubic", "bilinear"))
+        if not isinstance(self.image_size, int) or self.image_size < 8:
+            raise ValueError(f"ImageTowerConfig.image_size={self.image_size!r}; expected an int >= 8")
+        if not 0.1 <= self.crop_pct <= 1.0:
+            raise ValueError(f"ImageTowerConfig.crop_pct={self.crop_pct!r}; expected a value in [0.1, 1.0]")
+        self.mean = tuple(float(v) for v in self.mean)
+        self.std = tuple(float(v) for v in self.std)
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError(f"ImageTowerConfig mean/std must be 3 numbers, std > 0; got {self.mean}, {self.std}")
+
+
+@dataclass
+class TextTowerConfig:
+    """A text tower (a BERT-style transformers encoder, or an open_clip text tower)."""
+
+    source: str = "hf"  # "hf": any transformers encoder; "open_clip": the text tower of an open_clip model
+    name: str = ""  # transformers model id or folder; open_clip model name; informational once saved
+    pretrained: str | None = None  # weight source, see `hgm_mm.pretrained.resolve_weight_source`
+    pooling: str = "mean"  # how token states become one vector (hf towers)
+    max_length: int = 64  # tokens per text, longer texts are truncated
+    prefix: str = ""  # prepended to every text (e5 models expect "query: ")
+    projection: str = "linear"
+    hf_config: dict[str, Any] | None = None  # transformers config dict when built without a hub
+
+    def __post_init__(self) -> None:
+        _check_choice("TextTowerConfig", "source", self.source, TEXT_TOWER_SOURCES)
+        _check_choice("TextTowerConfig", "pooling", self.pooling, POOLING_MODES)
+        _check_choice("TextTowerConfig", "projection", self.projection, PROJECTIONS)
+        if not isinstance(self.max_length, int) or self.max_length < 2:
+            raise ValueError(f"TextTowerConfig.max_length={self.max_length!r}; expected an int >= 2")
+
+
+@dataclass
+class FusionConfig:
+    """How two L2-normalised embeddings (image, text) become one."""
+
+    hidden_dim: int = 0  # 0: gated average only; > 0: add a residual MLP of this width
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.hidden_dim < 0:
+            raise ValueError(f"FusionConfig.hidden_dim={self.hidden_dim!r}; expected >= 0")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"FusionConfig.dropout={self.dropout!r}; expected a value in [0, 1)")
+
+
+@dataclass
+class ModelConfig:
+    """A whole hgm_mm model: towers, shared embedding space, fusion and scene head."""
+
+    name: str = "custom"
+    embed_dim: int = 256  # the shared embedding space of rooms, products, images and texts
+    image_tower: ImageTowerConfig = field(default_factory=ImageTowerConfig)
+    text_tower: TextTowerConfig = field(default_factory=TextTowerConfig)
+    # The BERT tower that reads scene text ("a Nordic living room"); None shares `text_tower`.
+    scene_text_tower: TextTowerConfig | None = None
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    scene_labels: tuple[str, ...] = DEFAULT_SCENE_LABELS
+    init_logit_scale: float = 2.6592  # log(1 / 0.07), as CLIP
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.embed_dim, int) or self.embed_dim < 1:
+            raise ValueError(f"ModelConfig.embed_dim={self.embed_dim!r}; expected a positive int")
+        self.scene_labels = tuple(self.scene_labels)
+        if len(self.scene_labels) < 2 or len(set(self.scene_labels)) != len(self.scene_labels):
+            raise ValueError(f"ModelConfig.scene_labels must hold >= 2 distinct labels; got {list(self.scene_labels)}")
+        if self.image_tower.source == "open_clip" and self.text_tower.source == "open_clip":
+            if self.image_tower.name != self.text_tower.name:
+                raise ValueError("open_clip image and text towers must come from the same open_clip model; got "
+                                 f"{self.image_tower.name!r} and {self.text_tower.name!r}")
+        if self.scene_text_tower is not None and self.scene_text_tower.source != "hf":
+            raise ValueError("scene_text_tower must be a transformers ('hf') tower; "
+                             f"got source={self.scene_text_tower.source!r}")
+        if self.image_tower.source == "open_clip" and self.text_tower.source != "open_clip":
+            raise ValueError("an open_clip image tower needs the open_clip text tower of the same model; "
+                             "use a timm image tower to pair with a transformers text tower")
+
+    # -- JSON ---------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, origin: str = "config") -> "ModelConfig":
+        """Builds a config from a dict, refusing unknown keys with the list of valid ones."""
+        if not isinstance(data, dict):
+            raise ValueError(f"{origin}: expected a JSON object, got {type(data).__name__}")
+        data = dict(data)
+        nested = {"image_tower": ImageTowerConfig, "text_tower": TextTowerConfig,
+                  "scene_text_tower": TextTowerConfig, "fusion": FusionConfig}
+        for key, sub_cls in nested.items():
+            if data.get(key) is not None:
+                data[key] = _build(sub_cls, data[key], f"{origin}: {key}")
+        return _build(cls, data, origin)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "ModelConfig":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON ({err}); fix or regenerate the file") from err
+        return cls.from_dict(data, origin=str(path))
+
+
+def _build(cls: type, data: Any, origin: str) -> Any:
+    if not isinstance(data, dict):
+        raise ValueError(f"{origin}: expected a JSON object, got {type(data).__name__}")
+    valid = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - valid)
+    if unknown:
+        raise ValueError(f"{origin}: unknown key(s) {unknown} for {cls.__name__}; valid keys are {sorted(valid)}")
+    try:
+        return cls(**data)
+    except TypeError as err:
+        raise ValueError(f"{origin}: {err}") from err

@@ -1,0 +1,394 @@
+"""The hgm_mm model: image, text and scene-text towers projected into one space, fused, with a scene head."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .fusion import GatedFusion
+from .preprocess import TextTokenizer, build_image_transform
+from .pretrained import HGM_CONFIG_NAME, OPEN_CLIP_CONFIG_NAME
+from .towers import build_hf_text_tower, build_open_clip_towers
+from .towers.open_clip_tower import save_open_clip_config
+from .towers.timm_tower import TimmImageTower
+from .version import __version__
+
+FORMAT_VERSION = 1  # bump when the folder layout or the meaning of a saved key changes
+WEIGHTS_NAME = "model.safetensors"
+TOKENIZER_DIR = "tokenizer"
+SCENE_TOKENIZER_DIR = "scene_tokenizer"
+OPEN_CLIP_DIR = "open_clip"
+
+ImageInput = Any  # a tensor (B, 3, H, W) or (3, H, W), a PIL image, a path, or a sequence of them
+TextInput = Any  # a string, a sequence of strings, or a tokenizer output dict
+
+
+@dataclass
+class HGMOutput:
+    """What `HGMModel.forward` computes; a field is None when its inputs were not given."""
+
+    room_embeds: torch.Tensor | None = None  # (R, D) fused room image + scene text, unit norm
+    scene_logits: torch.Tensor | None = None  # (R, S) over `config.scene_labels`
+    room_image_embeds: torch.Tensor | None = None  # (R, D)
+    room_text_embeds: torch.Tensor | None = None  # (R, D) scene text, rows without text are zero
+    product_embeds: torch.Tensor | None = None  # (P, D) fused product photo + product text
+    product_image_embeds: torch.Tensor | None = None  # (P, D)
+    product_text_embeds: torch.Tensor | None = None  # (P, D)
+    logit_scale: torch.Tensor | None = None  # scalar, already exponentiated
+
+
+class HGMModel(nn.Module):
+    """Rooms and products in one embedding space.
+
+    Build one with `hgm_mm.create_model(name)` or `hgm_mm.load_model(folder)`. All `encode_*`
+    methods return L2-normalised (B, embed_dim) tensors and accept raw inputs (PIL images,
+    paths, strings) or ready tensors; they keep the caller's grad mode, so wrap inference in
+    `torch.no_grad()`.
+    """
+
+    def __init__(self, config: ModelConfig, *, load_weights: bool = True, folder: Path | None = None):
+        """Builds the architecture of `config`.
+
+        Args:
+            config: the model config.
+            load_weights: fetch the towers' pretrained weights named in the config; False leaves
+                them random (a saved model then loads its own weights).
+            folder: a saved model folder to read tokenizers and open_clip configs from.
+        """
+        super().__init__()
+        config = copy.deepcopy(config)  # tower builders fill in resolved fields; the caller's copy stays
+        embed_dim = config.embed_dim
+        self.open_clip_config: dict | None = None
+        if config.image_tower.source == "open_clip":
+            parts = build_open_clip_towers(
+                config.image_tower, load_weights=load_weights,
+                config_dir=folder / OPEN_CLIP_DIR if folder is not None else None)
+            config.image_tower = parts.image_config
+            self.image_tower, self.text_tower = parts.image_tower, parts.text_tower
+            self.open_clip_config = parts.open_clip_config
+            text_backend, init_logit_scale = parts.tokenizer, parts.logit_scale
+            self.tower_pretrained = {"image_tower": parts.is_pretrained, "text_tower": parts.is_pretrained}
+            tokenizer_kind = "open_clip"
+        else:
+            self.image_tower = TimmImageTower(config.image_tower, load_weights=load_weights)
+            self.text_tower, text_backend, config.text_tower, text_pretrained = build_hf_text_tower(
+                config.text_tower, load_weights=load_weights,
+                tokenizer_dir=folder / TOKENIZER_DIR if folder is not None else None)
+            init_logit_scale = config.init_logit_scale
+            self.tower_pretrained = {"image_tower": self.image_tower.is_pretrained, "text_tower": text_pretrained}
+            tokenizer_kind = "hf"
+        self.tokenizer = TextTokenizer(text_backend, kind=tokenizer_kind, max_length=config.text_tower.max_length,
+                                       prefix=config.text_tower.prefix)
+
+        self.scene_text_tower = None
+        self.scene_tokenizer = self.tokenizer
+        if config.scene_text_tower is not None:
+            self.scene_text_tower, scene_backend, config.scene_text_tower, scene_pretrained = build_hf_text_tower(
+                config.scene_text_tower, load_weights=load_weights,
+                tokenizer_dir=folder / SCENE_TOKENIZER_DIR if folder is not None else None)
+            self.scene_tokenizer = TextTokenizer(scene_backend, kind="hf",
+                                                 max_length=config.scene_text_tower.max_length,
+                                                 prefix=config.scene_text_tower.prefix)
+            self.tower_pretrained["scene_text_tower"] = scene_pretrained
+        self.config = config
+
+        scene_tower = self.scene_text_tower or self.text_tower
+        self.image_proj = _projection(self.image_tower.output_dim, embed_dim, config.image_tower.projection)
+        self.text_proj = _projection(self.text_tower.output_dim, embed_dim, config.text_tower.projection)
+        scene_cfg = config.scene_text_tower or config.text_tower
+        self.scene_text_proj = _projection(scene_tower.output_dim, embed_dim, scene_cfg.projection)
+        self.room_fusion = GatedFusion(embed_dim, config.fusion)
+        self.product_fusion = GatedFusion(embed_dim, config.fusion)
+        self.scene_head = nn.Linear(embed_dim, len(config.scene_labels))
+        self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
+        self.image_transform = build_image_transform(config.image_tower)
+        self.eval()
+
+    # -- inputs --------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.logit_scale.device
+
+    @property
+    def scene_labels(self) -> tuple[str, ...]:
+        return self.config.scene_labels
+
+    def preprocess_images(self, images: ImageInput) -> torch.Tensor:
+        """PIL images or paths -> a pixel batch (B, 3, S, S) on the model's device."""
+        if isinstance(images, torch.Tensor):
+            pixels = images.unsqueeze(0) if images.dim() == 3 else images
+            if pixels.dim() != 4 or pixels.shape[1] != 3:
+                raise ValueError(f"image tensor has shape {tuple(images.shape)}; expected (B, 3, H, W)")
+            return pixels.to(self.device)
+        if isinstance(images, (str, os.PathLike)) or hasattr(images, "convert"):
+            images = [images]
+        from .data.images import load_image
+
+        tensors = []
+        for item in images:
+            image = load_image(item) if isinstance(item, (str, os.PathLike)) else item.convert("RGB")
+            tensors.append(self.image_transform(image))
+        if not tensors:
+            raise ValueError("no images given")
+        return torch.stack(tensors).to(self.device)  # (B, 3, S, S)
+
+    def _tokens(self, texts: TextInput, tokenizer: TextTokenizer) -> dict[str, torch.Tensor]:
+        if isinstance(texts, dict):
+            return {k: v.to(self.device) for k, v in texts.items()}
+        tokens = tokenizer(texts)
+        if tokens["input_ids"].shape[0] == 0:
+            raise ValueError("no texts given")
+        return {k: v.to(self.device) for k, v in tokens.items()}
+
+    # -- encoders ------------------------------------------------------------------------------
+    def encode_image(self, images: ImageInput) -> torch.Tensor:
+        """Images (room or product photos) -> unit vectors (B, D)."""
+        features = self.image_tower(self.preprocess_images(images))  # (B, C)
+        return F.normalize(self.image_proj(features), dim=-1)  # (B, D)
+
+    def encode_text(self, texts: TextInput) -> torch.Tensor:
+        """Product-side text (titles, descriptions, queries) -> unit vectors (B, D)."""
+        tokens = self._tokens(texts, self.tokenizer)
+        features = self.text_tower(tokens["input_ids"], tokens["attention_mask"])  # (B, H)
+        return F.normalize(self.text_proj(features), dim=-1)  # (B, D)
+
+    def encode_scene_text(self, texts: TextInput) -> torch.Tensor:
+        """Scene text ("a Nordic living room, warm light") through the scene-text tower -> (B, D)."""
+        tokens = self._tokens(texts, self.scene_tokenizer)
+        tower = self.scene_text_tower or self.text_tower
+        features = tower(tokens["input_ids"], tokens["attention_mask"])  # (B, H)
+        return F.normalize(self.scene_text_proj(features), dim=-1)  # (B, D)
+
+    def encode_room(self, images: ImageInput | None = None, texts: Sequence[str | None] | str | None = None
+                    ) -> torch.Tensor:
+        """A room from its photo, its scene text, or both (a text entry may be None) -> (B, D)."""
+        image_embeds = self.encode_image(images) if images is not None else None
+        text_embeds, text_present = self._optional_texts(texts, self.encode_scene_text)
+        self._check_batch(image_embeds, text_embeds)
+        return self.room_fusion(image_embeds, text_embeds, text_present=text_present)
+
+    def encode_product(self, images: ImageInput | None = None, texts: Sequence[str | None] | str | None = None
+                       ) -> torch.Tensor:
+        """A product from its photo, its text, or both (a text entry may be None) -> (B, D)."""
+        image_embeds = self.encode_image(images) if images is not None else None
+        text_embeds, text_present = self._optional_texts(texts, self.encode_text)
+        self._check_batch(image_embeds, text_embeds)
+        return self.product_fusion(image_embeds, text_embeds, text_present=text_present)
+
+    def scene_logits(self, images: ImageInput | None = None, texts: Sequence[str | None] | str | None = None
+                     ) -> torch.Tensor:
+        """Scene logits (B, S) from a room photo, scene text, or both."""
+        return self.scene_head(self.encode_room(images, texts))
+
+    def predict_scene(self, images: ImageInput | None = None, texts: Sequence[str | None] | str | None = None
+                      ) -> list[dict[str, float]]:
+        """Scene probabilities per room, as {label: probability} sorted from most likely."""
+        with torch.no_grad():
+            probs = self.scene_logits(images, texts).softmax(dim=-1).cpu()  # (B, S)
+        return [dict(sorted(zip(self.scene_labels, row.tolist()), key=lambda kv: -kv[1])) for row in probs]
+
+    def _optional_texts(self, texts, encode) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Encodes the non-empty texts and scatters them into a (B, D) batch with a presence mask."""
+        if texts is None:
+            return None, None
+        if isinstance(texts, str):
+            texts = [texts]
+        if isinstance(texts, dict):
+            return encode(texts), None
+        present = torch.tensor([bool(t) for t in texts], dtype=torch.bool)
+        if not bool(present.any()):
+            return None, None
+        encoded = encode([t for t in texts if t])  # (B', D)
+        if bool(present.all()):
+            return encoded, None
+        full = encoded.new_zeros(len(texts), encoded.shape[1])  # (B, D)
+        full[present.to(encoded.device)] = encoded
+        return full, present.to(encoded.device)
+
+    @staticmethod
+    def _check_batch(image_embeds: torch.Tensor | None, text_embeds: torch.Tensor | None) -> None:
+        if image_embeds is None and text_embeds is None:
+            raise ValueError("give images, texts or both")
+        if image_embeds is not None and text_embeds is not None and len(image_embeds) != len(text_embeds):
+            raise ValueError(f"{len(image_embeds)} images but {len(text_embeds)} texts; give one text "
+                             "(or None) per image")
+
+    # -- training forward ----------------------------------------------------------------------
+    def forward(self, *, room_pixels: torch.Tensor | None = None, room_tokens: dict | None = None,
+                room_text_present: torch.Tensor | None = None, product_pixels: torch.Tensor | None = None,
+                product_tokens: dict | None = None) -> HGMOutput:
+        """Computes what the given inputs allow, for training and batch inference.
+
+        Args:
+            room_pixels: (R, 3, S, S) room photos.
+            room_tokens: scene-text tokens for the R rooms (from `model.scene_tokenizer`).
+            room_text_present: (R,) bools, False where a room has no scene text.
+            product_pixels: (P, 3, S, S) product photos.
+            product_tokens: product-text tokens for the P products (from `model.tokenizer`).
+        """
+        out = HGMOutput(logit_scale=self.logit_scale.exp())
+        if room_pixels is not None or room_tokens is not None:
+            if room_pixels is not None:
+                out.room_image_embeds = F.normalize(self.image_proj(self.image_tower(room_pixels)), dim=-1)
+            if room_tokens is not None:
+                out.room_text_embeds = self.encode_scene_text(room_tokens)
+                if room_text_present is not None:
+                    out.room_text_embeds = out.room_text_embeds * room_text_present.unsqueeze(1)
+            out.room_embeds = self.room_fusion(out.room_image_embeds, out.room_text_embeds,
+                                               text_present=room_text_present)
+            out.scene_logits = self.scene_head(out.room_embeds)
+        if product_pixels is not None or product_tokens is not None:
+            if product_pixels is not None:
+                out.product_image_embeds = F.normalize(self.image_proj(self.image_tower(product_pixels)), dim=-1)
+            if product_tokens is not None:
+                out.product_text_embeds = self.encode_text(product_tokens)
+            out.product_embeds = self.product_fusion(out.product_image_embeds, out.product_text_embeds)
+        return out
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Trades compute for memory in every tower that supports it."""
+        for tower in (self.image_tower, self.text_tower, self.scene_text_tower):
+            if tower is not None:
+                tower.set_grad_checkpointing(enable)
+
+    # -- save / load ---------------------------------------------------------------------------
+    def save_pretrained(self, folder: str | os.PathLike) -> Path:
+        """Writes config JSON, safetensors weights and tokenizers to `folder`.
+
+        Every file is written under a temporary name and moved into place, the config last, so
+        an interrupted save never leaves a folder that loads half a model.
+        """
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().to("cpu").contiguous().clone() for k, v in self.state_dict().items()}
+        _atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+        if self.open_clip_config is not None:
+            _atomic_dir(folder / OPEN_CLIP_DIR,
+                        lambda d: save_open_clip_config(d, self.open_clip_config, self.tokenizer.backend))
+        else:
+            _atomic_dir(folder / TOKENIZER_DIR, self.tokenizer.save)
+        if self.scene_text_tower is not None:
+            _atomic_dir(folder / SCENE_TOKENIZER_DIR, self.scene_tokenizer.save)
+        document = {"format_version": FORMAT_VERSION, "library_version": __version__,
+                    "model": self.config.to_dict()}
+        _atomic_write(folder / HGM_CONFIG_NAME,
+                      lambda p: p.write_text(json.dumps(document, indent=2, ensure_ascii=False), encoding="utf-8"))
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike) -> "HGMModel":
+        """Same as `hgm_mm.load_model(folder)`."""
+        return load_model(folder)
+
+
+def load_model(folder: str | os.PathLike, *, device: str | torch.device | None = None) -> HGMModel:
+    """Loads a folder written by `save_pretrained`, exactly, with no network.
+
+    Raises:
+        FileNotFoundError: the folder or one of its files is missing.
+        ValueError: the folder was written by a newer hgm_mm, or its config or weights do not
+            match (names the keys), or a file is corrupt.
+    """
+    folder = Path(folder)
+    config_path = folder / HGM_CONFIG_NAME
+    if not config_path.is_file():
+        hint = (f" It holds {OPEN_CLIP_CONFIG_NAME}: create it with "
+                f"hgm_mm.create_model('local-dir:{folder}').") if (folder / OPEN_CLIP_CONFIG_NAME).is_file() else ""
+        raise FileNotFoundError(f"{folder} is not an hgm_mm model folder: {HGM_CONFIG_NAME} is missing.{hint}")
+    try:
+        document = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{config_path}: not valid JSON ({err}); the folder is damaged, save the model again") from err
+    if not isinstance(document, dict) or "model" not in document or "format_version" not in document:
+        raise ValueError(f"{config_path}: expected keys 'format_version' and 'model'; the folder is damaged")
+    version = document["format_version"]
+    if not isinstance(version, int) or version < 1:
+        raise ValueError(f"{config_path}: format_version={version!r} is not valid")
+    if version > FORMAT_VERSION:
+        raise ValueError(f"{folder} was saved by hgm_mm {document.get('library_version', '?')} in format "
+                         f"{version}; this hgm_mm {__version__} reads formats up to {FORMAT_VERSION}. "
+                         "Upgrade: pip install -U hgm-mm")
+    try:
+        config = ModelConfig.from_dict(document["model"], origin=str(config_path))
+    except ValueError as err:
+        raise ValueError(f"{err}. If the folder comes from a newer hgm_mm, upgrade: pip install -U hgm-mm") from err
+
+    weights_path = folder / WEIGHTS_NAME
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"{weights_path} is missing; the folder is incomplete, save the model again")
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(weights_path))
+    except Exception as err:  # safetensors raises its own error types for corrupt headers and data
+        raise ValueError(f"{weights_path}: cannot be read ({err}); the file is corrupt, save the model again") from err
+
+    model = HGMModel(config, load_weights=False, folder=folder)
+    _check_state_matches(model, state, weights_path)
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    return model.to(device) if device is not None else model
+
+
+def _check_state_matches(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing (e.g. {missing[:5]})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:5]})")
+    if mismatched:
+        problems.append("shape mismatch for " + ", ".join(
+            f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}" for k in mismatched[:5]))
+    if problems:
+        raise ValueError(f"{path}: weights do not match the config: " + "; ".join(problems)
+                         + ". The folder is damaged or was written by another version of hgm_mm.")
+
+
+def _projection(in_dim: int, out_dim: int, kind: str) -> nn.Module:
+    if kind == "none":
+        if in_dim != out_dim:
+            raise ValueError(f"projection 'none' needs tower output {in_dim} == embed_dim {out_dim}; "
+                             "use projection 'linear' or set embed_dim")
+        return nn.Identity()
+    layer = nn.Linear(in_dim, out_dim, bias=False)
+    nn.init.orthogonal_(layer.weight)  # keeps the pretrained geometry: an isometry when in_dim <= out_dim
+    return layer
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _atomic_dir(path: Path, write) -> None:
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        write(tmp)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,58 @@
+"""How to feed a model: image transforms and tokenizers, both built from the model's config."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .config import ImageTowerConfig
+
+
+def build_image_transform(cfg: ImageTowerConfig):
+    """PIL RGB image -> normalised tensor (3, S, S): resize the shorter side, centre crop, normalise."""
+    from torchvision import transforms as T
+
+    interpolation = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR}
+    resize_to = int(round(cfg.image_size / cfg.crop_pct))
+    return T.Compose([
+        T.Resize(resize_to, interpolation=interpolation[cfg.interpolation]),
+        T.CenterCrop(cfg.image_size),
+        T.ToTensor(),
+        T.Normalize(cfg.mean, cfg.std),
+    ])
+
+
+class TextTokenizer:
+    """Texts -> the tensors a text tower reads: {"input_ids": (B, T), "attention_mask": (B, T)}.
+
+    Wraps a transformers tokenizer (`kind="hf"`) or an open_clip tokenizer (`kind="open_clip"`),
+    adding the tower's prefix and length limit so callers only pass strings.
+    """
+
+    def __init__(self, backend: Any, *, kind: str, max_length: int, prefix: str = ""):
+        if kind not in ("hf", "open_clip"):
+            raise ValueError(f"TextTokenizer kind={kind!r}; expected 'hf' or 'open_clip'")
+        self.backend = backend
+        self.kind = kind
+        self.max_length = max_length
+        self.prefix = prefix
+
+    def __call__(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        if isinstance(texts, str):
+            texts = [texts]
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"text {i} is {type(text).__name__}; expected str")
+        texts = [self.prefix + t for t in texts]
+        if self.kind == "open_clip":
+            input_ids = self.backend(texts)  # (B, context_length)
+            return {"input_ids": input_ids, "attention_mask": (input_ids != 0).long()}
+        encoded = self.backend(texts, padding=True, truncation=True, max_length=self.max_length,
+                               return_tensors="pt")
+        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+
+    def save(self, folder: Path) -> None:
+        """Writes the tokenizer files (transformers tokenizers; open_clip ones live with their config)."""
+        if self.kind == "hf":
+            self.backend.save_pretrained(str(folder))
