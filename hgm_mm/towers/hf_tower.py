@@ -113,15 +113,19 @@ def _pypi_text_encoder(source: str):
 
 @contextlib.contextmanager
 def _quiet_transformers():
-    """Silences transformers' load reports (the unused pooler of a checkpoint); real errors still raise."""
+    """Silences transformers' load reports and bars (the unused pooler of a checkpoint); errors still raise."""
     from transformers.utils import logging as hf_logging
 
     previous = hf_logging.get_verbosity()
+    bars_were_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
         yield
     finally:
         hf_logging.set_verbosity(previous)
+        if bars_were_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def byte_level_tokenizer():
