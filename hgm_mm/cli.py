@@ -95,14 +95,14 @@ def _demo(args: argparse.Namespace) -> int:
     pool_index = {pid: i for i, pid in enumerate(p.product_id for p in pool)}
     for r, room in enumerate(rooms):
         in_room = {pool_index[pid] for pid in positives[room.room_id] if pid in pool_index}
-        top = similarity[r].topk(5).indices.tolist()
+        top = similarity[r].topk(min(5, len(pool))).indices.tolist()
         print(f"\nroom {room.room_id} ({room.scene}): {room.image}")
         for rank, j in enumerate(top, 1):
             mark = "*" if j in in_room else " "
             print(f"  {rank}. {mark} {similarity[r, j]:.3f}  {pool[j].title} ({pool[j].category})  {pool[j].image}")
     text_scores = (query @ product_texts.T)[0]  # (P,)
     print(f"\nproducts whose text is nearest {args.query!r}:")
-    for j in text_scores.topk(5).indices.tolist():
+    for j in text_scores.topk(min(5, len(pool))).indices.tolist():
         print(f"  {text_scores[j]:.3f}  {product_text(pool[j])[:90]}")
     skipped = product_images.skipped + room_images.skipped
     print(f"\n* = the product appears in that room. {len(skipped)} unreadable photos skipped. "
