@@ -8,6 +8,7 @@ from .config import FusionConfig as FusionConfig
 from .config import ImageTowerConfig as ImageTowerConfig
 from .config import ModelConfig as ModelConfig
 from .config import TextTowerConfig as TextTowerConfig
+from .evaluation import evaluate as evaluate
 from .factory import create_model as create_model
 from .model import HGMModel as HGMModel
 from .model import HGMOutput as HGMOutput

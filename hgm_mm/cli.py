@@ -22,6 +22,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     demo.add_argument("--products", type=int, default=300, help="catalogue products to compare against")
     demo.add_argument("--query", default="a grey fabric sofa", help="a text query to search product texts")
 
+    evaluate = sub.add_parser("evaluate", help="room -> product retrieval metrics over a whole catalogue")
+    evaluate.add_argument("--model", required=True, help="model name or local-dir:PATH of a saved model")
+    evaluate.add_argument("--catalog", type=Path, required=True, help="products.jsonl of the gallery")
+    evaluate.add_argument("--rooms", type=Path, required=True, help="rooms.jsonl of the query rooms")
+    evaluate.add_argument("--pairs", type=Path, required=True, help="pairs.csv: the products in each room")
+    evaluate.add_argument("--room-text", action="store_true", help="fuse each room's caption into its query")
+    evaluate.add_argument("--baselines", action="store_true",
+                          help="also random, popularity, scene popularity and frozen pretrained features")
+    evaluate.add_argument("--train-pairs", type=Path, help="pairs.csv the popularity baselines count")
+    evaluate.add_argument("--train-rooms", type=Path, help="rooms.jsonl of the training rooms (their scenes)")
+    evaluate.add_argument("--frozen-model", default="hgm-lite-en", help="untrained model of the frozen baseline")
+    evaluate.add_argument("--json", type=Path, help="write every number to this JSON file")
+
     sub.add_parser("models", help="list the built-in models")
     return parser.parse_args(argv)
 
@@ -33,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
             return _models()
         if args.command == "demo":
             return _demo(args)
+        if args.command == "evaluate":
+            return _evaluate(args)
     except (ValueError, FileNotFoundError) as err:  # input errors: one clear line, no traceback
         print(f"hgm-mm {args.command}: {err}", file=sys.stderr)
         return 2
@@ -107,6 +122,49 @@ def _demo(args: argparse.Namespace) -> int:
     skipped = product_images.skipped + room_images.skipped
     print(f"\n* = the product appears in that room. {len(skipped)} unreadable photos skipped. "
           f"Done in {time.perf_counter() - started:.1f} s.")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from .data import read_pairs, read_products, read_rooms
+    from .evaluation import baseline_evaluations, evaluate
+    from .factory import create_model
+
+    catalog = read_products(args.catalog)
+    rooms = read_rooms(args.rooms)
+    pairs = read_pairs(args.pairs, room_ids={r.room_id for r in rooms},
+                       product_ids={p.product_id for p in catalog})
+    model = create_model(args.model if ":" in args.model or not Path(args.model).is_dir()
+                         else f"local-dir:{args.model}")
+    result = evaluate(model, catalog, rooms, pairs, use_room_text=args.room_text)
+    table = {args.model: result.metrics}
+    if args.baselines:
+        train_pairs = train_rooms = None
+        if args.train_pairs is not None:
+            train_rooms = read_rooms(args.train_rooms) if args.train_rooms else rooms
+            train_pairs = read_pairs(args.train_pairs, room_ids={r.room_id for r in train_rooms},
+                                     product_ids={p.product_id for p in catalog})
+        else:
+            print("popularity baselines skipped: give --train-pairs (and --train-rooms)", file=sys.stderr)
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            frozen = create_model(args.frozen_model)
+        table.update(baseline_evaluations(catalog, rooms, pairs, train_pairs=train_pairs, train_rooms=train_rooms,
+                                          frozen_model=frozen))
+    print(f"{result.n_rooms} rooms, {result.n_products} products, {len(result.skipped)} unreadable photos skipped")
+    columns = ["recall@10", "recall@50", "ndcg@10", "map", "hit_rate@10"]
+    print("| model | " + " | ".join(columns) + " |")
+    print("|---" * (len(columns) + 1) + "|")
+    for name, values in table.items():
+        print(f"| {name} | " + " | ".join(f"{values.get(c, float('nan')):.4f}" for c in columns) + " |")
+    if args.json is not None:
+        document = {"model": result.to_dict(), "table": table}
+        args.json.write_text(json.dumps(document, indent=2), encoding="utf-8")
+        print(f"wrote {args.json}")
     return 0
 
 

@@ -65,3 +65,17 @@ def test_demo_reports_a_bad_dataset_row(tmp_path, capsys):
 def test_models_lists_the_builtins(capsys):
     assert main(["models"]) == 0
     assert {"hgm-lite-en", "hgm-lite-multilingual", "hgm-tiny"} <= set(capsys.readouterr().out.split())
+
+
+def test_evaluate_prints_one_table_with_the_baselines_and_writes_json(tmp_path, capsys):
+    data = _tiny_dataset(tmp_path / "data")
+    out_json = tmp_path / "eval.json"
+    with pytest.warns(UserWarning):
+        code = main(["evaluate", "--model", "hgm-tiny", "--catalog", str(data / "products.jsonl"),
+                     "--rooms", str(data / "rooms.jsonl"), "--pairs", str(data / "pairs.csv"), "--baselines",
+                     "--train-pairs", str(data / "pairs.csv"), "--frozen-model", "hgm-tiny", "--json", str(out_json)])
+    assert code == 0
+    rows = [line.split("|")[1].strip() for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert rows == ["model", "hgm-tiny", "random", "popularity", "scene_popularity", "frozen_features"]
+    document = json.loads(out_json.read_text())
+    assert document["model"]["n_rooms"] == 1 and "recall@10" in document["table"]["random"]

@@ -1,0 +1,5 @@
+"""Evaluation: metric functions, and room -> product evaluation of a model with its baselines."""
+from .evaluate import RetrievalEvaluation as RetrievalEvaluation
+from .evaluate import baseline_evaluations as baseline_evaluations
+from .evaluate import evaluate as evaluate
+from .evaluate import popularity_scores as popularity_scores

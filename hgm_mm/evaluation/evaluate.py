@@ -1,0 +1,183 @@
+"""Room -> product evaluation of a model over a whole catalogue, and the baselines it must beat."""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..data.records import Product, Room
+from ..data.text import product_text, room_text
+from . import metrics
+
+DEFAULT_KS = (10, 50)
+
+
+@dataclass
+class RetrievalEvaluation:
+    """Room -> product retrieval quality, macro-averaged over rooms, whole catalogue as gallery."""
+
+    metrics: dict[str, float]  # recall@k, ndcg@k, hit_rate@k, map, category_hit_rate@10
+    by_scene: dict[str, dict[str, float]]  # scene -> {recall@10, ndcg@10, rooms}
+    recall_by_category: dict[str, float]  # product category -> recall@10 of that category's products
+    category_hit_rate: dict[str, float]  # the IKEA authors' per-category hit rate@10, by category
+    n_rooms: int
+    n_products: int
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # unreadable photos (path, reason)
+
+    def to_dict(self) -> dict:
+        return {"metrics": self.metrics, "by_scene": self.by_scene, "recall_by_category": self.recall_by_category,
+                "category_hit_rate": self.category_hit_rate, "n_rooms": self.n_rooms,
+                "n_products": self.n_products, "skipped": [list(s) for s in self.skipped]}
+
+
+def relevance(rooms: Sequence[Room], products: Sequence[Product], pairs: Sequence[tuple[str, str]]) -> np.ndarray:
+    """(R, N) booleans: product j appears in room i."""
+    room_index = {room.room_id: i for i, room in enumerate(rooms)}
+    product_index = {product.product_id: j for j, product in enumerate(products)}
+    relevant = np.zeros((len(rooms), len(products)), dtype=bool)
+    for room_id, product_id in pairs:
+        if room_id in room_index and product_id in product_index:
+            relevant[room_index[room_id], product_index[product_id]] = True
+    return relevant
+
+
+def retrieval_metrics(scores: np.ndarray, relevant: np.ndarray, products: Sequence[Product],
+                      rooms: Sequence[Room], *, ks: Sequence[int] = DEFAULT_KS,
+                      skipped: list | None = None) -> RetrievalEvaluation:
+    """All retrieval numbers for a (R, N) score matrix; rooms without products are left out."""
+    keep = relevant.any(axis=1)
+    if not keep.any():
+        raise ValueError("no evaluation room has a product of the catalogue in the pairs")
+    scores, relevant = scores[keep], relevant[keep]
+    rooms = [room for room, kept in zip(rooms, keep) if kept]
+    categories = [product.category or "unknown" for product in products]
+    report = metrics.retrieval_report(scores, relevant, ks)
+    hit = metrics.per_category_hit_rate(scores, relevant, categories, 10)
+    report["category_hit_rate@10"] = hit.overall
+    ranked = metrics.relevant_ranks(scores, relevant)
+    scenes = [room.scene or "unknown" for room in rooms]
+    recall, ndcg = metrics.breakdown(ranked.recall_at_k(10), scenes), metrics.breakdown(ranked.ndcg_at_k(10), scenes)
+    counts = Counter(scenes)
+    by_scene = {scene: {"recall@10": recall[scene], "ndcg@10": ndcg[scene], "rooms": counts[scene]}
+                for scene in sorted(counts)}
+    return RetrievalEvaluation(
+        metrics=report, by_scene=by_scene,
+        recall_by_category={str(k): v for k, v in metrics.recall_at_k_by_category(scores, relevant, categories, 10).items()},
+        category_hit_rate={str(k): v for k, v in hit.per_category.items()},
+        n_rooms=int(keep.sum()), n_products=len(products), skipped=list(skipped or []))
+
+
+def embed_catalog(model, products: Sequence[Product], *, batch_size: int = 32, progress: bool = True
+                  ) -> tuple[torch.Tensor, list[tuple[str, str]]]:
+    """Product vectors (N, D): photo fused with text; a product whose photo is unreadable keeps its text."""
+    from ..embedding import embed_images, embed_texts
+
+    with torch.no_grad():
+        photos = embed_images(model, [p.image for p in products], batch_size=batch_size, desc="catalogue",
+                              progress=progress)
+        texts = embed_texts(model, [product_text(p) for p in products])
+        image_embeds = torch.zeros(len(products), model.config.embed_dim)
+        image_embeds[photos.kept] = photos.embeddings
+        image_present = torch.zeros(len(products), dtype=torch.bool)
+        image_present[photos.kept] = True
+        fused = model.product_fusion(image_embeds.to(model.device), texts.to(model.device),
+                                     image_present=image_present.to(model.device))
+    return fused.float().cpu(), photos.skipped
+
+
+def embed_rooms(model, rooms: Sequence[Room], *, use_room_text: bool = False, batch_size: int = 32,
+                progress: bool = True) -> tuple[torch.Tensor, list[int], list[tuple[str, str]]]:
+    """Room vectors for the rooms whose photo is readable: (R', D), their positions, what was skipped."""
+    from ..embedding import embed_images
+
+    with torch.no_grad():
+        photos = embed_images(model, [r.image for r in rooms], batch_size=batch_size, desc="rooms", progress=progress)
+        texts = [room_text(rooms[i]) for i in photos.kept] if use_room_text else None
+        text_embeds, text_present = (model._optional_texts(texts, model.encode_scene_text) if texts else (None, None))
+        fused = model.room_fusion(photos.embeddings.to(model.device), text_embeds, text_present=text_present)
+    return fused.float().cpu(), photos.kept, photos.skipped
+
+
+def evaluate(model, catalog: Sequence[Product], rooms: Sequence[Room], pairs: Sequence[tuple[str, str]], *,
+             ks: Sequence[int] = DEFAULT_KS, use_room_text: bool = False, progress: bool = True) -> RetrievalEvaluation:
+    """Ranks the whole catalogue for every room and measures it against the room's products.
+
+    Args:
+        model: an `HGMModel`.
+        catalog: every product of the gallery.
+        rooms: the query rooms (their photos; their captions too with `use_room_text`).
+        pairs: (room_id, product_id) ground truth.
+        ks: cut-offs for recall, NDCG and hit rate.
+        use_room_text: fuse each room's caption into its query, as a person's words would be.
+    """
+    model.eval()
+    product_vectors, skipped_products = embed_catalog(model, catalog, progress=progress)
+    room_vectors, kept, skipped_rooms = embed_rooms(model, rooms, use_room_text=use_room_text, progress=progress)
+    rooms = [rooms[i] for i in kept]
+    scores = (room_vectors @ product_vectors.T).numpy()  # (R, N)
+    return retrieval_metrics(scores, relevance(rooms, catalog, pairs), catalog, rooms, ks=ks,
+                             skipped=skipped_products + skipped_rooms)
+
+
+# -- baselines ------------------------------------------------------------------------------------
+def popularity_scores(catalog: Sequence[Product], rooms: Sequence[Room], train_pairs: Sequence[tuple[str, str]],
+                      train_rooms: Sequence[Room] | None = None, *, by_scene: bool = False) -> np.ndarray:
+    """(R, N) scores from how often each product appears in training rooms, overall or in the room's scene.
+
+    Scene popularity breaks its ties with global popularity, so rooms of an unseen scene fall back to it.
+    """
+    product_index = {p.product_id: j for j, p in enumerate(catalog)}
+    global_counts = np.zeros(len(catalog))
+    for _, product_id in train_pairs:
+        if product_id in product_index:
+            global_counts[product_index[product_id]] += 1
+    if not by_scene:
+        return np.broadcast_to(global_counts, (len(rooms), len(catalog))).copy()
+    if train_rooms is None:
+        raise ValueError("scene popularity needs the training rooms (for their scenes)")
+    scene_of = {room.room_id: room.scene for room in train_rooms}
+    scene_counts: dict[str | None, np.ndarray] = {}
+    for room_id, product_id in train_pairs:
+        if product_id in product_index:
+            counts = scene_counts.setdefault(scene_of.get(room_id), np.zeros(len(catalog)))
+            counts[product_index[product_id]] += 1
+    tie_break = global_counts / (global_counts.max() + 1.0)  # < 1: never outweighs one scene count
+    empty = np.zeros(len(catalog))
+    return np.stack([scene_counts.get(room.scene, empty) + tie_break for room in rooms])
+
+
+def baseline_evaluations(catalog: Sequence[Product], rooms: Sequence[Room], pairs: Sequence[tuple[str, str]], *,
+                         train_pairs: Sequence[tuple[str, str]] | None = None,
+                         train_rooms: Sequence[Room] | None = None, frozen_model=None,
+                         ks: Sequence[int] = DEFAULT_KS, progress: bool = True) -> dict[str, dict[str, float]]:
+    """Metrics of the baselines a trained model must beat, by name.
+
+    - `random`: the exact expectation under a uniformly random ranking;
+    - `popularity` and `scene_popularity`: counts in `train_pairs` (skipped without them);
+    - `frozen_features`: room-photo vs product-photo cosine of `frozen_model`, untrained.
+    """
+    relevant = relevance(rooms, catalog, pairs)
+    keep = relevant.any(axis=1)
+    results = {"random": metrics.random_baseline_report(relevant[keep], ks)}
+    if train_pairs:
+        for name, by_scene in (("popularity", False), ("scene_popularity", True)):
+            scores = popularity_scores(catalog, rooms, train_pairs, train_rooms, by_scene=by_scene)
+            results[name] = retrieval_metrics(scores, relevant, catalog, rooms, ks=ks).metrics
+    if frozen_model is not None:
+        from ..embedding import embed_images
+
+        with torch.no_grad():
+            product_photos = embed_images(frozen_model, [p.image for p in catalog], desc="catalogue (frozen)",
+                                          progress=progress)
+            room_photos = embed_images(frozen_model, [r.image for r in rooms], desc="rooms (frozen)",
+                                       progress=progress)
+        product_vectors = torch.zeros(len(catalog), frozen_model.config.embed_dim)
+        product_vectors[product_photos.kept] = product_photos.embeddings
+        scores = (room_photos.embeddings @ product_vectors.T).numpy()
+        kept_rooms = [rooms[i] for i in room_photos.kept]
+        results["frozen_features"] = retrieval_metrics(
+            scores, relevance(kept_rooms, catalog, pairs), catalog, kept_rooms, ks=ks).metrics
+    return results
