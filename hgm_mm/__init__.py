@@ -15,6 +15,8 @@ from .model import HGMOutput as HGMOutput
 from .model import load_model as load_model
 from .pretrained import RandomInitWarning as RandomInitWarning
 from .pretrained import builtin_model_names as builtin_model_names
+from .training import TrainConfig as TrainConfig
+from .training import train as train
 from .version import __version__ as __version__
 
 list_models = builtin_model_names

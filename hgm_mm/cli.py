@@ -35,6 +35,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     evaluate.add_argument("--frozen-model", default="hgm-lite-en", help="untrained model of the frozen baseline")
     evaluate.add_argument("--json", type=Path, help="write every number to this JSON file")
 
+    train = sub.add_parser("train", help="fine-tune a model on a dataset folder (also under accelerate launch)")
+    train.add_argument("--data", type=Path, required=True, help="dataset folder: products.jsonl, rooms.jsonl, pairs.csv")
+    train.add_argument("--output", type=Path, required=True, help="run folder: best model, checkpoint, config")
+    train.add_argument("--model", help="starting model (default: the recipe's)")
+    train.add_argument("--config", type=Path, help="YAML or JSON file of TrainConfig settings")
+    train.add_argument("--epochs", type=int)
+    train.add_argument("--max-steps", type=int)
+    train.add_argument("--batch-size", type=int, help="catalogue products per step")
+    train.add_argument("--lr", type=float, help="learning rate of projections and heads")
+    train.add_argument("--seed", type=int)
+    train.add_argument("--no-resume", action="store_true", help="start afresh even if a checkpoint exists")
+
     sub.add_parser("models", help="list the built-in models")
     return parser.parse_args(argv)
 
@@ -48,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
             return _demo(args)
         if args.command == "evaluate":
             return _evaluate(args)
+        if args.command == "train":
+            return _train(args)
     except (ValueError, FileNotFoundError) as err:  # input errors: one clear line, no traceback
         print(f"hgm-mm {args.command}: {err}", file=sys.stderr)
         return 2
@@ -122,6 +136,24 @@ def _demo(args: argparse.Namespace) -> int:
     skipped = product_images.skipped + room_images.skipped
     print(f"\n* = the product appears in that room. {len(skipped)} unreadable photos skipped. "
           f"Done in {time.perf_counter() - started:.1f} s.")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .training import TrainConfig, train
+
+    overrides = {"model": args.model, "epochs": args.epochs, "max_steps": args.max_steps,
+                 "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed}
+    if args.config is not None:
+        config = TrainConfig.from_file(args.config, **overrides)
+    else:
+        config = TrainConfig.from_dict({k: v for k, v in overrides.items() if v is not None},
+                                       origin="command line")
+    result = train(config, data=find_dataset(args.data), output=args.output, resume=not args.no_resume)
+    metrics = result.best_metrics
+    print(f"best model: {result.model_dir} (step {result.best_step} of {result.steps}); validation "
+          f"Recall@10 {metrics.get('recall@10', float('nan')):.4f}, NDCG@10 {metrics.get('ndcg@10', float('nan')):.4f}, "
+          f"mAP {metrics.get('map', float('nan')):.4f}; wall time {result.wall_seconds / 60:.1f} min")
     return 0
 
 

@@ -70,14 +70,14 @@ def retrieval_metrics(scores: np.ndarray, relevant: np.ndarray, products: Sequen
         n_rooms=int(keep.sum()), n_products=len(products), skipped=list(skipped or []))
 
 
-def embed_catalog(model, products: Sequence[Product], *, batch_size: int = 32, progress: bool = True
-                  ) -> tuple[torch.Tensor, list[tuple[str, str]]]:
+def embed_catalog(model, products: Sequence[Product], *, batch_size: int = 32, progress: bool = True,
+                  num_workers: int | None = None) -> tuple[torch.Tensor, list[tuple[str, str]]]:
     """Product vectors (N, D): photo fused with text; a product whose photo is unreadable keeps its text."""
     from ..embedding import embed_images, embed_texts
 
     with torch.no_grad():
         photos = embed_images(model, [p.image for p in products], batch_size=batch_size, desc="catalogue",
-                              progress=progress)
+                              progress=progress, num_workers=num_workers)
         texts = embed_texts(model, [product_text(p) for p in products])
         image_embeds = torch.zeros(len(products), model.config.embed_dim)
         image_embeds[photos.kept] = photos.embeddings
@@ -89,12 +89,14 @@ def embed_catalog(model, products: Sequence[Product], *, batch_size: int = 32, p
 
 
 def embed_rooms(model, rooms: Sequence[Room], *, use_room_text: bool = False, batch_size: int = 32,
-                progress: bool = True) -> tuple[torch.Tensor, list[int], list[tuple[str, str]]]:
+                progress: bool = True, num_workers: int | None = None
+                ) -> tuple[torch.Tensor, list[int], list[tuple[str, str]]]:
     """Room vectors for the rooms whose photo is readable: (R', D), their positions, what was skipped."""
     from ..embedding import embed_images
 
     with torch.no_grad():
-        photos = embed_images(model, [r.image for r in rooms], batch_size=batch_size, desc="rooms", progress=progress)
+        photos = embed_images(model, [r.image for r in rooms], batch_size=batch_size, desc="rooms", progress=progress,
+                              num_workers=num_workers)
         texts = [room_text(rooms[i]) for i in photos.kept] if use_room_text else None
         text_embeds, text_present = (model._optional_texts(texts, model.encode_scene_text) if texts else (None, None))
         fused = model.room_fusion(photos.embeddings.to(model.device), text_embeds, text_present=text_present)
@@ -102,7 +104,8 @@ def embed_rooms(model, rooms: Sequence[Room], *, use_room_text: bool = False, ba
 
 
 def evaluate(model, catalog: Sequence[Product], rooms: Sequence[Room], pairs: Sequence[tuple[str, str]], *,
-             ks: Sequence[int] = DEFAULT_KS, use_room_text: bool = False, progress: bool = True) -> RetrievalEvaluation:
+             ks: Sequence[int] = DEFAULT_KS, use_room_text: bool = False, progress: bool = True,
+             num_workers: int | None = None) -> RetrievalEvaluation:
     """Ranks the whole catalogue for every room and measures it against the room's products.
 
     Args:
@@ -112,10 +115,13 @@ def evaluate(model, catalog: Sequence[Product], rooms: Sequence[Room], pairs: Se
         pairs: (room_id, product_id) ground truth.
         ks: cut-offs for recall, NDCG and hit rate.
         use_room_text: fuse each room's caption into its query, as a person's words would be.
+        progress: show progress bars.
+        num_workers: photo-decoding processes (default: up to 4).
     """
     model.eval()
-    product_vectors, skipped_products = embed_catalog(model, catalog, progress=progress)
-    room_vectors, kept, skipped_rooms = embed_rooms(model, rooms, use_room_text=use_room_text, progress=progress)
+    product_vectors, skipped_products = embed_catalog(model, catalog, progress=progress, num_workers=num_workers)
+    room_vectors, kept, skipped_rooms = embed_rooms(model, rooms, use_room_text=use_room_text, progress=progress,
+                                                    num_workers=num_workers)
     rooms = [rooms[i] for i in kept]
     scores = (room_vectors @ product_vectors.T).numpy()  # (R, N)
     return retrieval_metrics(scores, relevance(rooms, catalog, pairs), catalog, rooms, ks=ks,

@@ -1,0 +1,117 @@
+"""The training config: every knob of a run, validated, readable from YAML or JSON."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+PRECISIONS = ("no", "bf16", "fp16")
+IMAGE_ERROR_POLICIES = ("skip", "raise")
+
+
+@dataclass
+class TrainConfig:
+    """A fine-tuning run. The defaults are the recipe measured in docs/training.md."""
+
+    model: str = "hgm-lite-en"  # starting model: any name create_model takes
+    epochs: int = 6  # passes over the catalogue's products
+    max_steps: int | None = None  # stop after this many optimiser steps, whatever the epoch
+    batch_size: int = 48  # catalogue products per step (photo <-> text contrastive)
+    rooms_per_batch: int = 12  # training rooms per step (room -> products contrastive)
+    positives_per_room: int = 4  # products of each room added to the step's products
+    lr: float = 1e-3  # projections, fusion, scene head, temperature
+    tower_lr: float = 1e-4  # unlocked tower layers
+    weight_decay: float = 0.05
+    warmup_steps: int = 10
+    product_loss_weight: float = 1.0  # product photo <-> product text
+    room_loss_weight: float = 1.0  # room -> its products, several positives
+    scene_loss_weight: float = 0.2  # scene cross-entropy from the room
+    room_text_probability: float = 0.5  # share of training rooms that also read their caption
+    unlocked_image_groups: int = 2  # top layer groups of the image tower left trainable (timm groups)
+    unlocked_text_layers: int = 0  # top transformer layers of the text towers left trainable
+    freeze_norm_stats: bool = True  # BatchNorm statistics of locked image layers stay as pretrained
+    wise_alpha: float = 1.0  # WiSE-FT: 1 keeps fine-tuned weights, 0 the starting weights
+    val_fraction: float = 0.2  # rooms held out for validation, by room
+    seed: int = 0
+    eval_every_epochs: int = 1
+    patience: int = 3  # evaluations without Recall@10 improvement before stopping early
+    precision: str = "no"  # "bf16" or "fp16" autocast where the hardware supports it
+    grad_cache_chunk: int = 0  # > 0: embed in chunks of this size and keep the whole contrastive batch
+    gradient_checkpointing: bool = False
+    max_grad_norm: float = 1.0
+    skip_nonfinite: bool = False  # skip a batch whose loss is NaN/inf instead of stopping
+    image_errors: str = "skip"  # unreadable photos: "skip" (and count) or "raise"
+    num_workers: int = 2  # photo-decoding processes
+    checkpoint_every_steps: int = 25
+    log_every_steps: int = 5
+
+    def __post_init__(self) -> None:
+        positive_ints = ("epochs", "batch_size", "rooms_per_batch", "positives_per_room", "eval_every_epochs",
+                         "patience", "checkpoint_every_steps", "log_every_steps")
+        for name in positive_ints:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"TrainConfig.{name}={value!r}; expected an int >= 1")
+        for name in ("unlocked_image_groups", "unlocked_text_layers", "warmup_steps", "grad_cache_chunk",
+                     "num_workers", "seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"TrainConfig.{name}={value!r}; expected an int >= 0")
+        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
+            raise ValueError(f"TrainConfig.max_steps={self.max_steps!r}; expected None or an int >= 1")
+        for name in ("lr", "tower_lr"):
+            if not float(getattr(self, name)) > 0:
+                raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r}; expected > 0")
+        for name in ("weight_decay", "product_loss_weight", "room_loss_weight", "scene_loss_weight",
+                     "max_grad_norm"):
+            if float(getattr(self, name)) < 0:
+                raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r}; expected >= 0")
+        for name in ("room_text_probability", "wise_alpha"):
+            if not 0.0 <= float(getattr(self, name)) <= 1.0:
+                raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r}; expected a value in [0, 1]")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"TrainConfig.val_fraction={self.val_fraction!r}; expected a value in (0, 1)")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"TrainConfig.precision={self.precision!r}; expected one of {list(PRECISIONS)}")
+        if self.image_errors not in IMAGE_ERROR_POLICIES:
+            raise ValueError(f"TrainConfig.image_errors={self.image_errors!r}; "
+                             f"expected one of {list(IMAGE_ERROR_POLICIES)}")
+        if self.product_loss_weight + self.room_loss_weight + self.scene_loss_weight == 0:
+            raise ValueError("TrainConfig: every loss weight is 0; nothing would be trained")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, origin: str = "training config") -> "TrainConfig":
+        if not isinstance(data, dict):
+            raise ValueError(f"{origin}: expected a mapping of settings, got {type(data).__name__}")
+        valid = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - valid)
+        if unknown:
+            raise ValueError(f"{origin}: unknown setting(s) {unknown}; valid settings are {sorted(valid)}")
+        try:
+            return cls(**data)
+        except TypeError as err:
+            raise ValueError(f"{origin}: {err}") from err
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: Any) -> "TrainConfig":
+        """Reads a YAML or JSON file; `overrides` (e.g. from the command line) win."""
+        path = Path(path)
+        text = path.read_text(encoding="utf-8")
+        try:
+            if path.suffix == ".json":
+                data = json.loads(text)
+            else:
+                import yaml
+
+                data = yaml.safe_load(text) or {}
+        except Exception as err:  # json and yaml raise their own error types
+            raise ValueError(f"{path}: cannot be parsed ({err})") from err
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of settings at the top level")
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_dict(data, origin=str(path))

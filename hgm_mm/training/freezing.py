@@ -1,0 +1,88 @@
+"""What a run may change: locked towers with their top groups unlocked, and weight-space ensembling."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..towers import HFTextTower, TimmImageTower
+
+
+def lock_image_tower(tower: nn.Module, unlocked_groups: int, *, freeze_norm_stats: bool = True) -> list[nn.Module]:
+    """Freezes a timm image tower except its last `unlocked_groups` layer groups (timm's group_matcher).
+
+    Returns:
+        The BatchNorm modules of the locked part when `freeze_norm_stats`; keep them in eval
+        mode during training (`keep_frozen_norms_eval`) so their statistics stay pretrained.
+    """
+    if not isinstance(tower, TimmImageTower):
+        for param in tower.parameters():  # open_clip towers: all or nothing
+            param.requires_grad = unlocked_groups > 0
+        return []
+    from timm.models import group_modules, group_parameters
+
+    trunk = tower.trunk
+    matcher = trunk.group_matcher(coarse=True)
+    groups = group_parameters(trunk, matcher)
+    last_locked = max(groups) - unlocked_groups
+    for group_id, names in groups.items():
+        for name in names:
+            trunk.get_parameter(name).requires_grad = group_id > last_locked
+    if not freeze_norm_stats:
+        return []
+    module_groups = group_modules(trunk, matcher, reverse=True)
+    return [module for name, module in trunk.named_modules()
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module_groups.get(name, -1) <= last_locked]
+
+
+def lock_text_tower(tower: nn.Module, unlocked_layers: int) -> None:
+    """Freezes a text tower except its top `unlocked_layers` transformer layers; embeddings stay frozen."""
+    for param in tower.parameters():
+        param.requires_grad = False
+    if unlocked_layers == 0:
+        return
+    layers = _transformer_layers(tower)
+    for layer in layers[-unlocked_layers:]:
+        for param in layer.parameters():
+            param.requires_grad = True
+
+
+def _transformer_layers(tower: nn.Module) -> nn.ModuleList:
+    """The stack of transformer blocks: the longest ModuleList inside the tower."""
+    module = tower.encoder if isinstance(tower, HFTextTower) else tower
+    lists = [m for m in module.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    if not lists:
+        raise ValueError(f"cannot find the transformer layers of {type(module).__name__} to unlock")
+    return max(lists, key=len)
+
+
+def keep_frozen_norms_eval(norms: list[nn.Module]) -> None:
+    """Puts locked BatchNorm layers back in eval mode (call after every `model.train()`)."""
+    for norm in norms:
+        norm.eval()
+
+
+def trainable_parameter_groups(model: nn.Module, *, lr: float, tower_lr: float, weight_decay: float) -> list[dict]:
+    """AdamW groups: towers at `tower_lr`, the rest at `lr`; no decay on biases, norms and the temperature."""
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        in_tower = name.split(".")[0] in ("image_tower", "text_tower", "scene_text_tower")
+        no_decay = param.ndim < 2 or name == "logit_scale"
+        groups.setdefault((in_tower, no_decay), []).append(param)
+    return [{"params": params, "lr": tower_lr if in_tower else lr, "weight_decay": 0.0 if no_decay else weight_decay}
+            for (in_tower, no_decay), params in sorted(groups.items())]
+
+
+@torch.no_grad()
+def wise_ft(model: nn.Module, start_state: dict[str, torch.Tensor], alpha: float) -> None:
+    """Weight-space ensembling (WiSE-FT): weights <- alpha * fine-tuned + (1 - alpha) * starting weights.
+
+    Applied to the tensors present in `start_state` (the towers); new heads keep their trained values.
+    """
+    if alpha == 1.0:
+        return
+    state = model.state_dict()
+    for name, start in start_state.items():
+        if state[name].is_floating_point():
+            state[name].copy_(alpha * state[name] + (1.0 - alpha) * start.to(state[name].device))

@@ -1,0 +1,415 @@
+"""The training loop: one loop under accelerate, from a notebook, the CLI or `accelerate launch`."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data import load_dataset
+from ..data.split import split_rooms
+from ..data.text import product_text, room_text
+from ..losses import ContrastiveLoss, MultiPositiveContrastiveLoss, grad_cache_step, pad_positive_ids, scene_loss
+from ..pretrained import RandomInitWarning
+from .batches import StepPlan, StepPhotos
+from .config import TrainConfig
+from .freezing import (keep_frozen_norms_eval, lock_image_tower, lock_text_tower, trainable_parameter_groups,
+                       wise_ft)
+
+CHECKPOINT_DIR = "checkpoint"
+BEST_MODEL_DIR = "model"
+MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's clamp: temperature never below 0.01
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss became NaN or infinite; nothing of that step was applied or saved."""
+
+
+@dataclass
+class TrainResult:
+    """What a run produced."""
+
+    model_dir: Path  # the best model, in the save format
+    best_metrics: dict[str, float]  # validation metrics of the best model
+    best_step: int
+    steps: int  # optimiser steps taken
+    wall_seconds: float
+    history: list[dict[str, Any]] = field(default_factory=list)  # one entry per evaluation
+    skipped_images: int = 0
+    skipped_batches: int = 0
+
+
+def train(config: TrainConfig | None = None, *, data: str | os.PathLike, output: str | os.PathLike,
+          resume: bool = True, progress: bool = True) -> TrainResult:
+    """Fine-tunes a model on a dataset folder and keeps the best one by validation Recall@10.
+
+    Args:
+        config: the run's settings (defaults: the measured recipe).
+        data: a dataset folder with products.jsonl, rooms.jsonl and pairs.csv.
+        output: the run folder: `model/` (best model, save format, with metrics and the training
+            pairs beside it), `checkpoint/` (the last state, for resuming) and `train_config.json`.
+        resume: continue from `output/checkpoint` when it exists (the same config is required).
+        progress: show progress bars.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    config = config or TrainConfig()
+    output = Path(output)
+    started = time.perf_counter()
+    accelerator = Accelerator(mixed_precision=config.precision, log_with=_tensorboard_or_none(),
+                              project_dir=str(output))
+    set_seed(config.seed)
+    main = accelerator.is_main_process
+    rank, world = accelerator.process_index, accelerator.num_processes
+
+    dataset = load_dataset(data)
+    if not dataset.products or not dataset.rooms or not dataset.pairs:
+        raise ValueError(f"{data}: training needs products.jsonl, rooms.jsonl and pairs.csv")
+    train_rooms, val_rooms = split_rooms(dataset.rooms, val_fraction=config.val_fraction, seed=config.seed)
+    product_index = {p.product_id: i for i, p in enumerate(dataset.products)}
+    positives = dataset.positives()
+    train_rooms = [r for r in train_rooms if positives.get(r.room_id)]
+    room_positives = [[product_index[pid] for pid in positives[r.room_id]] for r in train_rooms]
+    train_room_ids = {r.room_id for r in train_rooms}
+    train_pairs = [(r, p) for r, p in dataset.pairs if r in train_room_ids]
+
+    from ..factory import create_model
+
+    with warnings.catch_warnings():
+        if not main:  # one warning per run, not one per process
+            warnings.simplefilter("ignore", RandomInitWarning)
+        model = create_model(config.model)
+    scene_index = {label: i for i, label in enumerate(model.scene_labels)}
+    room_labels = torch.tensor([scene_index.get(r.scene, -100) for r in train_rooms])
+    start_state = {k: v.detach().clone() for k, v in model.state_dict().items()
+                   if k.startswith(("image_tower.", "text_tower.", "scene_text_tower."))} \
+        if config.wise_alpha < 1.0 else {}
+    frozen_norms = lock_image_tower(model.image_tower, config.unlocked_image_groups,
+                                    freeze_norm_stats=config.freeze_norm_stats)
+    lock_text_tower(model.text_tower, config.unlocked_text_layers)
+    if model.scene_text_tower is not None:
+        lock_text_tower(model.scene_text_tower, config.unlocked_text_layers)
+    if config.gradient_checkpointing:
+        model.set_grad_checkpointing(True)
+    locked_towers = [tower for tower in (model.image_tower, model.text_tower, model.scene_text_tower)
+                     if tower is not None and not any(p.requires_grad for p in tower.parameters())]
+
+    accelerator.print(f"training {config.model} on {len(train_rooms)} rooms and {len(dataset.products)} products "
+                      f"({len(val_rooms)} validation rooms); processes: {world}")
+    plan = StepPlan(len(dataset.products), room_positives, batch_size=config.batch_size,
+                    rooms_per_batch=config.rooms_per_batch, positives_per_room=config.positives_per_room,
+                    room_text_probability=config.room_text_probability, seed=config.seed)
+    schedule_steps = plan.steps_per_epoch * config.epochs
+    last_step = min(schedule_steps, config.max_steps) if config.max_steps else schedule_steps
+
+    optimizer = torch.optim.AdamW(trainable_parameter_groups(model, lr=config.lr, tower_lr=config.tower_lr,
+                                                             weight_decay=config.weight_decay))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(config.warmup_steps, schedule_steps))
+    state = _TrainerState()
+    checkpoint = output / CHECKPOINT_DIR
+    if resume and (checkpoint / "trainer_state.json").is_file():
+        state = _load_checkpoint(checkpoint, model, optimizer, scheduler, config)
+        accelerator.print(f"resuming from {checkpoint} at step {state.step}")
+    elif main:
+        output.mkdir(parents=True, exist_ok=True)
+        _write_json(output / "train_config.json", config.to_dict())
+    model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
+    if accelerator.log_with:
+        accelerator.init_trackers("hgm_mm", config=config.to_dict())
+
+    contrastive = ContrastiveLoss(rank=rank, world_size=world)
+    room_contrastive = MultiPositiveContrastiveLoss(rank=rank, world_size=world)
+    loader = torch.utils.data.DataLoader(
+        StepPhotos(plan, train_rooms, dataset.products, unwrapped.image_transform,
+                   steps=range(state.step, last_step), rank=rank, world_size=world, image_errors=config.image_errors),
+        batch_size=None, num_workers=config.num_workers, persistent_workers=False)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=last_step, initial=state.step, desc="training", unit="step", disable=not (progress and main))
+    window_samples, window_start = 0, time.perf_counter()
+    for batch in loader:
+        step = batch["step"]
+        model.train()
+        keep_frozen_norms_eval(frozen_norms)
+        for tower in locked_towers:  # a fully locked tower computes as pretrained: no dropout
+            tower.eval()
+        torch.manual_seed(config.seed * 1_000_003 + step * 101 + rank)  # dropout: a function of the step
+        state.skipped_images += len(batch["skipped"])
+        inputs = _step_inputs(batch, unwrapped, train_rooms, dataset.products, room_positives, room_labels,
+                              accelerator.device)
+        with accelerator.autocast():
+            if config.grad_cache_chunk:
+                losses = _grad_cache_losses(unwrapped, inputs, config, contrastive, room_contrastive, world)
+            else:
+                losses = _losses(model, inputs, config, contrastive, room_contrastive, world)
+                total = losses["loss"]
+        if not all(torch.isfinite(v).all() for v in losses.values()):
+            described = _describe_batch(batch, train_rooms, dataset.products)
+            if not config.skip_nonfinite:
+                raise NonFiniteLossError(f"step {step}: non-finite loss {_floats(losses)} on {described}; "
+                                         "lower the learning rate, use precision 'no', or set skip_nonfinite")
+            accelerator.print(f"step {step}: non-finite loss, batch skipped ({described})")
+            optimizer.zero_grad(set_to_none=True)
+            state.skipped_batches += 1
+        else:
+            if not config.grad_cache_chunk:
+                accelerator.backward(total)
+            if config.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(unwrapped.parameters(), config.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                unwrapped.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        scheduler.step()
+        state.step = step + 1
+        window_samples += (len(inputs["products"]) + len(inputs["rooms"])) * world
+        bar.update(1)
+        if state.step % config.log_every_steps == 0 or state.step == last_step:
+            rate = window_samples / max(time.perf_counter() - window_start, 1e-9)
+            logged = {**_floats(losses), "samples_per_s": rate, "lr": scheduler.get_last_lr()[0]}
+            bar.set_postfix(loss=f"{logged['loss']:.3f}", samples_s=f"{rate:.1f}")
+            accelerator.log(logged, step=state.step)
+            window_samples, window_start = 0, time.perf_counter()
+
+        epoch_done = state.step % plan.steps_per_epoch == 0
+        if (epoch_done and (state.step // plan.steps_per_epoch) % config.eval_every_epochs == 0) \
+                or state.step == last_step:
+            if _evaluate_and_keep_best(unwrapped, state, dataset, val_rooms, train_pairs, output, config,
+                                       start_state, main, progress):
+                accelerator.print(f"stopping early at step {state.step}: no Recall@10 gain in "
+                                  f"{config.patience} evaluations")
+                last_step = state.step
+        if main and (state.step % config.checkpoint_every_steps == 0 or epoch_done or state.step == last_step):
+            _save_checkpoint(checkpoint, unwrapped, optimizer, scheduler, state, config)
+        accelerator.wait_for_everyone()
+        if state.step >= last_step:
+            break
+    bar.close()
+    accelerator.end_training()
+    if state.skipped_images:
+        accelerator.print(f"{state.skipped_images} unreadable photos were skipped")
+    return TrainResult(model_dir=output / BEST_MODEL_DIR, best_metrics=state.best_metrics, best_step=state.best_step,
+                       steps=state.step, wall_seconds=time.perf_counter() - started, history=state.history,
+                       skipped_images=state.skipped_images, skipped_batches=state.skipped_batches)
+
+
+# -- one step ------------------------------------------------------------------------------------
+def _step_inputs(batch, model, rooms, products, room_positives, room_labels, device) -> dict[str, Any]:
+    room_idx, product_idx = batch["rooms"], batch["products"]
+    room_captions = [room_text(rooms[r]) if reads else None for r, reads in zip(room_idx, batch["room_reads_text"])]
+    present = torch.tensor([bool(c) for c in room_captions], dtype=torch.bool)
+    tokens = model.scene_tokenizer([c or "" for c in room_captions]) if room_idx else None
+    return {
+        "rooms": room_idx, "products": product_idx,
+        "room_pixels": batch["room_pixels"].to(device) if batch["room_pixels"] is not None else None,
+        "room_tokens": {k: v.to(device) for k, v in tokens.items()} if tokens is not None else None,
+        "room_text_present": present.to(device),
+        "room_labels": room_labels[room_idx].to(device) if room_idx else None,
+        "room_positive_ids": pad_positive_ids([room_positives[r] for r in room_idx], device=device),
+        "product_pixels": batch["product_pixels"].to(device) if batch["product_pixels"] is not None else None,
+        "product_tokens": {k: v.to(device) for k, v in model.tokenizer([product_text(products[p])
+                                                                         for p in product_idx]).items()},
+        "product_ids": torch.tensor(product_idx, dtype=torch.long, device=device),
+    }
+
+
+def _loss_terms(out_rooms, scene_logits, product_image, product_text_, product_fused, logit_scale, inputs, config,
+                contrastive, room_contrastive, world) -> dict[str, torch.Tensor]:
+    scale = logit_scale.exp()
+    terms = {}
+    if config.product_loss_weight:
+        terms["product_loss"] = contrastive(product_image, product_text_, scale, ids=inputs["product_ids"])
+    if config.room_loss_weight:
+        terms["room_loss"] = room_contrastive(out_rooms, product_fused, scale,
+                                              room_positive_ids=inputs["room_positive_ids"],
+                                              product_ids=inputs["product_ids"])
+    if config.scene_loss_weight:
+        terms["scene_loss"] = scene_loss(scene_logits, inputs["room_labels"], world_size=world)
+    weights = {"product_loss": config.product_loss_weight, "room_loss": config.room_loss_weight,
+               "scene_loss": config.scene_loss_weight}
+    terms["loss"] = sum(weights[name] * value for name, value in terms.items())
+    return terms
+
+
+def _losses(model, inputs, config, contrastive, room_contrastive, world) -> dict[str, torch.Tensor]:
+    out = model(room_pixels=inputs["room_pixels"], room_tokens=inputs["room_tokens"],
+                room_text_present=inputs["room_text_present"], product_pixels=inputs["product_pixels"],
+                product_tokens=inputs["product_tokens"])
+    logit_scale = out.logit_scale.log()
+    return _loss_terms(out.room_embeds, out.scene_logits, out.product_image_embeds, out.product_text_embeds,
+                       out.product_embeds, logit_scale, inputs, config, contrastive, room_contrastive, world)
+
+
+def _grad_cache_losses(model, inputs, config, contrastive, room_contrastive, world) -> dict[str, torch.Tensor]:
+    """The same losses, embedded `grad_cache_chunk` samples at a time; gradients are left on the parameters."""
+    def embed_rooms(chunk):
+        out = model(room_pixels=chunk["pixels"], room_tokens={"input_ids": chunk["input_ids"],
+                                                               "attention_mask": chunk["attention_mask"]},
+                    room_text_present=chunk["present"])
+        return out.room_embeds, out.scene_logits
+
+    def embed_products(chunk):
+        out = model(product_pixels=chunk["pixels"], product_tokens={"input_ids": chunk["input_ids"],
+                                                                     "attention_mask": chunk["attention_mask"]})
+        return out.product_image_embeds, out.product_text_embeds, out.product_embeds
+
+    terms: dict[str, torch.Tensor] = {}
+
+    def loss_fn(room_outputs, product_outputs):
+        computed = _loss_terms(*room_outputs, *product_outputs,
+                               model.logit_scale, inputs, config, contrastive, room_contrastive, world)
+        terms.update({k: v.detach() for k, v in computed.items()})
+        return computed["loss"]
+
+    rooms = {"pixels": inputs["room_pixels"], "present": inputs["room_text_present"], **inputs["room_tokens"]}
+    products = {"pixels": inputs["product_pixels"], **inputs["product_tokens"]}
+    grad_cache_step([(embed_rooms, rooms), (embed_products, products)], loss_fn, chunk_size=config.grad_cache_chunk)
+    if world > 1:  # the chunks ran outside DDP's hooks: average the gradients as DDP would
+        import torch.distributed as dist
+
+        for param in model.parameters():
+            if param.grad is not None:
+                dist.all_reduce(param.grad)
+                param.grad /= world
+    return terms
+
+
+# -- evaluation and the best model -----------------------------------------------------------------
+@dataclass
+class _TrainerState:
+    step: int = 0
+    best_metrics: dict = field(default_factory=dict)
+    best_step: int = -1
+    evals_without_gain: int = 0
+    history: list = field(default_factory=list)
+    skipped_images: int = 0
+    skipped_batches: int = 0
+
+
+def _evaluate_and_keep_best(model, state, dataset, val_rooms, train_pairs, output, config, start_state, main,
+                            progress) -> bool:
+    """Evaluates on the validation rooms, saves a new best model; True when it is time to stop early."""
+    from ..evaluation import evaluate
+
+    was_training = model.training
+    if start_state:
+        original = {k: v.detach().clone() for k, v in model.state_dict().items() if k in start_state}
+        wise_ft(model, start_state, config.wise_alpha)
+    result = evaluate(model, dataset.products, val_rooms, dataset.pairs, progress=progress and main,
+                      num_workers=config.num_workers)
+    metrics = {"step": state.step, **result.metrics}
+    state.history.append(metrics)
+    improved = result.metrics["recall@10"] > state.best_metrics.get("recall@10", -1.0)
+    if improved:
+        state.best_metrics, state.best_step, state.evals_without_gain = dict(result.metrics), state.step, 0
+        if main:
+            _save_best_model(model, output / BEST_MODEL_DIR, result, train_pairs, val_rooms, config, state)
+    else:
+        state.evals_without_gain += 1
+    if start_state:
+        model.load_state_dict({**model.state_dict(), **original})
+    model.train(was_training)
+    if main:
+        print(f"step {state.step}: validation " + ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()
+                                                           if k in ("recall@10", "ndcg@10", "map")))
+    return state.evals_without_gain >= config.patience
+
+
+def _save_best_model(model, folder, result, train_pairs, val_rooms, config, state) -> None:
+    model.eval()
+    model.save_pretrained(folder)
+    _write_json(folder / "metrics.json", {"step": state.step, "validation": result.to_dict()})
+    _write_json(folder / "train_config.json", config.to_dict())
+    lines = ["room_id,product_id"] + [f"{r},{p}" for r, p in train_pairs]
+    _atomic_text(folder / "train_pairs.csv", "\n".join(lines) + "\n")
+    _atomic_text(folder / "val_rooms.txt", "\n".join(r.room_id for r in val_rooms) + "\n")
+
+
+# -- checkpoints ------------------------------------------------------------------------------------
+def _save_checkpoint(folder: Path, model, optimizer, scheduler, state: _TrainerState, config: TrainConfig) -> None:
+    """Writes the whole training state into a fresh folder, then swaps it in: a kill never leaves half."""
+    from safetensors.torch import save_file
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+    try:
+        save_file({k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()},
+                  str(tmp / "model.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        _write_json(tmp / "scheduler.json", scheduler.state_dict())
+        _write_json(tmp / "trainer_state.json", {**state.__dict__, "config": config.to_dict()})
+        old = folder.with_name(f".{folder.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        if folder.exists():
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _load_checkpoint(folder: Path, model, optimizer, scheduler, config: TrainConfig) -> _TrainerState:
+    from safetensors.torch import load_file
+
+    saved = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+    saved_config = saved.pop("config")
+    resumable = ("epochs", "max_steps", "patience", "num_workers", "log_every_steps", "checkpoint_every_steps")
+    differing = sorted(k for k, v in config.to_dict().items() if k not in resumable and saved_config.get(k) != v)
+    if differing:
+        raise ValueError(f"{folder}: the checkpoint was made with other settings ({differing}); resume with the "
+                         "same settings, or start a new run in another output folder (or pass resume=False)")
+    model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
+    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
+    scheduler.load_state_dict(json.loads((folder / "scheduler.json").read_text(encoding="utf-8")))
+    return _TrainerState(**saved)
+
+
+# -- small helpers ----------------------------------------------------------------------------------
+def _warmup_cosine(warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    return factor
+
+
+def _tensorboard_or_none():
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        return None
+    return "tensorboard"
+
+
+def _floats(terms: dict[str, torch.Tensor]) -> dict[str, float]:
+    return {k: float(v.detach()) for k, v in terms.items()}
+
+
+def _describe_batch(batch, rooms, products) -> str:
+    room_ids = [rooms[r].room_id for r in batch["rooms"]][:5]
+    product_ids = [products[p].product_id for p in batch["products"]][:5]
+    return f"rooms {room_ids}, products {product_ids}{' ...' if len(batch['products']) > 5 else ''}"
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, document: Any) -> None:
+    _atomic_text(path, json.dumps(document, indent=2, default=str))

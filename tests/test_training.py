@@ -1,0 +1,213 @@
+"""The training engine: a run, its outputs, resume after a kill, bad input, several processes."""
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import hgm_mm
+from hgm_mm.training import NonFiniteLossError, TrainConfig, train
+from hgm_mm.training import loop as training_loop
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_dataset(root: Path, *, n_products=18, n_rooms=8, seed=0) -> Path:
+    rng = random.Random(seed)
+    (root / "img").mkdir(parents=True)
+    products = []
+    for i in range(n_products):
+        colour = tuple(rng.randrange(256) for _ in range(3))
+        Image.new("RGB", (40, 40), colour).save(root / "img" / f"p{i}.jpg")
+        products.append({"product_id": f"p{i}", "image": f"img/p{i}.jpg", "title": f"item {i}",
+                         "category": ["sofa", "lamp", "rug"][i % 3]})
+    rooms, pairs = [], []
+    for r in range(n_rooms):
+        Image.new("RGB", (80, 56), (r * 25, 90, 200 - r * 20)).save(root / "img" / f"r{r}.jpg")
+        rooms.append({"room_id": f"r{r}", "image": f"img/r{r}.jpg", "scene": ["bedroom", "kitchen"][r % 2],
+                      "title": f"a room called {r}"})
+        pairs += [f"r{r},p{p}" for p in rng.sample(range(n_products), 3)]
+    (root / "products.jsonl").write_text("\n".join(json.dumps(p) for p in products))
+    (root / "rooms.jsonl").write_text("\n".join(json.dumps(r) for r in rooms))
+    (root / "pairs.csv").write_text("room_id,product_id\n" + "\n".join(pairs) + "\n")
+    return root
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    return make_dataset(tmp_path / "data")
+
+
+def tiny_config(**overrides):
+    settings = dict(model="hgm-tiny", epochs=2, batch_size=6, rooms_per_batch=3, num_workers=0,
+                    checkpoint_every_steps=1, unlocked_image_groups=1, unlocked_text_layers=1)
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def run(config, data, output, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return train(config, data=data, output=output, progress=False, **kwargs)
+
+
+def checkpoint_weights(output):
+    return load_file(str(Path(output) / "checkpoint" / "model.safetensors"))
+
+
+def test_a_run_writes_the_best_model_and_what_it_was_trained_on(dataset, tmp_path):
+    from accelerate.utils import set_seed
+
+    set_seed(0)  # as the run does before creating its model
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        before = hgm_mm.create_model("hgm-tiny").state_dict()
+    result = run(tiny_config(), dataset, tmp_path / "run")
+    assert result.steps == 6  # 18 products / 6 per step = 3 steps per epoch, 2 epochs
+    assert [h["step"] for h in result.history] == [3, 6]
+    assert result.best_metrics["recall@10"] == max(h["recall@10"] for h in result.history)
+    model = hgm_mm.load_model(result.model_dir)
+    assert {"metrics.json", "train_config.json", "train_pairs.csv", "val_rooms.txt"} <= \
+        {p.name for p in result.model_dir.iterdir()}
+    val_rooms = set((result.model_dir / "val_rooms.txt").read_text().split())
+    train_pairs = (result.model_dir / "train_pairs.csv").read_text().splitlines()[1:]
+    assert val_rooms and not val_rooms & {line.split(",")[0] for line in train_pairs}  # split by room
+    after = checkpoint_weights(tmp_path / "run")
+    assert not torch.equal(before["image_proj.weight"], after["image_proj.weight"])  # trained
+    assert torch.equal(before["text_tower.encoder.embeddings.word_embeddings.weight"],
+                       after["text_tower.encoder.embeddings.word_embeddings.weight"])  # embeddings frozen
+    assert model.config.name == "hgm-tiny"
+
+
+def test_killed_mid_epoch_and_resumed_reaches_the_same_weights(dataset, tmp_path):
+    unbroken = run(tiny_config(), dataset, tmp_path / "unbroken")
+    first = run(tiny_config(max_steps=4), dataset, tmp_path / "resumed")  # stops in the middle of epoch 2
+    assert first.steps == 4
+    resumed = run(tiny_config(), dataset, tmp_path / "resumed")
+    assert resumed.steps == unbroken.steps == 6
+    expected, got = checkpoint_weights(tmp_path / "unbroken"), checkpoint_weights(tmp_path / "resumed")
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+
+
+def test_resume_refuses_other_settings(dataset, tmp_path):
+    run(tiny_config(max_steps=1), dataset, tmp_path / "run")
+    with pytest.raises(ValueError, match=r"other settings \(\['lr'\]\)"):
+        run(tiny_config(lr=0.5), dataset, tmp_path / "run")
+
+
+def test_a_killed_checkpoint_write_leaves_the_last_checkpoint_whole(dataset, tmp_path, monkeypatch):
+    run(tiny_config(max_steps=2), dataset, tmp_path / "run")
+    good = checkpoint_weights(tmp_path / "run")
+
+    def dies(*args, **kwargs):
+        raise KeyboardInterrupt  # the process is killed while writing the optimizer state
+
+    monkeypatch.setattr(training_loop.torch, "save", dies)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_config(max_steps=3), dataset, tmp_path / "run")
+    monkeypatch.undo()
+    state = json.loads((tmp_path / "run" / "checkpoint" / "trainer_state.json").read_text())
+    assert state["step"] == 2
+    for name, tensor in checkpoint_weights(tmp_path / "run").items():
+        assert torch.equal(tensor, good[name])
+    assert not [p for p in (tmp_path / "run").iterdir() if p.name.startswith(".")]
+
+
+def _nan_on_step(monkeypatch, bad_step):
+    original = training_loop._loss_terms
+    calls = []
+
+    def poisoned(*args, **kwargs):
+        terms = original(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == bad_step + 1:  # one call per step, from step 0
+            terms["loss"] = terms["loss"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(training_loop, "_loss_terms", poisoned)
+
+
+def test_a_nan_loss_stops_the_run_naming_the_step_and_batch(dataset, tmp_path, monkeypatch):
+    _nan_on_step(monkeypatch, bad_step=1)
+    with pytest.raises(NonFiniteLossError, match=r"step 1: non-finite loss .* on rooms \['r"):
+        run(tiny_config(), dataset, tmp_path / "run")
+    state = json.loads((tmp_path / "run" / "checkpoint" / "trainer_state.json").read_text())
+    assert state["step"] == 1  # the bad step saved nothing
+    assert all(torch.isfinite(t).all() for t in checkpoint_weights(tmp_path / "run").values())
+
+
+def test_a_nan_loss_can_skip_the_batch(dataset, tmp_path, monkeypatch):
+    _nan_on_step(monkeypatch, bad_step=1)
+    result = run(tiny_config(skip_nonfinite=True), dataset, tmp_path / "run")
+    assert result.skipped_batches == 1 and result.steps == 6
+    assert all(torch.isfinite(t).all() for t in checkpoint_weights(tmp_path / "run").values())
+
+
+def test_unreadable_photos_are_skipped_and_counted(dataset, tmp_path):
+    (dataset / "img" / "p3.jpg").write_bytes(b"\xff\xd8\xff broken")
+    result = run(tiny_config(max_steps=3), dataset, tmp_path / "run")
+    assert result.skipped_images >= 1 and result.steps == 3
+    with pytest.raises(hgm_mm.data.ImageError, match="p3.jpg"):
+        run(tiny_config(image_errors="raise"), dataset, tmp_path / "strict")
+
+
+def test_grad_cache_chunks_train_like_one_batch(dataset, tmp_path):
+    # locked towers run without dropout, so the chunked and the whole-batch passes draw nothing at random
+    settings = dict(unlocked_image_groups=0, unlocked_text_layers=0, max_steps=2)
+    run(tiny_config(**settings), dataset, tmp_path / "plain")
+    run(tiny_config(grad_cache_chunk=2, **settings), dataset, tmp_path / "cached")
+    plain, cached = checkpoint_weights(tmp_path / "plain"), checkpoint_weights(tmp_path / "cached")
+    for name in plain:
+        assert torch.allclose(plain[name], cached[name], atol=1e-5), name
+
+
+def test_config_refuses_unknown_settings_and_reads_yaml(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown setting\(s\) \['learning_rate'\]; valid settings are .*'lr'"):
+        TrainConfig.from_dict({"learning_rate": 0.1})
+    with pytest.raises(ValueError, match="precision='fp8'"):
+        TrainConfig(precision="fp8")
+    path = tmp_path / "run.yaml"
+    path.write_text("epochs: 3\nlr: 0.002\n")
+    config = TrainConfig.from_file(path, epochs=5)
+    assert config.epochs == 5 and config.lr == 0.002
+
+
+def test_cli_train_prints_the_validation_metrics(dataset, tmp_path):
+    from hgm_mm.cli import main
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        code = main(["train", "--data", str(dataset), "--model", "hgm-tiny", "--output", str(tmp_path / "run"),
+                     "--max-steps", "2", "--batch-size", "6"])
+    assert code == 0
+    assert (tmp_path / "run" / "model" / "hgm_config.json").is_file()
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one(dataset, tmp_path):
+    """accelerate launch with two real CPU processes: same global batch, same weights as one process."""
+    settings = {"model": "hgm-tiny", "epochs": 1, "max_steps": 2, "batch_size": 6, "rooms_per_batch": 4,
+                "num_workers": 0, "unlocked_image_groups": 0, "unlocked_text_layers": 0}  # no dropout, no BatchNorm batch statistics
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(settings))
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "-m", "hgm_mm", "train", "--data", str(dataset), "--output", str(tmp_path / "two"),
+               "--config", str(config)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "processes: 2" in result.stdout  # the run announced both processes
+    run(TrainConfig(**settings), dataset, tmp_path / "one")
+    one, two = checkpoint_weights(tmp_path / "one"), checkpoint_weights(tmp_path / "two")
+    for name in one:
+        assert torch.allclose(one[name], two[name], atol=1e-5), name
