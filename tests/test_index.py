@@ -1,0 +1,410 @@
+"""ProductIndex: exact equals brute force, approximate recall, filters, add/remove, save/load."""
+import json
+import warnings
+
+import faiss
+import numpy as np
+import pytest
+
+import hgm_mm
+from hgm_mm.index import IndexParams, ProductIndex, SearchResult, model_fingerprint
+
+D = 64
+N = 20_000
+CATEGORIES = ("sofa", "chair", "table", "lamp", "bed")
+APPROX = ("hnsw", "ivfpq")
+ALL_KINDS = ("exact", *APPROX)
+IVF_PARAMS = dict(nlist=64)  # 20k vectors train 64 lists in well under a second
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_faiss_thread():
+    # OpenMP spin-waits make FAISS many times slower on a busy 2-core runner; one thread is steady.
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def clustered(n: int, seed: int, n_clusters: int = 40) -> np.ndarray:
+    """Unit vectors (n, D) from a Gaussian mixture with fixed centres (seed picks the draws)."""
+    centers = np.random.default_rng(1234).standard_normal((n_clusters, D))  # (C, D)
+    rng = np.random.default_rng(seed)
+    return unit(centers[rng.integers(0, n_clusters, n)] + 0.8 * rng.standard_normal((n, D)))
+
+
+def make_metadata(n: int, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    metas = []
+    for i in range(n):
+        meta = {"category": CATEGORIES[i % 5], "price": float(rng.integers(10, 2000))}
+        if i % 3 == 0:
+            meta["color"] = "white" if i % 2 else "oak"
+        if i % 7 == 0:
+            meta["in_stock"] = bool(i % 2)
+        metas.append(meta)
+    return metas
+
+
+def brute_force(x: np.ndarray, ids: list[str], q: np.ndarray, k: int, allowed: np.ndarray | None = None):
+    scores = q @ x.T  # (Q, N)
+    if allowed is not None:
+        scores[:, ~allowed] = -np.inf
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return [[ids[j] for j in row if np.isfinite(s[j])] for row, s in zip(order, scores)], scores
+
+
+def allowed_mask(metas: list[dict], predicate) -> np.ndarray:
+    return np.array([predicate(m) for m in metas])
+
+
+@pytest.fixture(scope="module")
+def catalogue():
+    x = clustered(N, seed=1)
+    ids = [f"p{i}" for i in range(N)]
+    return ids, x, make_metadata(N), clustered(100, seed=2)
+
+
+@pytest.fixture(scope="module")
+def indexes(catalogue):
+    ids, x, metas, _ = catalogue
+    return {"exact": ProductIndex.build(ids, x, metas, kind="exact"),
+            "hnsw": ProductIndex.build(ids, x, metas, kind="hnsw"),
+            "ivfpq": ProductIndex.build(ids, x, metas, kind="ivfpq", params=IndexParams(**IVF_PARAMS))}
+
+
+def recall_at_k(results: list[SearchResult], truth: list[list[str]]) -> float:
+    return float(np.mean([len(set(r.ids) & set(t)) / len(t) for r, t in zip(results, truth)]))
+
+
+# -- exact and approximate search ---------------------------------------------------------------
+def test_exact_search_equals_brute_force(catalogue, indexes):
+    ids, x, _, q = catalogue
+    results = indexes["exact"].search(q, k=10)
+    truth, scores = brute_force(x, ids, q, 10)
+    assert [r.ids for r in results] == truth
+    for r, row in zip(results, scores):
+        np.testing.assert_allclose(r.scores, np.sort(row)[::-1][:10], rtol=1e-5, atol=1e-6)
+        assert r.scores.dtype == np.float32 and np.all(np.diff(r.scores) <= 0)
+
+
+@pytest.mark.parametrize("kind", APPROX)
+def test_approximate_recall_on_clustered_data(catalogue, indexes, kind):
+    ids, x, _, q = catalogue
+    truth, _ = brute_force(x, ids, q, 10)
+    assert recall_at_k(indexes[kind].search(q, k=10), truth) >= 0.95
+
+
+def test_hnsw_recall_on_uniform_random_vectors():
+    # Uniform random vectors are the hard case for a graph index (no structure to exploit).
+    rng = np.random.default_rng(7)
+    x, q = unit(rng.standard_normal((N, D))), unit(rng.standard_normal((100, D)))
+    ids = [str(i) for i in range(N)]
+    truth, _ = brute_force(x, ids, q, 10)
+    assert recall_at_k(ProductIndex.build(ids, x, kind="hnsw").search(q, k=10), truth) >= 0.95
+
+
+def test_auto_kind_switches_at_threshold():
+    x = clustered(61, seed=3)
+    ids = [f"p{i}" for i in range(61)]
+    params = IndexParams(exact_max=50)
+    assert ProductIndex.build(ids[:50], x[:50], params=params).kind == "exact"
+    assert ProductIndex.build(ids, x, params=params).kind == "hnsw"
+    assert ProductIndex.build(ids, x, kind="exact", params=params).kind == "exact"  # an explicit kind stays
+
+    growing = ProductIndex(D, params=params)
+    growing.add(ids[:40], x[:40])
+    growing.remove(["p0"])
+    assert growing.kind == "exact"
+    growing.add(ids[40:], x[40:])  # 60 live products > 50: converted once, nothing lost
+    assert growing.kind == "hnsw" and growing.requested_kind == "auto" and len(growing) == 60
+    assert sorted(growing.ids) == sorted(ids[1:])
+    assert growing.search(x[5], k=1)[0].ids == ["p5"]
+    assert "p0" not in {i for r in growing.search(x[:3], k=60) for i in r.ids}
+
+
+# -- filters ------------------------------------------------------------------------------------
+FILTERS = [
+    ({"category": "sofa"}, lambda m: m["category"] == "sofa"),
+    ({"category": ["sofa", "chair"]}, lambda m: m["category"] in ("sofa", "chair")),
+    ({"price": (100, 500)}, lambda m: 100 <= m["price"] <= 500),
+    ({"price": (None, 50)}, lambda m: m["price"] <= 50),
+    ({"price": (1950, None)}, lambda m: m["price"] >= 1950),
+    ({"color": "white", "category": "lamp"}, lambda m: m.get("color") == "white" and m["category"] == "lamp"),
+    ({"in_stock": True}, lambda m: m.get("in_stock") is True),
+    ({"price": list(range(100, 130))}, lambda m: 100 <= m["price"] < 130),  # many values: the table path
+]
+
+
+# filter_exact_max=0 forces the filtered approximate path; exact search has a single path.
+@pytest.mark.parametrize("kind,filter_exact_max", [("exact", 20_000), *[(k, m) for k in APPROX for m in (20_000, 0)]])
+@pytest.mark.parametrize("flt,predicate", FILTERS, ids=[str(f[0]) for f in FILTERS])
+def test_filters_match_brute_force(catalogue, indexes, kind, filter_exact_max, flt, predicate):
+    ids, x, metas, q = catalogue
+    allowed = allowed_mask(metas, predicate)
+    index = indexes[kind]
+    index.params.filter_exact_max = filter_exact_max
+    try:
+        results = index.search(q[:30], k=10, filter=flt)
+    finally:
+        index.params.filter_exact_max = IndexParams().filter_exact_max
+    truth, _ = brute_force(x, ids, q[:30], 10, allowed)
+    assert all(len(r) == min(10, int(allowed.sum())) for r in results)
+    assert all(predicate(meta) for r in results for meta in r.metadata)
+    assert all(metas[int(i[1:])] == meta for r in results for i, meta in zip(r.ids, r.metadata))
+    expected_recall = 1.0 if kind == "exact" or filter_exact_max else 0.95
+    assert recall_at_k(results, truth) >= expected_recall
+
+
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_selective_filter_still_returns_k(catalogue, indexes, kind):
+    """15 products match: k=10 gives 10, k=50 gives all 15, on the approximate path too."""
+    ids, x, metas, q = catalogue
+    index = indexes[kind]
+    index.params.filter_exact_max = 0
+    try:
+        for k in (10, 50):
+            flt = {"price": (1990, 1990)}
+            allowed = allowed_mask(metas, lambda m: m["price"] == 1990)
+            assert 10 < allowed.sum() < 50
+            results = index.search(q[:20], k=k, filter=flt)
+            truth, _ = brute_force(x, ids, q[:20], k, allowed)
+            assert [r.ids for r in results] == truth
+    finally:
+        index.params.filter_exact_max = IndexParams().filter_exact_max
+
+
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_filter_errors_and_empty_matches(catalogue, indexes, kind):
+    _, _, _, q = catalogue
+    index = indexes[kind]
+    with pytest.raises(ValueError, match=r"unknown attribute 'colour'.*known attributes: \['category', 'color'"):
+        index.search(q[:2], filter={"colour": "white"})
+    for nothing in ({"category": "spaceship"}, {"price": (1e9, None)}, {"category": []},
+                    {"category": "sofa", "color": "purple"}):
+        results = index.search(q[:2], k=10, filter=nothing)
+        assert [len(r) for r in results] == [0, 0] and results[0].scores.shape == (0,)
+    with pytest.raises(ValueError, match="range min 500 > max 100"):
+        index.search(q[:1], filter={"price": (500, 100)})
+    with pytest.raises(ValueError, match="not a JSON scalar"):
+        index.search(q[:1], filter={"category": {"a": 1}})
+    with pytest.raises(TypeError, match="filter must be a dict"):
+        index.search(q[:1], filter=[("category", "sofa")])
+
+
+def test_bool_filter_does_not_match_numbers():
+    x = clustered(3, seed=4)
+    index = ProductIndex.build(["a", "b", "c"], x, [{"flag": True}, {"flag": 1}, {"flag": "1"}])
+    assert index.search(x[0], k=3, filter={"flag": True})[0].ids == ["a"]
+    assert index.search(x[0], k=3, filter={"flag": 1})[0].ids == ["b"]
+
+
+# -- add / remove -------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_add_and_remove_without_rebuild(catalogue, kind):
+    ids, x, metas, q = catalogue
+    params = IndexParams(**IVF_PARAMS)
+    index = ProductIndex.build(ids[:10_000], x[:10_000], metas[:10_000], kind=kind, params=params)
+    faiss_index = index._index
+    index.add(ids[10_000:], x[10_000:], metas[10_000:])
+    assert index._index is faiss_index and len(index) == N  # same FAISS object: no rebuild
+    assert index.search(x[15_000], k=1)[0].ids == [ids[15_000]]
+    assert index.metadata(ids[15_000]) == metas[15_000]
+
+    gone = [ids[15_000], ids[3], ids[12_345]]
+    index.remove(gone)
+    assert index._index is faiss_index and len(index) == N - 3 and gone[0] not in index
+    assert index.n_removed == (0 if kind == "exact" else 3)
+    found = {i for r in index.search(x[[15_000, 3, 12_345]], k=20) for i in r.ids}
+    found |= {i for r in index.search(x[[15_000, 3]], k=20, filter={"category": ["sofa", "lamp"]}) for i in r.ids}
+    assert not found & set(gone)
+    live = np.ones(N, dtype=bool)
+    live[[15_000, 3, 12_345]] = False
+    truth, _ = brute_force(x, ids, q[:20], 10, live)
+    assert recall_at_k(index.search(q[:20], k=10), truth) >= (1.0 if kind == "exact" else 0.95)
+
+    with pytest.raises(ValueError, match="already in the index.*remove"):
+        index.add([ids[0]], x[:1])
+    with pytest.raises(KeyError, match="not in the index"):
+        index.remove([ids[15_000]])
+    index.add([ids[15_000]], x[15_000:15_001], [{"category": "sofa", "price": 1.0}])  # re-add after removal
+    assert index.search(x[15_000], k=1, filter={"category": "sofa"})[0].ids == [ids[15_000]]
+    assert index.metadata(ids[15_000])["price"] == 1.0
+
+    index.compact()  # rebuilt from the live products: no tombstones, same answers
+    assert index.n_removed == 0 and len(index) == N - 2
+    live[15_000] = True
+    truth, _ = brute_force(x, ids, q[:20], 10, live)
+    assert recall_at_k(index.search(q[:20], k=10), truth) >= (1.0 if kind == "exact" else 0.95)
+
+
+# -- save / load --------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_save_load_round_trip(catalogue, kind, tmp_path):
+    ids, x, metas, q = catalogue
+    index = ProductIndex.build(ids, x, metas, kind=kind, params=IndexParams(ef_search=100, **IVF_PARAMS),
+                               model_identity="hgm-tiny:sha256:abc")
+    index.remove([ids[0], ids[1]])
+    folder = index.save(tmp_path / "idx")
+    assert sorted(p.name for p in folder.iterdir()) == ["ids.json", "index.faiss", "manifest.json", "metadata.json"]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert (manifest["kind"], manifest["dimension"], manifest["count"]) == (kind, D, N - 2)
+    assert manifest["model_identity"] == "hgm-tiny:sha256:abc" and manifest["format_version"] == 1
+
+    loaded = ProductIndex.load(folder)
+    assert (loaded.kind, loaded.dim, len(loaded), loaded.params) == (kind, D, N - 2, index.params)
+    assert loaded.ids == index.ids and loaded.model_identity == index.model_identity
+    for flt in (None, {"category": ["sofa", "bed"], "price": (None, 900)}):
+        a, b = index.search(q, k=10, filter=flt), loaded.search(q, k=10, filter=flt)
+        assert [r.ids for r in a] == [r.ids for r in b]
+        assert all(np.array_equal(r.scores, s.scores) and r.metadata == s.metadata for r, s in zip(a, b))
+    loaded.add(["new"], x[:1], [{"category": "sofa"}])  # a loaded index keeps working
+    assert loaded.search(x[0], k=1)[0].ids == ["new"]
+
+
+def test_save_overwrites_atomically(catalogue, tmp_path):
+    ids, x, metas, _ = catalogue
+    ProductIndex.build(ids[:100], x[:100], metas[:100]).save(tmp_path)
+    ProductIndex.build(ids[:50], x[:50], metas[:50]).save(tmp_path)
+    assert len(ProductIndex.load(tmp_path)) == 50
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+# -- model identity -----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def two_models(tmp_path_factory):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", hgm_mm.RandomInitWarning)
+        first, second = hgm_mm.create_model("hgm-tiny"), hgm_mm.create_model("hgm-tiny")
+    folder = first.save_pretrained(tmp_path_factory.mktemp("model"))
+    return first, second, hgm_mm.load_model(folder)
+
+
+def test_model_fingerprint(two_models):
+    first, second, reloaded = two_models
+    fingerprint = model_fingerprint(first)
+    assert fingerprint.startswith("hgm-tiny:sha256:") and len(fingerprint) == len("hgm-tiny:sha256:") + 64
+    assert model_fingerprint(reloaded) == fingerprint  # stable across save_pretrained / load_model
+    assert model_fingerprint(first) == fingerprint  # deterministic
+    assert model_fingerprint(second) != fingerprint  # other random weights
+
+
+def test_load_refuses_another_model(catalogue, two_models, tmp_path):
+    first, second, reloaded = two_models
+    ids, x, metas, _ = catalogue
+    ProductIndex.build(ids[:100], x[:100], metas[:100], model_identity=first).save(tmp_path)
+    assert len(ProductIndex.load(tmp_path, model_identity=reloaded)) == 100
+    assert len(ProductIndex.load(tmp_path, model_identity=model_fingerprint(first))) == 100
+    with pytest.raises(ValueError, match=r"built with model 'hgm-tiny'.*both are named 'hgm-tiny' but their "
+                                         r"weights or configs differ.*Re-index the catalogue with that model"):
+        ProductIndex.load(tmp_path, model_identity=second)
+    with pytest.raises(ValueError, match=r"built with model 'hgm-tiny', but the queries come from model "
+                                         r"'hgm-lite-en'.*Re-index"):
+        ProductIndex.load(tmp_path, model_identity="hgm-lite-en:sha256:" + "0" * 64)
+
+    ProductIndex.build(ids[:100], x[:100]).save(tmp_path / "anonymous")
+    with pytest.raises(ValueError, match="saved without a model identity"):
+        ProductIndex.load(tmp_path / "anonymous", model_identity=first)
+
+
+# -- damaged folders ----------------------------------------------------------------------------
+@pytest.fixture()
+def saved(catalogue, tmp_path):
+    ids, x, metas, _ = catalogue
+    return ProductIndex.build(ids[:200], x[:200], metas[:200]).save(tmp_path / "idx")
+
+
+def _edit_manifest(folder, **changes):
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest.update(changes)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("name", ["manifest.json", "index.faiss", "ids.json", "metadata.json"])
+def test_missing_file_is_refused(saved, name):
+    (saved / name).unlink()
+    with pytest.raises(FileNotFoundError, match=name):
+        ProductIndex.load(saved)
+
+
+def test_damaged_files_are_refused(saved, tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        ProductIndex.load(tmp_path / "nowhere")
+
+    original = (saved / "manifest.json").read_text()
+    (saved / "manifest.json").write_text(original[:-5])
+    with pytest.raises(ValueError, match=r"manifest\.json: not valid JSON"):
+        ProductIndex.load(saved)
+    (saved / "manifest.json").write_text(original)
+
+    _edit_manifest(saved, count=199)
+    with pytest.raises(ValueError, match=r"ids\.json: 200 products but the manifest counts 199"):
+        ProductIndex.load(saved)
+    _edit_manifest(saved, count=200, dimension=D + 1)
+    with pytest.raises(ValueError, match=rf"index\.faiss: dimension {D} but the manifest says {D + 1}"):
+        ProductIndex.load(saved)
+    _edit_manifest(saved, dimension=D, format_version=99)
+    with pytest.raises(ValueError, match="format_version=99.*Upgrade"):
+        ProductIndex.load(saved)
+    (saved / "manifest.json").write_text(original)
+
+    index_bytes = (saved / "index.faiss").read_bytes()
+    (saved / "index.faiss").write_bytes(index_bytes[:-100])  # truncated: an interrupted copy
+    with pytest.raises(ValueError, match=r"index\.faiss: size .* differs from the manifest"):
+        ProductIndex.load(saved)
+    (saved / "index.faiss").write_bytes(b"\0" * len(index_bytes))  # same size, garbage
+    with pytest.raises(ValueError, match=r"index\.faiss: FAISS cannot read it"):
+        ProductIndex.load(saved)
+    (saved / "index.faiss").write_bytes(index_bytes)
+
+    metadata = (saved / "metadata.json").read_text()
+    broken = metadata[:-3] + "   "  # same size, not JSON
+    (saved / "metadata.json").write_text(broken)
+    with pytest.raises(ValueError, match=r"metadata\.json: not valid JSON"):
+        ProductIndex.load(saved)
+    (saved / "metadata.json").write_text(metadata)
+    assert len(ProductIndex.load(saved)) == 200  # restored: loads again
+
+
+# -- input validation ---------------------------------------------------------------------------
+def test_input_validation():
+    x = clustered(10, seed=5)
+    ids = [f"p{i}" for i in range(10)]
+    index = ProductIndex(D, kind="exact")
+    with pytest.raises(ValueError, match=rf"shape \(10, 32\); expected \(N, {D}\)"):
+        index.add(ids, x[:, :32])
+    nan = x.copy()
+    nan[4, 0] = np.nan
+    with pytest.raises(ValueError, match=r"rows \[4\] hold NaN"):
+        index.add(ids, nan)
+    with pytest.raises(ValueError, match=r"unit vectors.*rows \[2\].*normalise"):
+        index.add(ids, x * np.where(np.arange(10) == 2, 3.0, 1.0)[:, None])
+    with pytest.raises(ValueError, match=r"appear more than once.*\['p1'\]"):
+        index.add(["p1", "p1"], x[:2])
+    with pytest.raises(ValueError, match="2 ids but 3 vectors"):
+        index.add(ids[:2], x[:3])
+    with pytest.raises(ValueError, match="JSON values"):
+        index.add(ids[:1], x[:1], [{"price": float("nan")}])
+    with pytest.raises(ValueError, match="wrap it"):
+        index.add("p1", x[:1])
+    assert len(index) == 0  # nothing half-added
+
+    import torch
+
+    index.add(ids, torch.from_numpy(x * 1.001))  # within tolerance: renormalised; tensors accepted
+    assert len(index) == 10 and index.search(x[3], k=1)[0].scores[0] == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(ValueError, match=rf"queries have shape \(1, 8\); expected \(N, {D}\)"):
+        index.search(np.ones((1, 8), dtype=np.float32))
+    with pytest.raises(ValueError, match="k=0"):
+        index.search(x[:1], k=0)
+    assert [len(r) for r in index.search(x[:2], k=100)] == [10, 10]  # k larger than the catalogue
+    with pytest.raises(ValueError, match="kind='annoy'"):
+        ProductIndex(D, kind="annoy")
+    with pytest.raises(ValueError, match="IndexParams.ef_search=0"):
+        IndexParams(ef_search=0)
+    with pytest.raises(ValueError, match="needs at least"):
+        ProductIndex.build(ids, x, kind="ivfpq")
