@@ -187,7 +187,25 @@ def main(argv: list[str] | None = None) -> dict:
         report["results"].extend(bench_size(n, args))
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2))  # after each size: a long run keeps what it measured
+    write_results_md(report)
     return report
+
+
+def write_results_md(report: dict) -> None:
+    """One RESULTS.md line per size and approximate kind: latency and recall against exact search."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from machine import update_results_md
+
+    exact = {row["n"]: row for row in report["results"] if row["kind"] == "exact"}
+    for row in report["results"]:
+        if row["kind"] == "exact" or row["n"] not in exact:
+            continue
+        reference = exact[row["n"]]
+        cells = (f"| query latency, {row['n']:,} products ({row['kind']}) | p50 {row['p50_ms']:.2f} ms, "
+                 f"p95 {row['p95_ms']:.2f} ms, recall@10 {row['recall_at_10']:.4f} | exact search p50 "
+                 f"{reference['p50_ms']:.2f} ms, p95 {reference['p95_ms']:.2f} ms | "
+                 f"{reference['p50_ms'] / row['p50_ms']:.0f}× faster at p50 |")
+        update_results_md(f"index_{row['n']}_{row['kind']}", cells, report["machine"])
 
 
 if __name__ == "__main__":

@@ -43,15 +43,25 @@ def describe_machine() -> dict:
 
 
 def machine_summary(machine: dict) -> str:
-    return f"{machine['cpu']}, {machine['cores']} cores, {machine['memory_gib']} GiB, GPU: {machine['accelerator']}"
+    memory = f", {machine['memory_gib']} GiB" if machine.get("memory_gib") else ""
+    return f"{machine['cpu']}, {machine['cores']} cores{memory}, GPU: {machine.get('accelerator', 'none')}"
 
 
 def record_result(json_path: Path, result: dict, key: str, markdown_cells: str) -> None:
     """Writes the JSON result and puts this benchmark's line (keyed by `key`) into RESULTS.md."""
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    result = {**result, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")}
+    result = {**result, "date": today()}
     json_path.write_text(json.dumps(result, indent=2), encoding="utf-8")
-    line = f"{markdown_cells.rstrip().rstrip('|')}| {machine_summary(result['machine'])} | {result['date']} | <!-- {key} -->"
+    update_results_md(key, markdown_cells, result["machine"])
+
+
+def today() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%d")
+
+
+def update_results_md(key: str, markdown_cells: str, machine: dict) -> None:
+    """Replaces the RESULTS.md line of benchmark `key` (benchmark | hgm_mm | reference | ratio cells)."""
+    line = f"{markdown_cells.rstrip().rstrip('|')}| {machine_summary(machine)} | {today()} | <!-- {key} -->"
     lines = RESULTS_MD.read_text(encoding="utf-8").splitlines() if RESULTS_MD.is_file() else HEADER.splitlines()
     lines = [existing for existing in lines if not existing.endswith(f"<!-- {key} -->")]
     RESULTS_MD.write_text("\n".join(lines + [line]) + "\n", encoding="utf-8")

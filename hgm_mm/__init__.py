@@ -10,6 +10,8 @@ from .config import ModelConfig as ModelConfig
 from .config import TextTowerConfig as TextTowerConfig
 from .evaluation import evaluate as evaluate
 from .factory import create_model as create_model
+from .index import ProductIndex as ProductIndex
+from .index import model_fingerprint as model_fingerprint
 from .model import HGMModel as HGMModel
 from .model import HGMOutput as HGMOutput
 from .model import load_model as load_model
