@@ -113,14 +113,15 @@ def _demo(args: argparse.Namespace) -> int:
     model = create_model(args.model)
     with torch.no_grad():
         product_images = embed_images(model, [p.image for p in pool], desc="product photos")
-        room_images = embed_images(model, [r.image for r in rooms], desc="room photos")
+        room_images = embed_images(model, [r.image for r in rooms], desc="room photos", room_views=True)
         product_texts = embed_texts(model, [product_text(p) for p in pool])
         query = model.encode_text([args.query])
 
     rooms = [rooms[i] for i in room_images.kept]
     pool = [pool[i] for i in product_images.kept]
     product_texts = product_texts[product_images.kept]
-    similarity = room_images.embeddings @ product_images.embeddings.T  # (R, P)
+    with torch.no_grad():  # each room's views against the product photos
+        similarity = model.score_products(product_images.embeddings, view_embeds=room_images.embeddings)  # (R, P)
     pool_index = {pid: i for i, pid in enumerate(p.product_id for p in pool)}
     for r, room in enumerate(rooms):
         in_room = {pool_index[pid] for pid in positives[room.room_id] if pid in pool_index}

@@ -15,6 +15,7 @@ from typing import Any
 IMAGE_TOWER_SOURCES = ("timm", "open_clip")
 TEXT_TOWER_SOURCES = ("hf", "open_clip")
 POOLING_MODES = ("mean", "cls")
+VIEW_POOLINGS = ("lse", "max", "mean")
 PROJECTIONS = ("linear", "none")
 
 # Scene labels of the built-in models: the union of the IKEA room scenes and the
@@ -116,6 +117,11 @@ class ModelConfig:
     fusion: FusionConfig = field(default_factory=FusionConfig)
     scene_labels: tuple[str, ...] = DEFAULT_SCENE_LABELS
     init_logit_scale: float = 2.6592  # log(1 / 0.07), as CLIP
+    # A room photo is seen as views: grid g cuts it into g x g tiles (1 = the whole photo), since
+    # each product is a small part of a scene. A product's score for a room pools its view scores.
+    room_grids: tuple[int, ...] = (1,)
+    view_pooling: str = "lse"  # "lse": soft maximum at `view_temperature`; "max"; "mean"
+    view_temperature: float = 0.05
 
     def __post_init__(self) -> None:
         if not isinstance(self.embed_dim, int) or self.embed_dim < 1:
@@ -123,6 +129,13 @@ class ModelConfig:
         self.scene_labels = tuple(self.scene_labels)
         if len(self.scene_labels) < 2 or len(set(self.scene_labels)) != len(self.scene_labels):
             raise ValueError(f"ModelConfig.scene_labels must hold >= 2 distinct labels; got {list(self.scene_labels)}")
+        self.room_grids = tuple(self.room_grids)
+        if not self.room_grids or any(not isinstance(g, int) or not 1 <= g <= 8 for g in self.room_grids) \
+                or len(set(self.room_grids)) != len(self.room_grids):
+            raise ValueError(f"ModelConfig.room_grids={list(self.room_grids)}; expected distinct grid sizes 1..8")
+        _check_choice("ModelConfig", "view_pooling", self.view_pooling, VIEW_POOLINGS)
+        if not self.view_temperature > 0:
+            raise ValueError(f"ModelConfig.view_temperature={self.view_temperature!r}; expected > 0")
         if self.image_tower.source == "open_clip" and self.text_tower.source == "open_clip":
             if self.image_tower.name != self.text_tower.name:
                 raise ValueError("open_clip image and text towers must come from the same open_clip model; got "

@@ -15,7 +15,7 @@ from .data.images import ImageError, load_image
 class EmbeddedImages:
     """Embeddings of the photos that could be read, and what was skipped."""
 
-    embeddings: torch.Tensor  # (N_kept, D), unit norm, on the CPU
+    embeddings: torch.Tensor  # (N_kept, D) unit vectors on the CPU; (N_kept, V, D) for room views
     kept: list[int]  # input positions of the rows of `embeddings`
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (photo, reason)
 
@@ -44,11 +44,12 @@ def _collate(items):
 
 def embed_images(model, sources: Sequence[str | os.PathLike], *, batch_size: int = 32,
                  num_workers: int | None = None, on_error: str = "skip", desc: str = "photos",
-                 progress: bool = True) -> EmbeddedImages:
+                 progress: bool = True, room_views: bool = False) -> EmbeddedImages:
     """Embeds photo files with `model.encode_image`, decoding them in worker processes.
 
     Args:
         sources: photo paths.
+        room_views: embed each photo as a room, one vector per view: embeddings (N, V, D).
         batch_size: photos per forward pass.
         num_workers: decoding processes; default: the CPU count, at most 4.
         on_error: "skip" leaves unreadable photos out and lists them; "raise" stops at the first.
@@ -59,7 +60,8 @@ def embed_images(model, sources: Sequence[str | os.PathLike], *, batch_size: int
         raise ValueError(f"on_error={on_error!r}; expected 'skip' or 'raise'")
     if num_workers is None:
         num_workers = min(4, os.cpu_count() or 1)
-    loader = DataLoader(_PhotoFiles(sources, model.image_transform), batch_size=batch_size,
+    transform = model.room_views if room_views else model.image_transform
+    loader = DataLoader(_PhotoFiles(sources, transform), batch_size=batch_size,
                         num_workers=num_workers, collate_fn=_collate)
     from tqdm.auto import tqdm
 
@@ -71,11 +73,12 @@ def embed_images(model, sources: Sequence[str | os.PathLike], *, batch_size: int
                 raise ImageError(source, reason)
             skipped.extend(problems)
             if pixels is not None:
-                chunks.append(model.encode_image(pixels).float().cpu())
+                encode = model.encode_room_views if room_views else model.encode_image
+                chunks.append(encode(pixels).float().cpu())
                 kept.extend(indices)
             bar.update(len(indices) + len(problems))
-    dim = model.config.embed_dim
-    embeddings = torch.cat(chunks) if chunks else torch.empty(0, dim)
+    empty_shape = (0, model.room_views.n_views, model.config.embed_dim) if room_views else (0, model.config.embed_dim)
+    embeddings = torch.cat(chunks) if chunks else torch.empty(empty_shape)
     return EmbeddedImages(embeddings, kept, skipped)
 
 

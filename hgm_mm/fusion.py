@@ -38,6 +38,19 @@ class GatedFusion(nn.Module):
             text_embeds: (B, D) or None when no sample has text.
             image_present, text_present: optional (B,) bools marking which rows are real.
         """
+        gates, image_embeds, text_embeds, residual = self.parts(image_embeds, text_embeds, image_present,
+                                                                text_present)
+        fused = gates[:, :1] * image_embeds + gates[:, 1:] * text_embeds  # (B, D)
+        return F.normalize(fused if residual is None else fused + residual, dim=-1)
+
+    def parts(self, image_embeds: torch.Tensor | None, text_embeds: torch.Tensor | None,
+              image_present: torch.Tensor | None = None, text_present: torch.Tensor | None = None):
+        """The pieces of the fused vector before normalisation.
+
+        Returns:
+            (gates (B, 2), image_embeds (B, D), text_embeds (B, D), residual (B, D) or None), with
+            missing rows zeroed; fused = gates[:, 0] * image + gates[:, 1] * text + residual.
+        """
         reference = image_embeds if image_embeds is not None else text_embeds
         if reference is None:
             raise ValueError("fusion needs an image or a text embedding; both are missing")
@@ -53,11 +66,11 @@ class GatedFusion(nn.Module):
 
         present = torch.stack([image_present, text_present], dim=1)  # (B, 2)
         gates = self.gate_logits.expand(batch, 2).masked_fill(~present, float("-inf")).softmax(dim=1)  # (B, 2)
-        fused = gates[:, :1] * image_embeds + gates[:, 1:] * text_embeds  # (B, D)
+        residual = None
         if self.mlp is not None:
-            mlp_in = torch.cat([image_embeds, text_embeds, present.to(fused.dtype)], dim=1)  # (B, 2D + 2)
-            fused = fused + self.mlp(mlp_in)
-        return F.normalize(fused, dim=-1)
+            mlp_in = torch.cat([image_embeds, text_embeds, present.to(reference.dtype)], dim=1)  # (B, 2D + 2)
+            residual = self.mlp(mlp_in)  # (B, D)
+        return gates, image_embeds, text_embeds, residual
 
 
 def _presence(embeds: torch.Tensor | None, present: torch.Tensor | None, ones: torch.Tensor) -> torch.Tensor:

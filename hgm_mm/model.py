@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -16,7 +17,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .fusion import GatedFusion
-from .preprocess import TextTokenizer, build_image_transform
+from .preprocess import RoomViews, TextTokenizer, build_image_transform
 from .pretrained import HGM_CONFIG_NAME, OPEN_CLIP_CONFIG_NAME
 from .towers import build_hf_text_tower, build_open_clip_towers
 from .towers.open_clip_tower import save_open_clip_config
@@ -38,6 +39,7 @@ class HGMOutput:
     """What `HGMModel.forward` computes; a field is None when its inputs were not given."""
 
     room_embeds: torch.Tensor | None = None  # (R, D) fused room image + scene text, unit norm
+    room_view_embeds: torch.Tensor | None = None  # (R, V, D) one unit vector per view of the room photo
     scene_logits: torch.Tensor | None = None  # (R, S) over `config.scene_labels`
     room_image_embeds: torch.Tensor | None = None  # (R, D)
     room_text_embeds: torch.Tensor | None = None  # (R, D) scene text, rows without text are zero
@@ -112,6 +114,7 @@ class HGMModel(nn.Module):
         self.scene_head = nn.Linear(embed_dim, len(config.scene_labels))
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
         self.image_transform = build_image_transform(config.image_tower)
+        self.room_views = RoomViews(config.image_tower, config.room_grids)
         self.eval()
 
     # -- inputs --------------------------------------------------------------------------------
@@ -142,6 +145,24 @@ class HGMModel(nn.Module):
             raise ValueError("no images given")
         return torch.stack(tensors).to(self.device)  # (B, 3, S, S)
 
+    def preprocess_room_views(self, images: ImageInput) -> torch.Tensor:
+        """Room photos or paths -> their views (R, V, 3, S, S); a (R, 3, S, S) tensor is one view each."""
+        if isinstance(images, torch.Tensor):
+            if images.dim() == 4:
+                images = images.unsqueeze(1)
+            if images.dim() != 5 or images.shape[2] != 3:
+                raise ValueError(f"room tensor has shape {tuple(images.shape)}; expected (R, V, 3, H, W)")
+            return images.to(self.device)
+        if isinstance(images, (str, os.PathLike)) or hasattr(images, "convert"):
+            images = [images]
+        from .data.images import load_image
+
+        views = [self.room_views(load_image(item) if isinstance(item, (str, os.PathLike)) else item.convert("RGB"))
+                 for item in images]
+        if not views:
+            raise ValueError("no images given")
+        return torch.stack(views).to(self.device)  # (R, V, 3, S, S)
+
     def _tokens(self, texts: TextInput, tokenizer: TextTokenizer) -> dict[str, torch.Tensor]:
         if isinstance(texts, dict):
             return {k: v.to(self.device) for k, v in texts.items()}
@@ -169,13 +190,62 @@ class HGMModel(nn.Module):
         features = tower(tokens["input_ids"], tokens["attention_mask"])  # (B, H)
         return F.normalize(self.scene_text_proj(features), dim=-1)  # (B, D)
 
+    def encode_room_views(self, images: ImageInput) -> torch.Tensor:
+        """Each view of each room photo (see `config.room_grids`) -> unit vectors (R, V, D)."""
+        views = self.preprocess_room_views(images)  # (R, V, 3, S, S)
+        rooms, n_views = views.shape[:2]
+        features = self.image_tower(views.flatten(0, 1))  # (R * V, C)
+        return F.normalize(self.image_proj(features), dim=-1).view(rooms, n_views, -1)  # (R, V, D)
+
     def encode_room(self, images: ImageInput | None = None, texts: Sequence[str | None] | str | None = None
                     ) -> torch.Tensor:
-        """A room from its photo, its scene text, or both (a text entry may be None) -> (B, D)."""
-        image_embeds = self.encode_image(images) if images is not None else None
+        """A room from its photo, its scene text, or both (a text entry may be None) -> (B, D).
+
+        The photo part is the mean of the room's view vectors. To rank products, prefer
+        `score_products`, which pools per-view scores and keeps small objects visible.
+        """
+        image_embeds = _mean_view(self.encode_room_views(images)) if images is not None else None
         text_embeds, text_present = self._optional_texts(texts, self.encode_scene_text)
         self._check_batch(image_embeds, text_embeds)
         return self.room_fusion(image_embeds, text_embeds, text_present=text_present)
+
+    def score_products(self, product_embeds: torch.Tensor, *, view_embeds: torch.Tensor | None = None,
+                       text_embeds: torch.Tensor | None = None, text_present: torch.Tensor | None = None
+                       ) -> torch.Tensor:
+        """How well each product fits each room -> (R, N); higher is better.
+
+        Each view is scored against every product and the view scores are pooled
+        (`config.view_pooling`); the pooled photo score and the scene-text score are combined with
+        the room fusion's gates. With one view this ranks products exactly as `encode_room(...) @
+        product_embeds.T` does.
+
+        Args:
+            product_embeds: (N, D) unit product vectors (`encode_product`).
+            view_embeds: (R, V, D) from `encode_room_views`, or None for text-only rooms.
+            text_embeds: (R, D) scene-text vectors (`encode_scene_text`), or None.
+            text_present: (R,) bools, False for rooms without text.
+        """
+        mean_views = _mean_view(view_embeds) if view_embeds is not None else None
+        gates, _, text_part, residual = self.room_fusion.parts(mean_views, text_embeds, text_present=text_present)
+        scores = torch.zeros(gates.shape[0], product_embeds.shape[0], device=product_embeds.device,
+                             dtype=product_embeds.dtype)  # (R, N)
+        if view_embeds is not None:
+            view_scores = torch.einsum("rvd,nd->rvn", view_embeds, product_embeds)  # (R, V, N)
+            scores = scores + gates[:, :1] * self._pool_views(view_scores)
+        if text_embeds is not None:
+            scores = scores + gates[:, 1:] * (text_part @ product_embeds.T)
+        if residual is not None:
+            scores = scores + residual @ product_embeds.T
+        return scores
+
+    def _pool_views(self, view_scores: torch.Tensor) -> torch.Tensor:
+        """(R, V, N) view scores -> (R, N)."""
+        if self.config.view_pooling == "max":
+            return view_scores.amax(dim=1)
+        if self.config.view_pooling == "mean":
+            return view_scores.mean(dim=1)
+        t = self.config.view_temperature  # soft maximum, equal to the mean score when views agree
+        return t * (torch.logsumexp(view_scores / t, dim=1) - math.log(view_scores.shape[1]))
 
     def encode_product(self, images: ImageInput | None = None, texts: Sequence[str | None] | str | None = None
                        ) -> torch.Tensor:
@@ -230,7 +300,8 @@ class HGMModel(nn.Module):
         """Computes what the given inputs allow, for training and batch inference.
 
         Args:
-            room_pixels: (R, 3, S, S) room photos.
+            room_pixels: (R, V, 3, S, S) views of the room photos (`preprocess_room_views`), or
+                (R, 3, S, S) for one view each.
             room_tokens: scene-text tokens for the R rooms (from `model.scene_tokenizer`).
             room_text_present: (R,) bools, False where a room has no scene text.
             product_pixels: (P, 3, S, S) product photos.
@@ -239,7 +310,10 @@ class HGMModel(nn.Module):
         out = HGMOutput(logit_scale=self.logit_scale.exp())
         if room_pixels is not None or room_tokens is not None:
             if room_pixels is not None:
-                out.room_image_embeds = F.normalize(self.image_proj(self.image_tower(room_pixels)), dim=-1)
+                views = room_pixels.unsqueeze(1) if room_pixels.dim() == 4 else room_pixels  # (R, V, 3, S, S)
+                features = self.image_tower(views.flatten(0, 1))  # (R * V, C)
+                out.room_view_embeds = F.normalize(self.image_proj(features), dim=-1).view(*views.shape[:2], -1)
+                out.room_image_embeds = _mean_view(out.room_view_embeds)
             if room_tokens is not None:
                 out.room_text_embeds = self.encode_scene_text(room_tokens)
                 if room_text_present is not None:
@@ -340,6 +414,11 @@ def load_model(folder: str | os.PathLike, *, device: str | torch.device | None =
     model.load_state_dict(state, strict=True)
     model.eval()
     return model.to(device) if device is not None else model
+
+
+def _mean_view(view_embeds: torch.Tensor) -> torch.Tensor:
+    """(R, V, D) unit view vectors -> (R, D) unit vector of their mean."""
+    return F.normalize(view_embeds.mean(dim=1), dim=-1)
 
 
 def _check_state_matches(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:

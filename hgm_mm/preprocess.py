@@ -23,6 +23,41 @@ def build_image_transform(cfg: ImageTowerConfig):
     ])
 
 
+class RoomViews:
+    """A room photo -> its views (V, 3, S, S): for each grid g, g x g tiles, each resized to S x S.
+
+    Tiles are resized whole (not cropped) so no part of the room is lost; grid 1 is the photo.
+    """
+
+    def __init__(self, cfg: ImageTowerConfig, grids: tuple[int, ...]):
+        from torchvision import transforms as T
+
+        self.grids = grids
+        self.size = cfg.image_size
+        self.interpolation = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR}[
+            cfg.interpolation]
+        self.to_tensor = T.Compose([T.ToTensor(), T.Normalize(cfg.mean, cfg.std)])
+
+    @property
+    def n_views(self) -> int:
+        return sum(g * g for g in self.grids)
+
+    def __call__(self, image) -> torch.Tensor:
+        from torchvision.transforms import functional as TF
+
+        width, height = image.size
+        views = []
+        for g in self.grids:
+            for row in range(g):
+                for col in range(g):
+                    box = (round(col * width / g), round(row * height / g),
+                           round((col + 1) * width / g), round((row + 1) * height / g))
+                    tile = image.crop(box) if g > 1 else image
+                    views.append(self.to_tensor(TF.resize(tile, [self.size, self.size],
+                                                          interpolation=self.interpolation)))
+        return torch.stack(views)  # (V, 3, S, S)
+
+
 class TextTokenizer:
     """Texts -> the tensors a text tower reads: {"input_ids": (B, T), "attention_mask": (B, T)}.
 

@@ -182,7 +182,7 @@ def test_fusion_with_a_missing_modality_uses_the_present_one():
         text_only = model.encode_room(texts=["nordic", "industrial loft"])
         both = model.encode_room(images, ["nordic", "industrial loft"])
         mixed = model.encode_room(images, ["nordic", None])
-        image_embeds = model.encode_image(images)
+        image_embeds = torch.nn.functional.normalize(model.encode_room_views(images).mean(1), dim=-1)
         text_embeds = model.encode_scene_text(["nordic", "industrial loft"])
     assert torch.allclose(image_only, image_embeds, atol=1e-6)
     assert torch.allclose(text_only, text_embeds, atol=1e-6)
@@ -208,10 +208,46 @@ def test_forward_returns_one_dataclass_with_what_was_asked():
     assert out.room_embeds.shape == (3, 32) and out.scene_logits.shape == (3, len(model.scene_labels))
     assert out.product_embeds is None and out.logit_scale.item() == pytest.approx(1 / 0.07, rel=1e-4)
     with torch.no_grad():
-        expected_row1 = model.encode_room(pixels[1:2])
+        expected_row1 = model.encode_room(pixels[1:2])  # a (B, 3, S, S) tensor is one view per room
     assert torch.allclose(out.room_embeds[1], expected_row1[0], atol=1e-5)
     products = model(product_pixels=pixels, product_tokens=model.tokenizer(["x", "y", "z"]))
     assert products.product_embeds.shape == (3, 32) and products.room_embeds is None
+
+
+def test_room_views_are_the_whole_photo_and_its_tiles():
+    from hgm_mm.preprocess import RoomViews
+
+    photo = Image.new("RGB", (80, 60), (255, 0, 0))
+    photo.paste((0, 0, 255), (40, 30, 80, 60))  # bottom-right quadrant blue
+    views_of = RoomViews(ImageTowerConfig(image_size=16, mean=(0, 0, 0), std=(1, 1, 1)), (1, 2))
+    views = views_of(photo)
+    assert views.shape == (5, 3, 16, 16) and views_of.n_views == 5
+    assert views[4, 2].min() > 0.99 and views[4, 0].max() < 0.01  # tile (1, 1) is all blue
+    assert views[1, 0].min() > 0.99  # tile (0, 0) is all red
+    assert 0.1 < views[0, 2].mean() < 0.4  # the whole photo: a quarter blue
+
+
+def test_score_products_pools_views_and_matches_encode_room_ranking_with_one_view():
+    model = tiny_model()
+    products = torch.nn.functional.normalize(torch.randn(7, 32), dim=-1)
+    with torch.no_grad():
+        views = model.encode_room_views(photos(2))  # hgm-tiny: whole photo + 2 x 2 tiles
+        assert views.shape == (2, 5, 32)
+        scores = model.score_products(products, view_embeds=views)
+        view_scores = torch.einsum("rvd,nd->rvn", views, products)
+        assert torch.all(scores <= view_scores.amax(1) + 1e-6) and torch.all(scores >= view_scores.mean(1) - 1e-6)
+        one_view = views[:, :1]
+        texts = model.encode_scene_text(["nordic", "loft"])
+        pooled = model.score_products(products, view_embeds=one_view, text_embeds=texts)
+        fused = model.room_fusion(one_view[:, 0], texts) @ products.T
+    assert torch.equal(pooled.argsort(dim=1), fused.argsort(dim=1))
+
+
+def test_room_grids_are_validated():
+    with pytest.raises(ValueError, match="room_grids"):
+        hgm_mm.ModelConfig(room_grids=(1, 1))
+    with pytest.raises(ValueError, match="view_pooling='median'"):
+        hgm_mm.ModelConfig(view_pooling="median")
 
 
 def test_predict_scene_gives_probabilities_per_label():

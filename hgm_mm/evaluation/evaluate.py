@@ -88,19 +88,20 @@ def embed_catalog(model, products: Sequence[Product], *, batch_size: int = 32, p
     return fused.float().cpu(), photos.skipped
 
 
-def embed_rooms(model, rooms: Sequence[Room], *, use_room_text: bool = False, batch_size: int = 32,
-                progress: bool = True, num_workers: int | None = None
+def score_rooms(model, rooms: Sequence[Room], product_vectors: torch.Tensor, *, use_room_text: bool = False,
+                batch_size: int = 8, progress: bool = True, num_workers: int | None = None
                 ) -> tuple[torch.Tensor, list[int], list[tuple[str, str]]]:
-    """Room vectors for the rooms whose photo is readable: (R', D), their positions, what was skipped."""
+    """Scores of every product for the rooms whose photo is readable: (R', N), their positions, what was skipped."""
     from ..embedding import embed_images
 
     with torch.no_grad():
-        photos = embed_images(model, [r.image for r in rooms], batch_size=batch_size, desc="rooms", progress=progress,
-                              num_workers=num_workers)
-        texts = [room_text(rooms[i]) for i in photos.kept] if use_room_text else None
+        views = embed_images(model, [r.image for r in rooms], batch_size=batch_size, desc="rooms", progress=progress,
+                             num_workers=num_workers, room_views=True)
+        texts = [room_text(rooms[i]) for i in views.kept] if use_room_text else None
         text_embeds, text_present = (model._optional_texts(texts, model.encode_scene_text) if texts else (None, None))
-        fused = model.room_fusion(photos.embeddings.to(model.device), text_embeds, text_present=text_present)
-    return fused.float().cpu(), photos.kept, photos.skipped
+        scores = model.score_products(product_vectors.to(model.device), view_embeds=views.embeddings.to(model.device),
+                                      text_embeds=text_embeds, text_present=text_present)
+    return scores.float().cpu(), views.kept, views.skipped
 
 
 def evaluate(model, catalog: Sequence[Product], rooms: Sequence[Room], pairs: Sequence[tuple[str, str]], *,
@@ -120,10 +121,10 @@ def evaluate(model, catalog: Sequence[Product], rooms: Sequence[Room], pairs: Se
     """
     model.eval()
     product_vectors, skipped_products = embed_catalog(model, catalog, progress=progress, num_workers=num_workers)
-    room_vectors, kept, skipped_rooms = embed_rooms(model, rooms, use_room_text=use_room_text, progress=progress,
-                                                    num_workers=num_workers)
+    scores, kept, skipped_rooms = score_rooms(model, rooms, product_vectors, use_room_text=use_room_text,
+                                              progress=progress, num_workers=num_workers)
     rooms = [rooms[i] for i in kept]
-    scores = (room_vectors @ product_vectors.T).numpy()  # (R, N)
+    scores = scores.numpy()  # (R, N)
     return retrieval_metrics(scores, relevance(rooms, catalog, pairs), catalog, rooms, ks=ks,
                              skipped=skipped_products + skipped_rooms)
 
@@ -163,7 +164,7 @@ def baseline_evaluations(catalog: Sequence[Product], rooms: Sequence[Room], pair
 
     - `random`: the exact expectation under a uniformly random ranking;
     - `popularity` and `scene_popularity`: counts in `train_pairs` (skipped without them);
-    - `frozen_features`: room-photo vs product-photo cosine of `frozen_model`, untrained.
+    - `frozen_features`: room-photo views vs product-photo cosine of `frozen_model`, untrained.
     """
     relevant = relevance(rooms, catalog, pairs)
     keep = relevant.any(axis=1)
@@ -179,10 +180,10 @@ def baseline_evaluations(catalog: Sequence[Product], rooms: Sequence[Room], pair
             product_photos = embed_images(frozen_model, [p.image for p in catalog], desc="catalogue (frozen)",
                                           progress=progress)
             room_photos = embed_images(frozen_model, [r.image for r in rooms], desc="rooms (frozen)",
-                                       progress=progress)
-        product_vectors = torch.zeros(len(catalog), frozen_model.config.embed_dim)
-        product_vectors[product_photos.kept] = product_photos.embeddings
-        scores = (room_photos.embeddings @ product_vectors.T).numpy()
+                                       progress=progress, room_views=True)
+            product_vectors = torch.zeros(len(catalog), frozen_model.config.embed_dim)
+            product_vectors[product_photos.kept] = product_photos.embeddings
+            scores = frozen_model.score_products(product_vectors, view_embeds=room_photos.embeddings).numpy()
         kept_rooms = [rooms[i] for i in room_photos.kept]
         results["frozen_features"] = retrieval_metrics(
             scores, relevance(kept_rooms, catalog, pairs), catalog, kept_rooms, ks=ks).metrics

@@ -74,17 +74,18 @@ class StepPlan:
 class StepPhotos(Dataset):
     """Loads one step's photos for this process's share of the global batch (rank::world_size)."""
 
-    def __init__(self, plan: StepPlan, rooms: Sequence[Room], products: Sequence[Product], transform,
+    def __init__(self, plan: StepPlan, rooms: Sequence[Room], products: Sequence[Product], transform, room_views,
                  *, steps: range, rank: int = 0, world_size: int = 1, image_errors: str = "skip"):
-        self.plan, self.rooms, self.products, self.transform = plan, rooms, products, transform
+        self.plan, self.rooms, self.products = plan, rooms, products
+        self.transform, self.room_views = transform, room_views
         self.steps, self.rank, self.world_size, self.image_errors = steps, rank, world_size, image_errors
 
     def __len__(self) -> int:
         return len(self.steps)
 
-    def _load(self, path, skipped: list) -> torch.Tensor | None:
+    def _load(self, path, skipped: list, transform) -> torch.Tensor | None:
         try:
-            return self.transform(load_image(path))
+            return transform(load_image(path))
         except ImageError as err:
             if self.image_errors == "raise":
                 raise
@@ -97,8 +98,8 @@ class StepPhotos(Dataset):
         local_rooms = batch.room_indices[self.rank::self.world_size]
         local_text = batch.room_reads_text[self.rank::self.world_size]
         local_products = batch.product_indices[self.rank::self.world_size]
-        room_pixels = [self._load(self.rooms[r].image, skipped) for r in local_rooms]
-        product_pixels = [self._load(self.products[p].image, skipped) for p in local_products]
+        room_pixels = [self._load(self.rooms[r].image, skipped, self.room_views) for r in local_rooms]  # (V, 3, S, S)
+        product_pixels = [self._load(self.products[p].image, skipped, self.transform) for p in local_products]
         keep_rooms = [k for k, px in enumerate(room_pixels) if px is not None]
         keep_products = [k for k, px in enumerate(product_pixels) if px is not None]
         return {

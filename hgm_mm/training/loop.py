@@ -130,7 +130,7 @@ def train(config: TrainConfig | None = None, *, data: str | os.PathLike, output:
     contrastive = ContrastiveLoss(rank=rank, world_size=world)
     room_contrastive = MultiPositiveContrastiveLoss(rank=rank, world_size=world)
     loader = torch.utils.data.DataLoader(
-        StepPhotos(plan, train_rooms, dataset.products, unwrapped.image_transform,
+        StepPhotos(plan, train_rooms, dataset.products, unwrapped.image_transform, unwrapped.room_views,
                    steps=range(state.step, last_step), rank=rank, world_size=world, image_errors=config.image_errors),
         batch_size=None, num_workers=config.num_workers, persistent_workers=False)
 
