@@ -45,7 +45,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -55,6 +54,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from .files import atomic_write
 from .version import __version__
 
 FORMAT_VERSION = 1  # bump when the folder layout or the meaning of a saved key changes
@@ -477,9 +477,9 @@ class ProductIndex:
             raise ValueError("an empty 'ivfpq' index has nothing to save; add products first")
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        _atomic_write(folder / INDEX_FILE, lambda p: faiss.write_index(self._index, str(p)))
-        _atomic_write(folder / IDS_FILE, lambda p: _write_json(p, {"ids": self._ids}))
-        _atomic_write(folder / METADATA_FILE, lambda p: _write_json(p, {"metadata": self._meta}))
+        atomic_write(folder / INDEX_FILE, lambda p: faiss.write_index(self._index, str(p)))
+        atomic_write(folder / IDS_FILE, lambda p: _write_json(p, {"ids": self._ids}))
+        atomic_write(folder / METADATA_FILE, lambda p: _write_json(p, {"metadata": self._meta}))
         manifest = {
             "format": "hgm_mm.ProductIndex",
             "format_version": FORMAT_VERSION,
@@ -495,7 +495,7 @@ class ProductIndex:
             "model_identity": self.model_identity,
             "files": {name: (folder / name).stat().st_size for name in (INDEX_FILE, IDS_FILE, METADATA_FILE)},
         }
-        _atomic_write(folder / MANIFEST_FILE, lambda p: _write_json(p, manifest, indent=2))
+        atomic_write(folder / MANIFEST_FILE, lambda p: _write_json(p, manifest, indent=2))
         return folder
 
     @classmethod
@@ -791,12 +791,3 @@ def _read_json(path: Path, fix: str) -> dict:
     return data
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

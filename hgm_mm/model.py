@@ -5,8 +5,6 @@ import copy
 import json
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -16,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .files import atomic_dir, atomic_write
 from .fusion import GatedFusion
 from .preprocess import RoomViews, TextTokenizer, build_image_transform
 from .pretrained import HGM_CONFIG_NAME, OPEN_CLIP_CONFIG_NAME
@@ -347,17 +346,17 @@ class HGMModel(nn.Module):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().to("cpu").contiguous().clone() for k, v in self.state_dict().items()}
-        _atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+        atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
         if self.open_clip_config is not None:
-            _atomic_dir(folder / OPEN_CLIP_DIR,
+            atomic_dir(folder / OPEN_CLIP_DIR,
                         lambda d: save_open_clip_config(d, self.open_clip_config, self.tokenizer.backend))
         else:
-            _atomic_dir(folder / TOKENIZER_DIR, self.tokenizer.save)
+            atomic_dir(folder / TOKENIZER_DIR, self.tokenizer.save)
         if self.scene_text_tower is not None:
-            _atomic_dir(folder / SCENE_TOKENIZER_DIR, self.scene_tokenizer.save)
+            atomic_dir(folder / SCENE_TOKENIZER_DIR, self.scene_tokenizer.save)
         document = {"format_version": FORMAT_VERSION, "library_version": __version__,
                     "model": self.config.to_dict()}
-        _atomic_write(folder / HGM_CONFIG_NAME,
+        atomic_write(folder / HGM_CONFIG_NAME,
                       lambda p: p.write_text(json.dumps(document, indent=2, ensure_ascii=False), encoding="utf-8"))
         return folder
 
@@ -448,26 +447,3 @@ def _projection(in_dim: int, out_dim: int, kind: str) -> nn.Module:
     layer = nn.Linear(in_dim, out_dim, bias=False)
     nn.init.orthogonal_(layer.weight)  # keeps the pretrained geometry: an isometry when in_dim <= out_dim
     return layer
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_dir(path: Path, write) -> None:
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    try:
-        write(tmp)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

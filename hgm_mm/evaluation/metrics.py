@@ -25,7 +25,6 @@ methods of :class:`RelevantRanks` return the per-query values (for :func:`breakd
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
 

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import ImageTowerConfig, TextTowerConfig
+from ..config import ImageTowerConfig
 from ..pretrained import OPEN_CLIP_CONFIG_NAME
 
 _CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")

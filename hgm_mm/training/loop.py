@@ -4,8 +4,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -15,6 +13,7 @@ from typing import Any
 import torch
 
 from ..data import load_dataset
+from ..files import atomic_dir, atomic_text
 from ..data.split import split_rooms
 from ..data.text import product_text, room_text
 from ..losses import ContrastiveLoss, MultiPositiveContrastiveLoss, grad_cache_step, pad_positive_ids, scene_loss
@@ -332,8 +331,8 @@ def _save_best_model(model, folder, result, train_pairs, val_rooms, config, stat
     _write_json(folder / "metrics.json", {"step": state.step, "validation": result.to_dict()})
     _write_json(folder / "train_config.json", config.to_dict())
     lines = ["room_id,product_id"] + [f"{r},{p}" for r, p in train_pairs]
-    _atomic_text(folder / "train_pairs.csv", "\n".join(lines) + "\n")
-    _atomic_text(folder / "val_rooms.txt", "\n".join(r.room_id for r in val_rooms) + "\n")
+    atomic_text(folder / "train_pairs.csv", "\n".join(lines) + "\n")
+    atomic_text(folder / "val_rooms.txt", "\n".join(r.room_id for r in val_rooms) + "\n")
 
 
 # -- checkpoints ------------------------------------------------------------------------------------
@@ -341,24 +340,15 @@ def _save_checkpoint(folder: Path, model, optimizer, scheduler, state: _TrainerS
     """Writes the whole training state into a fresh folder, then swaps it in: a kill never leaves half."""
     from safetensors.torch import save_file
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
-    try:
+    def write(tmp: Path) -> None:
         save_file({k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()},
                   str(tmp / "model.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         _write_json(tmp / "scheduler.json", scheduler.state_dict())
         _write_json(tmp / "trainer_state.json", {**state.__dict__, "config": config.to_dict()})
-        old = folder.with_name(f".{folder.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
-        if folder.exists():
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    atomic_dir(folder, write)
 
 
 def _load_checkpoint(folder: Path, model, optimizer, scheduler, config: TrainConfig) -> _TrainerState:
@@ -405,11 +395,5 @@ def _describe_batch(batch, rooms, products) -> str:
     return f"rooms {room_ids}, products {product_ids}{' ...' if len(batch['products']) > 5 else ''}"
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _write_json(path: Path, document: Any) -> None:
-    _atomic_text(path, json.dumps(document, indent=2, default=str))
+    atomic_text(path, json.dumps(document, indent=2, default=str))
