@@ -13,23 +13,23 @@ IMAGE_ERROR_POLICIES = ("skip", "raise")
 
 @dataclass
 class TrainConfig:
-    """A fine-tuning run. The defaults are the recipe measured in docs/training.md."""
+    """A fine-tuning run. The defaults follow the measurements in docs/training.md."""
 
     model: str = "hgm-lite-en"  # starting model: any name create_model takes
     epochs: int = 6  # passes over the catalogue's products
     max_steps: int | None = None  # stop after this many optimiser steps, whatever the epoch
     batch_size: int = 48  # catalogue products per step (photo <-> text contrastive)
-    rooms_per_batch: int = 12  # training rooms per step (room -> products contrastive)
+    rooms_per_batch: int = 16  # training rooms per step (room -> products contrastive)
     positives_per_room: int = 4  # products of each room added to the step's products
     lr: float = 1e-3  # projections, fusion, scene head, temperature
-    tower_lr: float = 1e-4  # unlocked tower layers
+    tower_lr: float = 3e-4  # unlocked tower layers
     weight_decay: float = 0.05
     warmup_steps: int = 10
-    product_loss_weight: float = 1.0  # product photo <-> product text
+    product_loss_weight: float = 2.0  # product photo <-> product text
     room_loss_weight: float = 1.0  # room -> its products, several positives
-    scene_loss_weight: float = 0.2  # scene cross-entropy from the room
+    scene_loss_weight: float = 0.5  # scene cross-entropy from the room
     room_text_probability: float = 0.5  # share of training rooms that also read their caption
-    unlocked_image_groups: int = 2  # top layer groups of the image tower left trainable (timm groups)
+    unlocked_image_groups: int = 1  # top layer groups of the image tower left trainable (timm groups)
     unlocked_text_layers: int = 0  # top transformer layers of the text towers left trainable
     freeze_norm_stats: bool = True  # BatchNorm statistics of locked image layers stay as pretrained
     wise_alpha: float = 1.0  # WiSE-FT: 1 keeps fine-tuned weights, 0 the starting weights
