@@ -287,18 +287,23 @@ class MultiPositiveContrastiveLoss(nn.Module):
     global matrix from gathered ids) or, in one process only, from a boolean matrix.
     """
 
-    def __init__(self, *, product_to_room: bool = True, rank: int = 0, world_size: int = 1):
+    def __init__(self, *, product_to_room: bool = True, rank: int = 0, world_size: int = 1,
+                 similarity: Callable[[Tensor, Tensor], Tensor] | None = None):
         """Builds the loss.
 
         Args:
             product_to_room: add the product -> room direction.
             rank: this process's rank.
             world_size: number of processes; > 1 gathers embeddings and ids from all of them.
+            similarity: maps rooms (R, ...) and products (P, D) to (R, P) similarities, for rooms
+                made of several vectors (e.g. views pooled by `HGMModel.packed_room_scores`);
+                default: the dot product of (R, D) room vectors.
         """
         super().__init__()
         _check_rank(rank, world_size)
         self.product_to_room = product_to_room
         self.rank, self.world_size = rank, world_size
+        self.similarity = similarity or (lambda rooms, products: rooms @ products.T)
 
     def forward(self, room_embeds: Tensor, product_embeds: Tensor, logit_scale: Tensor | float, *,
                 room_positive_ids: Tensor | None = None, product_ids: Tensor | None = None,
@@ -309,7 +314,7 @@ class MultiPositiveContrastiveLoss(nn.Module):
         optionally with `product_ids` to drop duplicates).
 
         Args:
-            room_embeds: (R, D) unit-norm room embeddings.
+            room_embeds: (R, D) unit-norm room embeddings, or (R, ...) rooms that `similarity` reads.
             product_embeds: (P, D) unit-norm product embeddings.
             logit_scale: scalar multiplier of the cosine similarities (already exponentiated).
             room_positive_ids: (R, K) int, each room's known positive product ids padded with
@@ -320,9 +325,9 @@ class MultiPositiveContrastiveLoss(nn.Module):
         Returns:
             Scalar loss (see the scaling convention).
         """
-        if room_embeds.dim() != 2 or product_embeds.dim() != 2 or room_embeds.shape[1] != product_embeds.shape[1]:
+        if room_embeds.dim() < 2 or product_embeds.dim() != 2 or room_embeds.shape[-1] != product_embeds.shape[1]:
             raise ValueError(f"room_embeds {tuple(room_embeds.shape)} and product_embeds "
-                             f"{tuple(product_embeds.shape)} must be (R, D) and (P, D)")
+                             f"{tuple(product_embeds.shape)} must be (R, ..., D) and (P, D)")
         n_rooms, n_products = room_embeds.shape[0], product_embeds.shape[0]
         if (positives is None) == (room_positive_ids is None):
             raise ValueError("give either room_positive_ids (with product_ids) or positives")
@@ -373,14 +378,14 @@ class MultiPositiveContrastiveLoss(nn.Module):
 
         room_rows = slice(room_offset, room_offset + n_rooms)
         product_rows = slice(product_offset, product_offset + n_products)
-        logits = _upcast(logit_scale * room_embeds @ all_products.T)  # (R, P_g)
+        logits = _upcast(logit_scale * self.similarity(room_embeds, all_products))  # (R, P_g)
         room_loss, room_valid = _multi_positive_terms(logits, global_positive[room_rows], keep)
         room_queries = (global_positive & keep[None, :]).any(dim=1).sum()  # rooms with a positive, globally
         loss = (room_loss * room_valid).sum() * self.world_size / room_queries.clamp_min(1)
         if not self.product_to_room:
             return loss
 
-        logits = _upcast(logit_scale * product_embeds @ all_rooms.T)  # (P, R_g)
+        logits = _upcast(logit_scale * self.similarity(all_rooms, product_embeds).T)  # (P, R_g)
         product_loss, product_valid = _multi_positive_terms(logits, global_positive.T[product_rows], every_room)
         product_valid = product_valid & keep[product_rows]  # later copies of a product are not queries
         product_queries = (global_positive.any(dim=0) & keep).sum()

@@ -237,6 +237,24 @@ class HGMModel(nn.Module):
             scores = scores + residual @ product_embeds.T
         return scores
 
+    @staticmethod
+    def pack_rooms(view_embeds: torch.Tensor, text_embeds: torch.Tensor | None = None,
+                   text_present: torch.Tensor | None = None) -> torch.Tensor:
+        """Views (R, V, D) and scene text (R, D) in one tensor (R, V + 1, D); a room without text
+        has a zero last row. One tensor gathers across processes; `packed_room_scores` reads it."""
+        text = torch.zeros_like(view_embeds[:, 0]) if text_embeds is None else text_embeds
+        if text_present is not None:
+            text = text * text_present.unsqueeze(1).to(text.dtype)
+        return torch.cat([view_embeds, text.unsqueeze(1)], dim=1)  # (R, V + 1, D)
+
+    def packed_room_scores(self, packed_rooms: torch.Tensor, product_embeds: torch.Tensor) -> torch.Tensor:
+        """`score_products` for rooms packed by `pack_rooms` -> (R, N)."""
+        views, text = packed_rooms[:, :-1], packed_rooms[:, -1]  # (R, V, D), (R, D)
+        present = text.detach().norm(dim=-1) > 0  # (R,)
+        if not bool(present.any()):
+            return self.score_products(product_embeds, view_embeds=views)
+        return self.score_products(product_embeds, view_embeds=views, text_embeds=text, text_present=present)
+
     def _pool_views(self, view_scores: torch.Tensor) -> torch.Tensor:
         """(R, V, N) view scores -> (R, N)."""
         if self.config.view_pooling == "max":

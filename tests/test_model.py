@@ -243,6 +243,21 @@ def test_score_products_pools_views_and_matches_encode_room_ranking_with_one_vie
     assert torch.equal(pooled.argsort(dim=1), fused.argsort(dim=1))
 
 
+def test_packed_rooms_score_like_score_products():
+    model = tiny_model()
+    products = torch.nn.functional.normalize(torch.randn(6, 32), dim=-1)
+    with torch.no_grad():
+        views = model.encode_room_views(photos(3))
+        texts = model.encode_scene_text(["nordic", "loft", "calm"])
+        present = torch.tensor([True, False, True])
+        packed = model.pack_rooms(views, texts, present)
+        assert packed.shape == (3, 6, 32) and packed[1, -1].abs().sum() == 0
+        expected = model.score_products(products, view_embeds=views, text_embeds=texts, text_present=present)
+        assert torch.allclose(model.packed_room_scores(packed, products), expected, atol=1e-6)
+        photo_only = model.packed_room_scores(model.pack_rooms(views), products)
+        assert torch.allclose(photo_only, model.score_products(products, view_embeds=views), atol=1e-6)
+
+
 def test_room_grids_are_validated():
     with pytest.raises(ValueError, match="room_grids"):
         hgm_mm.ModelConfig(room_grids=(1, 1))

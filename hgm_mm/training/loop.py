@@ -127,7 +127,9 @@ def train(config: TrainConfig | None = None, *, data: str | os.PathLike, output:
         accelerator.init_trackers("hgm_mm", config=config.to_dict())
 
     contrastive = ContrastiveLoss(rank=rank, world_size=world)
-    room_contrastive = MultiPositiveContrastiveLoss(rank=rank, world_size=world)
+    # rooms are scored as at inference: per-view scores pooled, plus the scene text
+    room_contrastive = MultiPositiveContrastiveLoss(rank=rank, world_size=world,
+                                                    similarity=unwrapped.packed_room_scores)
     loader = torch.utils.data.DataLoader(
         StepPhotos(plan, train_rooms, dataset.products, unwrapped.image_transform, unwrapped.room_views,
                    steps=range(state.step, last_step), rank=rank, world_size=world, image_errors=config.image_errors),
@@ -223,14 +225,15 @@ def _step_inputs(batch, model, rooms, products, room_positives, room_labels, dev
     }
 
 
-def _loss_terms(out_rooms, scene_logits, product_image, product_text_, product_fused, logit_scale, inputs, config,
+def _loss_terms(packed_rooms, scene_logits, product_image, product_text_, product_fused, logit_scale, inputs, config,
                 contrastive, room_contrastive, world) -> dict[str, torch.Tensor]:
+    """The weighted objectives; `packed_rooms` is (R, V + 1, D) from `HGMModel.pack_rooms`."""
     scale = logit_scale.exp()
     terms = {}
     if config.product_loss_weight:
         terms["product_loss"] = contrastive(product_image, product_text_, scale, ids=inputs["product_ids"])
     if config.room_loss_weight:
-        terms["room_loss"] = room_contrastive(out_rooms, product_fused, scale,
+        terms["room_loss"] = room_contrastive(packed_rooms, product_fused, scale,
                                               room_positive_ids=inputs["room_positive_ids"],
                                               product_ids=inputs["product_ids"])
     if config.scene_loss_weight:
@@ -246,8 +249,16 @@ def _losses(model, inputs, config, contrastive, room_contrastive, world) -> dict
                 room_text_present=inputs["room_text_present"], product_pixels=inputs["product_pixels"],
                 product_tokens=inputs["product_tokens"])
     logit_scale = out.logit_scale.log()
-    return _loss_terms(out.room_embeds, out.scene_logits, out.product_image_embeds, out.product_text_embeds,
+    packed = _pack(model, out)
+    return _loss_terms(packed, out.scene_logits, out.product_image_embeds, out.product_text_embeds,
                        out.product_embeds, logit_scale, inputs, config, contrastive, room_contrastive, world)
+
+
+def _pack(model, out) -> torch.Tensor | None:
+    if out.room_view_embeds is None:
+        return None
+    unwrapped = model.module if hasattr(model, "module") else model
+    return unwrapped.pack_rooms(out.room_view_embeds, out.room_text_embeds)
 
 
 def _grad_cache_losses(model, inputs, config, contrastive, room_contrastive, world) -> dict[str, torch.Tensor]:
@@ -256,7 +267,7 @@ def _grad_cache_losses(model, inputs, config, contrastive, room_contrastive, wor
         out = model(room_pixels=chunk["pixels"], room_tokens={"input_ids": chunk["input_ids"],
                                                                "attention_mask": chunk["attention_mask"]},
                     room_text_present=chunk["present"])
-        return out.room_embeds, out.scene_logits
+        return _pack(model, out), out.scene_logits
 
     def embed_products(chunk):
         out = model(product_pixels=chunk["pixels"], product_tokens={"input_ids": chunk["input_ids"],
