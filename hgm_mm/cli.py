@@ -24,9 +24,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     evaluate = sub.add_parser("evaluate", help="room -> product retrieval metrics over a whole catalogue")
     evaluate.add_argument("--model", required=True, help="model name or local-dir:PATH of a saved model")
-    evaluate.add_argument("--catalog", type=Path, required=True, help="products.jsonl of the gallery")
-    evaluate.add_argument("--rooms", type=Path, required=True, help="rooms.jsonl of the query rooms")
-    evaluate.add_argument("--pairs", type=Path, required=True, help="pairs.csv: the products in each room")
+    evaluate.add_argument("--catalog", type=Path, help="products.jsonl of the gallery")
+    evaluate.add_argument("--rooms", type=Path, help="rooms.jsonl of the query rooms")
+    evaluate.add_argument("--pairs", type=Path, help="pairs.csv: the products in each room")
+    evaluate.add_argument("--scenes", type=Path, help="images.jsonl: scene accuracy and macro-F1 of the scene head")
     evaluate.add_argument("--room-text", action="store_true", help="fuse each room's caption into its query")
     evaluate.add_argument("--baselines", action="store_true",
                           help="also random, popularity, scene popularity and frozen pretrained features")
@@ -159,18 +160,30 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    import json
-
-    from .data import read_pairs, read_products, read_rooms
-    from .evaluation import baseline_evaluations, evaluate
+    from .data import read_pairs, read_products, read_rooms, read_scene_images
+    from .evaluation import baseline_evaluations, evaluate, evaluate_scenes
     from .factory import create_model
 
+    retrieval_args = [args.catalog, args.rooms, args.pairs]
+    if any(a is not None for a in retrieval_args) and not all(a is not None for a in retrieval_args):
+        raise ValueError("room -> product evaluation needs --catalog, --rooms and --pairs together")
+    if args.scenes is None and args.catalog is None:
+        raise ValueError("nothing to evaluate: give --catalog, --rooms and --pairs, and/or --scenes")
+    model = create_model(args.model if ":" in args.model or not Path(args.model).is_dir()
+                         else f"local-dir:{args.model}")
+    document: dict = {}
+    if args.scenes is not None:
+        scenes = evaluate_scenes(model, read_scene_images(args.scenes))
+        print(f"scenes: {scenes.n_images} photos, accuracy {scenes.accuracy:.4f}, macro-F1 {scenes.macro_f1:.4f}"
+              f"{f', {len(scenes.skipped)} unreadable photos skipped' if scenes.skipped else ''}")
+        document["scenes"] = scenes.to_dict()
+    if args.catalog is None:
+        _write_document(args.json, document)
+        return 0
     catalog = read_products(args.catalog)
     rooms = read_rooms(args.rooms)
     pairs = read_pairs(args.pairs, room_ids={r.room_id for r in rooms},
                        product_ids={p.product_id for p in catalog})
-    model = create_model(args.model if ":" in args.model or not Path(args.model).is_dir()
-                         else f"local-dir:{args.model}")
     result = evaluate(model, catalog, rooms, pairs, use_room_text=args.room_text)
     table = {args.model: result.metrics}
     if args.baselines:
@@ -194,11 +207,17 @@ def _evaluate(args: argparse.Namespace) -> int:
     print("|---" * (len(columns) + 1) + "|")
     for name, values in table.items():
         print(f"| {name} | " + " | ".join(f"{values.get(c, float('nan')):.4f}" for c in columns) + " |")
-    if args.json is not None:
-        document = {"model": result.to_dict(), "table": table}
-        args.json.write_text(json.dumps(document, indent=2), encoding="utf-8")
-        print(f"wrote {args.json}")
+    document.update({"model": result.to_dict(), "table": table})
+    _write_document(args.json, document)
     return 0
+
+
+def _write_document(path: Path | None, document: dict) -> None:
+    import json
+
+    if path is not None:
+        path.write_text(json.dumps(document, indent=2), encoding="utf-8")
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

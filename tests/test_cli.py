@@ -79,3 +79,14 @@ def test_evaluate_prints_one_table_with_the_baselines_and_writes_json(tmp_path, 
     assert rows == ["model", "hgm-tiny", "random", "popularity", "scene_popularity", "frozen_features"]
     document = json.loads(out_json.read_text())
     assert document["model"]["n_rooms"] == 1 and "recall@10" in document["table"]["random"]
+
+
+def test_evaluate_scenes_alone_and_refuses_a_partial_retrieval_set(tmp_path, capsys):
+    data = _tiny_dataset(tmp_path / "data")
+    (data / "images.jsonl").write_text("\n".join(json.dumps({"image": f"img/p{i}.jpg", "scene": s})
+                                                 for i, s in enumerate(["bedroom", "kitchen", "bedroom"])))
+    with pytest.warns(UserWarning):
+        assert main(["evaluate", "--model", "hgm-tiny", "--scenes", str(data / "images.jsonl")]) == 0
+    assert "scenes: 3 photos, accuracy" in capsys.readouterr().out
+    assert main(["evaluate", "--model", "hgm-tiny", "--catalog", str(data / "products.jsonl")]) == 2
+    assert "needs --catalog, --rooms and --pairs together" in capsys.readouterr().err

@@ -3,6 +3,7 @@ import json
 import warnings
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -75,3 +76,28 @@ def test_relevance_matrix_marks_the_pairs(small_dataset):
     d = small_dataset
     relevant = relevance(d.rooms, d.products, d.pairs)
     assert relevant.sum() == 5 and relevant[0, 0] and relevant[0, 2] and not relevant[0, 1]
+
+
+def test_scene_evaluation_counts_right_and_wrong_predictions(tmp_path):
+    from hgm_mm.data import SceneImage
+    from hgm_mm.evaluation import evaluate_scenes
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = hgm_mm.create_model("hgm-tiny", scene_labels=["bedroom", "kitchen"])
+    images = []
+    for i, colour in enumerate([(250, 10, 10), (10, 250, 10), (10, 10, 250), (200, 200, 200)]):
+        path = tmp_path / f"s{i}.png"
+        Image.new("RGB", (48, 48), colour).save(path)
+        images.append(SceneImage(image=path, scene=["bedroom", "kitchen"][i % 2]))
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    result = evaluate_scenes(model, images + [SceneImage(image=tmp_path / "bad.png", scene="kitchen")],
+                             progress=False, num_workers=0)
+    with torch.no_grad():  # the same prediction, computed directly
+        predicted = [max(p, key=p.get) for p in model.predict_scene([i.image for i in images])]
+    expected = sum(p == i.scene for p, i in zip(predicted, images)) / 4
+    assert result.n_images == 4 and len(result.skipped) == 1
+    assert result.accuracy == pytest.approx(expected)
+    assert sum(map(sum, result.confusion)) == 4
+    with pytest.raises(ValueError, match=r"\['laundry'\] are not among the model's scene labels"):
+        evaluate_scenes(model, [SceneImage(image=images[0].image, scene="laundry")], progress=False)

@@ -129,6 +129,49 @@ def evaluate(model, catalog: Sequence[Product], rooms: Sequence[Room], pairs: Se
                              skipped=skipped_products + skipped_rooms)
 
 
+@dataclass
+class SceneEvaluation:
+    """Scene recognition from photos: accuracy, macro-F1 and the confusion matrix."""
+
+    accuracy: float
+    macro_f1: float
+    labels: list[str]  # rows and columns of `confusion`
+    confusion: list[list[int]]  # confusion[true][predicted]
+    n_images: int
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"accuracy": self.accuracy, "macro_f1": self.macro_f1, "labels": self.labels,
+                "confusion": self.confusion, "n_images": self.n_images, "skipped": [list(s) for s in self.skipped]}
+
+
+def evaluate_scenes(model, scene_images: Sequence, *, progress: bool = True, num_workers: int | None = None
+                    ) -> SceneEvaluation:
+    """Predicts the scene of each photo (as a room: its views, no text) and scores it against its label.
+
+    Photos whose scene is not one of `model.scene_labels` are an error naming the label, since
+    the model cannot predict it.
+    """
+    from ..embedding import embed_images
+
+    unknown = sorted({item.scene for item in scene_images} - set(model.scene_labels))
+    if unknown:
+        raise ValueError(f"scene label(s) {unknown} are not among the model's scene labels "
+                         f"{list(model.scene_labels)}; train the scene head on them first")
+    with torch.no_grad():
+        views = embed_images(model, [item.image for item in scene_images], desc="scene photos", progress=progress,
+                             num_workers=num_workers, room_views=True)
+        pooled = torch.nn.functional.normalize(views.embeddings.mean(dim=1), dim=-1).to(model.device)  # (N, D)
+        logits = model.scene_head(model.room_fusion(pooled))  # (N, S)
+    predicted = [model.scene_labels[i] for i in logits.argmax(dim=1).tolist()]
+    truth = [scene_images[i].scene for i in views.kept]
+    labels = sorted(set(truth) | set(predicted))
+    return SceneEvaluation(
+        accuracy=metrics.scene_accuracy(truth, predicted), macro_f1=metrics.macro_f1(truth, predicted),
+        labels=labels, confusion=metrics.confusion_matrix(truth, predicted, labels).tolist(),
+        n_images=len(truth), skipped=views.skipped)
+
+
 # -- baselines ------------------------------------------------------------------------------------
 def popularity_scores(catalog: Sequence[Product], rooms: Sequence[Room], train_pairs: Sequence[tuple[str, str]],
                       train_rooms: Sequence[Room] | None = None, *, by_scene: bool = False) -> np.ndarray:
