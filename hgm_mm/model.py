@@ -132,17 +132,19 @@ class HGMModel(nn.Module):
             if pixels.dim() != 4 or pixels.shape[1] != 3:
                 raise ValueError(f"image tensor has shape {tuple(images.shape)}; expected (B, 3, H, W)")
             return pixels.to(self.device)
+        return self._transform_photos(images, self.image_transform)  # (B, 3, S, S)
+
+    def _transform_photos(self, images, transform) -> torch.Tensor:
+        """A PIL image, a path, or a sequence of them -> stacked `transform` outputs on the device."""
         if isinstance(images, (str, os.PathLike)) or hasattr(images, "convert"):
             images = [images]
         from .data.images import load_image
 
-        tensors = []
-        for item in images:
-            image = load_image(item) if isinstance(item, (str, os.PathLike)) else item.convert("RGB")
-            tensors.append(self.image_transform(image))
+        tensors = [transform(load_image(item) if isinstance(item, (str, os.PathLike)) else item.convert("RGB"))
+                   for item in images]
         if not tensors:
             raise ValueError("no images given")
-        return torch.stack(tensors).to(self.device)  # (B, 3, S, S)
+        return torch.stack(tensors).to(self.device)
 
     def preprocess_room_views(self, images: ImageInput) -> torch.Tensor:
         """Room photos or paths -> their views (R, V, 3, S, S); a (R, 3, S, S) tensor is one view each."""
@@ -152,15 +154,7 @@ class HGMModel(nn.Module):
             if images.dim() != 5 or images.shape[2] != 3:
                 raise ValueError(f"room tensor has shape {tuple(images.shape)}; expected (R, V, 3, H, W)")
             return images.to(self.device)
-        if isinstance(images, (str, os.PathLike)) or hasattr(images, "convert"):
-            images = [images]
-        from .data.images import load_image
-
-        views = [self.room_views(load_image(item) if isinstance(item, (str, os.PathLike)) else item.convert("RGB"))
-                 for item in images]
-        if not views:
-            raise ValueError("no images given")
-        return torch.stack(views).to(self.device)  # (R, V, 3, S, S)
+        return self._transform_photos(images, self.room_views)  # (R, V, 3, S, S)
 
     def _tokens(self, texts: TextInput, tokenizer: TextTokenizer) -> dict[str, torch.Tensor]:
         if isinstance(texts, dict):
@@ -192,9 +186,8 @@ class HGMModel(nn.Module):
     def encode_room_views(self, images: ImageInput) -> torch.Tensor:
         """Each view of each room photo (see `config.room_grids`) -> unit vectors (R, V, D)."""
         views = self.preprocess_room_views(images)  # (R, V, 3, S, S)
-        rooms, n_views = views.shape[:2]
         features = self.image_tower(views.flatten(0, 1))  # (R * V, C)
-        return F.normalize(self.image_proj(features), dim=-1).view(rooms, n_views, -1)  # (R, V, D)
+        return F.normalize(self.image_proj(features), dim=-1).view(*views.shape[:2], -1)  # (R, V, D)
 
     def encode_room(self, images: ImageInput | None = None, texts: Sequence[str | None] | str | None = None
                     ) -> torch.Tensor:
@@ -327,9 +320,7 @@ class HGMModel(nn.Module):
         out = HGMOutput(logit_scale=self.logit_scale.exp())
         if room_pixels is not None or room_tokens is not None:
             if room_pixels is not None:
-                views = room_pixels.unsqueeze(1) if room_pixels.dim() == 4 else room_pixels  # (R, V, 3, S, S)
-                features = self.image_tower(views.flatten(0, 1))  # (R * V, C)
-                out.room_view_embeds = F.normalize(self.image_proj(features), dim=-1).view(*views.shape[:2], -1)
+                out.room_view_embeds = self.encode_room_views(room_pixels)  # (R, V, D)
                 out.room_image_embeds = _mean_view(out.room_view_embeds)
             if room_tokens is not None:
                 out.room_text_embeds = self.encode_scene_text(room_tokens)
@@ -340,7 +331,7 @@ class HGMModel(nn.Module):
             out.scene_logits = self.scene_head(out.room_embeds)
         if product_pixels is not None or product_tokens is not None:
             if product_pixels is not None:
-                out.product_image_embeds = F.normalize(self.image_proj(self.image_tower(product_pixels)), dim=-1)
+                out.product_image_embeds = self.encode_image(product_pixels)
             if product_tokens is not None:
                 out.product_text_embeds = self.encode_text(product_tokens)
             out.product_embeds = self.product_fusion(out.product_image_embeds, out.product_text_embeds)
