@@ -1,6 +1,7 @@
 """The hgm_mm model: image, text and scene-text towers projected into one space, fused, with a scene head."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -114,6 +115,7 @@ class HGMModel(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
         self.image_transform = build_image_transform(config.image_tower)
         self.room_views = RoomViews(config.image_tower, config.room_grids)
+        self.image_input_stage = 0  # > 0 inside `image_inputs_from_stage`
         self.eval()
 
     # -- inputs --------------------------------------------------------------------------------
@@ -129,7 +131,7 @@ class HGMModel(nn.Module):
         """PIL images or paths -> a pixel batch (B, 3, S, S) on the model's device."""
         if isinstance(images, torch.Tensor):
             pixels = images.unsqueeze(0) if images.dim() == 3 else images
-            if pixels.dim() != 4 or pixels.shape[1] != 3:
+            if pixels.dim() != 4 or (pixels.shape[1] != 3 and not self.image_input_stage):
                 raise ValueError(f"image tensor has shape {tuple(images.shape)}; expected (B, 3, H, W)")
             return pixels.to(self.device)
         return self._transform_photos(images, self.image_transform)  # (B, 3, S, S)
@@ -151,10 +153,35 @@ class HGMModel(nn.Module):
         if isinstance(images, torch.Tensor):
             if images.dim() == 4:
                 images = images.unsqueeze(1)
-            if images.dim() != 5 or images.shape[2] != 3:
+            if images.dim() != 5 or (images.shape[2] != 3 and not self.image_input_stage):
                 raise ValueError(f"room tensor has shape {tuple(images.shape)}; expected (R, V, 3, H, W)")
             return images.to(self.device)
         return self._transform_photos(images, self.room_views)  # (R, V, 3, S, S)
+
+    @contextlib.contextmanager
+    def image_inputs_from_stage(self, stage: int):
+        """Within this block, image inputs are activations entering image-tower stage `stage`
+        (`TimmImageTower.feature_stages`), e.g. cached outputs of locked lower layers."""
+        if stage and not isinstance(self.image_tower, TimmImageTower):
+            raise ValueError(f"{type(self.image_tower).__name__} takes pixels only")
+        previous, self.image_input_stage = self.image_input_stage, stage
+        try:
+            yield self
+        finally:
+            self.image_input_stage = previous
+
+    def _image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self.image_input_stage:
+            return self.image_tower(pixels, start_stage=self.image_input_stage)
+        return self.image_tower(pixels)
+
+    @staticmethod
+    def _text_features(tower: nn.Module, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Pooled text-tower outputs; a token dict may carry them precomputed as `tower_features`
+        (outputs of a locked tower, cached once)."""
+        if "tower_features" in tokens:
+            return tokens["tower_features"]
+        return tower(tokens["input_ids"], tokens["attention_mask"])
 
     def _tokens(self, texts: TextInput, tokenizer: TextTokenizer) -> dict[str, torch.Tensor]:
         if isinstance(texts, dict):
@@ -167,26 +194,26 @@ class HGMModel(nn.Module):
     # -- encoders ------------------------------------------------------------------------------
     def encode_image(self, images: ImageInput) -> torch.Tensor:
         """Images (room or product photos) -> unit vectors (B, D)."""
-        features = self.image_tower(self.preprocess_images(images))  # (B, C)
+        features = self._image_features(self.preprocess_images(images))  # (B, C)
         return F.normalize(self.image_proj(features), dim=-1)  # (B, D)
 
     def encode_text(self, texts: TextInput) -> torch.Tensor:
         """Product-side text (titles, descriptions, queries) -> unit vectors (B, D)."""
         tokens = self._tokens(texts, self.tokenizer)
-        features = self.text_tower(tokens["input_ids"], tokens["attention_mask"])  # (B, H)
+        features = self._text_features(self.text_tower, tokens)  # (B, H)
         return F.normalize(self.text_proj(features), dim=-1)  # (B, D)
 
     def encode_scene_text(self, texts: TextInput) -> torch.Tensor:
         """Scene text ("a Nordic living room, warm light") through the scene-text tower -> (B, D)."""
         tokens = self._tokens(texts, self.scene_tokenizer)
         tower = self.scene_text_tower or self.text_tower
-        features = tower(tokens["input_ids"], tokens["attention_mask"])  # (B, H)
+        features = self._text_features(tower, tokens)  # (B, H)
         return F.normalize(self.scene_text_proj(features), dim=-1)  # (B, D)
 
     def encode_room_views(self, images: ImageInput) -> torch.Tensor:
         """Each view of each room photo (see `config.room_grids`) -> unit vectors (R, V, D)."""
         views = self.preprocess_room_views(images)  # (R, V, 3, S, S)
-        features = self.image_tower(views.flatten(0, 1))  # (R * V, C)
+        features = self._image_features(views.flatten(0, 1))  # (R * V, C)
         return F.normalize(self.image_proj(features), dim=-1).view(*views.shape[:2], -1)  # (R, V, D)
 
     def encode_room(self, images: ImageInput | None = None, texts: Sequence[str | None] | str | None = None

@@ -170,6 +170,55 @@ def test_grad_cache_chunks_train_like_one_batch(dataset, tmp_path):
         assert torch.allclose(plain[name], cached[name], atol=1e-5), name
 
 
+@pytest.mark.parametrize("unlocked_text_layers", [0, 1])  # text towers cached too, or tokenised each step
+def test_cached_locked_layers_train_like_pixels(dataset, tmp_path, unlocked_text_layers):
+    settings = dict(unlocked_image_groups=1, unlocked_text_layers=unlocked_text_layers, max_steps=4)
+    from_pixels = run(tiny_config(cache_frozen_features=False, **settings), dataset, tmp_path / "pixels")
+    from_cache = run(tiny_config(**settings), dataset, tmp_path / "cache")
+    pixels, cache = checkpoint_weights(tmp_path / "pixels"), checkpoint_weights(tmp_path / "cache")
+    for name in pixels:
+        assert torch.allclose(pixels[name], cache[name], atol=1e-5), name
+    assert [h["step"] for h in from_cache.history] == [h["step"] for h in from_pixels.history]
+    for got, expected in zip(from_cache.history, from_pixels.history):
+        assert got["recall@10"] == pytest.approx(expected["recall@10"], abs=1e-6)
+
+
+def test_validation_on_cached_features_is_what_evaluate_measures(dataset, tmp_path):
+    result = run(tiny_config(max_steps=3, unlocked_text_layers=0), dataset, tmp_path / "run")
+    data = hgm_mm.data.load_dataset(dataset)
+    val_ids = (result.model_dir / "val_rooms.txt").read_text().split()
+    val_rooms = [r for r in data.rooms if r.room_id in val_ids]
+    measured = hgm_mm.evaluate(hgm_mm.load_model(result.model_dir), data.products, val_rooms, data.pairs,
+                               progress=False, num_workers=0).metrics
+    saved = json.loads((result.model_dir / "metrics.json").read_text())["validation"]["metrics"]
+    assert set(saved) == set(measured)
+    for name, value in measured.items():
+        assert saved[name] == pytest.approx(value, abs=1e-6), name
+    counts = json.loads((result.model_dir / "scene_categories.json").read_text())["counts"]
+    train_pairs = [line.split(",") for line in (result.model_dir / "train_pairs.csv").read_text().splitlines()[1:]]
+    assert sum(sum(c.values()) for c in counts.values()) == len(train_pairs)
+
+
+def test_lora_trains_adapters_only_and_saves_them_merged(dataset, tmp_path):
+    pytest.importorskip("peft")
+    from accelerate.utils import set_seed
+
+    set_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        before = hgm_mm.create_model("hgm-tiny").state_dict()
+    result = run(tiny_config(lora_rank=2, unlocked_text_layers=0, max_steps=3), dataset, tmp_path / "run")
+    trained = checkpoint_weights(tmp_path / "run")
+    adapters = [k for k in trained if "lora_B" in k]
+    assert adapters and all(k.startswith(("text_tower.", "scene_text_tower.")) for k in adapters)
+    assert any(trained[k].abs().sum() > 0 for k in adapters)  # adapters start at zero and moved
+    query = "text_tower.encoder.encoder.layer.0.attention.self.query"
+    assert torch.equal(trained[f"{query}.base_layer.weight"], before[f"{query}.weight"])  # locked under the adapter
+    saved = hgm_mm.load_model(result.model_dir)  # an ordinary model: adapters merged into the weights
+    assert not any("lora" in k for k in saved.state_dict())
+    assert not torch.equal(saved.state_dict()[f"{query}.weight"], before[f"{query}.weight"])
+
+
 def test_config_refuses_unknown_settings_and_reads_yaml(tmp_path):
     with pytest.raises(ValueError, match=r"unknown setting\(s\) \['learning_rate'\]; valid settings are .*'lr'"):
         TrainConfig.from_dict({"learning_rate": 0.1})

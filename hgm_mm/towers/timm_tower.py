@@ -32,8 +32,50 @@ class TimmImageTower(nn.Module):
         state = {k: v for k, v in state.items() if not k.startswith(f"{classifier}.")}
         self.trunk.load_state_dict(state, strict=True)
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.trunk(pixels)  # (B, C)
+    def forward(self, pixels: torch.Tensor, *, start_stage: int = 0) -> torch.Tensor:
+        """Pixels -> pooled features (B, C); with `start_stage` > 0 the input is the activation that
+        enters that stage of `feature_stages()` (a cached output of the locked lower layers)."""
+        if start_stage == 0:
+            return self.trunk(pixels)  # (B, C)
+        x = pixels
+        for stage in self.feature_stages()[start_stage:]:
+            x = stage(x)
+        return self.trunk.forward_head(x, pre_logits=True)
+
+    def feature_stages(self) -> list[nn.Module] | None:
+        """The trunk's feature layers in order (stem, blocks, head convolution), for the architectures
+        whose `forward_features` is exactly their composition; None for the others."""
+        trunk = self.trunk
+        names = [n for n, _ in trunk.named_children()]
+        if names[:3] == ["conv_stem", "bn1", "blocks"]:  # EfficientNet family
+            stages = [trunk.conv_stem, trunk.bn1, *trunk.blocks]
+            if "conv_head" in names and names.index("conv_head") < names.index("global_pool"):
+                stages += [trunk.conv_head, trunk.bn2]
+            return stages
+        if all(hasattr(trunk, n) for n in ("conv1", "bn1", "act1", "maxpool", "layer4")):  # ResNet family
+            return [trunk.conv1, trunk.bn1, trunk.act1, trunk.maxpool, trunk.layer1, trunk.layer2, trunk.layer3,
+                    trunk.layer4]
+        return None
+
+    def locked_prefix(self) -> int:
+        """How many leading `feature_stages()` have no trainable parameter (0 when the stages are unknown)."""
+        stages = self.feature_stages()
+        if not stages:
+            return 0
+        count = 0
+        for stage in stages:
+            if any(p.requires_grad for p in stage.parameters()):
+                break
+            count += 1
+        return min(count, len(stages) - 1)  # a fully locked tower keeps its last stage: outputs stay tensors
+
+    @torch.no_grad()
+    def prefix_features(self, pixels: torch.Tensor, stop: int) -> torch.Tensor:
+        """The activation entering stage `stop` (the output of the locked stages before it)."""
+        x = pixels
+        for stage in self.feature_stages()[:stop]:
+            x = stage(x)
+        return x
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.trunk.set_grad_checkpointing(enable)

@@ -16,15 +16,15 @@ class TrainConfig:
     """A fine-tuning run. The defaults follow the measurements in docs/training.md."""
 
     model: str = "hgm-lite-en"  # starting model: any name create_model takes
-    epochs: int = 6  # passes over the catalogue's products
+    epochs: int = 33  # passes over the catalogue's products
     max_steps: int | None = None  # stop after this many optimiser steps, whatever the epoch
-    batch_size: int = 48  # catalogue products per step (photo <-> text contrastive)
+    batch_size: int = 384  # catalogue products per step (photo <-> text contrastive)
     rooms_per_batch: int = 16  # training rooms per step (room -> products contrastive)
-    positives_per_room: int = 4  # products of each room added to the step's products
+    positives_per_room: int = 16  # products of each room added to the step's products
     lr: float = 1e-3  # projections, fusion, scene head, temperature
     tower_lr: float = 3e-4  # unlocked tower layers
     weight_decay: float = 0.05
-    warmup_steps: int = 10
+    warmup_steps: int = 20
     product_loss_weight: float = 2.0  # product photo <-> product text
     room_loss_weight: float = 1.0  # room -> its products, several positives
     scene_loss_weight: float = 0.5  # scene cross-entropy from the room
@@ -32,14 +32,18 @@ class TrainConfig:
     unlocked_image_groups: int = 1  # top layer groups of the image tower left trainable (timm groups)
     unlocked_text_layers: int = 0  # top transformer layers of the text towers left trainable
     freeze_norm_stats: bool = True  # BatchNorm statistics of locked image layers stay as pretrained
+    lora_rank: int = 0  # > 0: LoRA adapters of this rank on the towers' linear layers (needs peft)
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
     wise_alpha: float = 1.0  # WiSE-FT: 1 keeps fine-tuned weights, 0 the starting weights
     val_fraction: float = 0.2  # rooms held out for validation, by room
     seed: int = 0
-    eval_every_epochs: int = 1
-    patience: int = 3  # evaluations without Recall@10 improvement before stopping early
+    eval_every_epochs: int = 4
+    patience: int = 5  # evaluations without Recall@10 improvement before stopping early
     precision: str = "no"  # "bf16" or "fp16" autocast where the hardware supports it
     grad_cache_chunk: int = 0  # > 0: embed in chunks of this size and keep the whole contrastive batch
     gradient_checkpointing: bool = False
+    cache_frozen_features: bool = True  # compute locked layers once per photo/text (training/feature_cache.py)
     max_grad_norm: float = 1.0
     skip_nonfinite: bool = False  # skip a batch whose loss is NaN/inf instead of stopping
     image_errors: str = "skip"  # unreadable photos: "skip" (and count) or "raise"
@@ -54,21 +58,21 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"TrainConfig.{name}={value!r}; expected an int >= 1")
-        for name in ("unlocked_image_groups", "unlocked_text_layers", "warmup_steps", "grad_cache_chunk",
+        for name in ("unlocked_image_groups", "unlocked_text_layers", "lora_rank", "warmup_steps", "grad_cache_chunk",
                      "num_workers", "seed"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"TrainConfig.{name}={value!r}; expected an int >= 0")
         if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
             raise ValueError(f"TrainConfig.max_steps={self.max_steps!r}; expected None or an int >= 1")
-        for name in ("lr", "tower_lr"):
+        for name in ("lr", "tower_lr", "lora_alpha"):
             if not float(getattr(self, name)) > 0:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r}; expected > 0")
         for name in ("weight_decay", "product_loss_weight", "room_loss_weight", "scene_loss_weight",
                      "max_grad_norm"):
             if float(getattr(self, name)) < 0:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r}; expected >= 0")
-        for name in ("room_text_probability", "wise_alpha"):
+        for name in ("room_text_probability", "wise_alpha", "lora_dropout"):
             if not 0.0 <= float(getattr(self, name)) <= 1.0:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r}; expected a value in [0, 1]")
         if not 0.0 < self.val_fraction < 1.0:

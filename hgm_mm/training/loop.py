@@ -20,11 +20,15 @@ from ..losses import ContrastiveLoss, MultiPositiveContrastiveLoss, grad_cache_s
 from ..pretrained import RandomInitWarning
 from .batches import StepPlan, StepPhotos
 from .config import TrainConfig
+from .lora import add_lora, merged_copy
+from .feature_cache import FeatureCache, build_feature_cache, cacheable_image_stage, evaluate_cached
 from .freezing import (keep_frozen_norms_eval, lock_image_tower, lock_text_tower, trainable_parameter_groups,
                        wise_ft)
 
 CHECKPOINT_DIR = "checkpoint"
 BEST_MODEL_DIR = "model"
+SCENE_CATEGORIES_FILE = "scene_categories.json"  # category counts per scene of the training pairs
+MAX_CACHE_BYTES = 8 << 30  # larger feature caches are not built: the run recomputes the locked layers
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's clamp: temperature never below 0.01
 
 
@@ -80,6 +84,7 @@ def train(config: TrainConfig | None = None, *, data: str | os.PathLike, output:
     room_positives = [[product_index[pid] for pid in positives[r.room_id]] for r in train_rooms]
     train_room_ids = {r.room_id for r in train_rooms}
     train_pairs = [(r, p) for r, p in dataset.pairs if r in train_room_ids]
+    scene_categories = _scene_category_counts(train_rooms, dataset.products, train_pairs)
 
     from ..factory import create_model
 
@@ -89,14 +94,17 @@ def train(config: TrainConfig | None = None, *, data: str | os.PathLike, output:
         model = create_model(config.model)
     scene_index = {label: i for i, label in enumerate(model.scene_labels)}
     room_labels = torch.tensor([scene_index.get(r.scene, -100) for r in train_rooms])
-    start_state = {k: v.detach().clone() for k, v in model.state_dict().items()
-                   if k.startswith(("image_tower.", "text_tower.", "scene_text_tower."))} \
-        if config.wise_alpha < 1.0 else {}
     frozen_norms = lock_image_tower(model.image_tower, config.unlocked_image_groups,
                                     freeze_norm_stats=config.freeze_norm_stats)
     lock_text_tower(model.text_tower, config.unlocked_text_layers)
     if model.scene_text_tower is not None:
         lock_text_tower(model.scene_text_tower, config.unlocked_text_layers)
+    if config.lora_rank:
+        adapted = add_lora(model, rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout)
+        accelerator.print(f"LoRA rank {config.lora_rank} on {adapted} linear layers")
+    start_state = {k: v.detach().clone() for k, v in model.state_dict().items()
+                   if k.startswith(("image_tower.", "text_tower.", "scene_text_tower."))} \
+        if config.wise_alpha < 1.0 else {}
     if config.gradient_checkpointing:
         model.set_grad_checkpointing(True)
     locked_towers = [tower for tower in (model.image_tower, model.text_tower, model.scene_text_tower)
@@ -121,6 +129,10 @@ def train(config: TrainConfig | None = None, *, data: str | os.PathLike, output:
     elif main:
         output.mkdir(parents=True, exist_ok=True)
         _write_json(output / "train_config.json", config.to_dict())
+    cache = _feature_cache(model, config, dataset.products, train_rooms + val_rooms, main and progress,
+                           accelerator.print)
+    if cache is not None:
+        state.skipped_images += len(cache.skipped)
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     if accelerator.log_with:
@@ -130,10 +142,16 @@ def train(config: TrainConfig | None = None, *, data: str | os.PathLike, output:
     # rooms are scored as at inference: per-view scores pooled, plus the scene text
     room_contrastive = MultiPositiveContrastiveLoss(rank=rank, world_size=world,
                                                     similarity=unwrapped.packed_room_scores)
-    loader = torch.utils.data.DataLoader(
-        StepPhotos(plan, train_rooms, dataset.products, unwrapped.image_transform, unwrapped.room_views,
-                   steps=range(state.step, last_step), rank=rank, world_size=world, image_errors=config.image_errors),
-        batch_size=None, num_workers=config.num_workers, persistent_workers=False)
+    steps = range(state.step, last_step)
+    if cache is not None:
+        loader = _cached_batches(plan, steps, cache, rank, world)
+    else:
+        loader = torch.utils.data.DataLoader(
+            StepPhotos(plan, train_rooms, dataset.products, unwrapped.image_transform, unwrapped.room_views,
+                       steps=steps, rank=rank, world_size=world, image_errors=config.image_errors),
+            batch_size=None, num_workers=config.num_workers, persistent_workers=False)
+    image_stage = cache.image_stage if cache is not None else 0
+    seconds_before = state.seconds
 
     from tqdm.auto import tqdm
 
@@ -148,8 +166,8 @@ def train(config: TrainConfig | None = None, *, data: str | os.PathLike, output:
         torch.manual_seed(config.seed * 1_000_003 + step * 101 + rank)  # dropout: a function of the step
         state.skipped_images += len(batch["skipped"])
         inputs = _step_inputs(batch, unwrapped, train_rooms, dataset.products, room_positives, room_labels,
-                              accelerator.device)
-        with accelerator.autocast():
+                              accelerator.device, cache)
+        with accelerator.autocast(), unwrapped.image_inputs_from_stage(image_stage):
             if config.grad_cache_chunk:
                 losses = _grad_cache_losses(unwrapped, inputs, config, contrastive, room_contrastive, world)
             else:
@@ -186,8 +204,9 @@ def train(config: TrainConfig | None = None, *, data: str | os.PathLike, output:
         epoch_done = state.step % plan.steps_per_epoch == 0
         if (epoch_done and (state.step // plan.steps_per_epoch) % config.eval_every_epochs == 0) \
                 or state.step == last_step:
-            if _evaluate_and_keep_best(unwrapped, state, dataset, val_rooms, train_pairs, output, config,
-                                       start_state, main, progress):
+            state.seconds = seconds_before + time.perf_counter() - started
+            if _evaluate_and_keep_best(unwrapped, state, dataset, train_rooms, val_rooms, train_pairs,
+                                       scene_categories, output, config, start_state, main, progress, cache):
                 accelerator.print(f"stopping early at step {state.step}: no Recall@10 gain in "
                                   f"{config.patience} evaluations")
                 last_step = state.step
@@ -205,12 +224,58 @@ def train(config: TrainConfig | None = None, *, data: str | os.PathLike, output:
                        skipped_images=state.skipped_images, skipped_batches=state.skipped_batches)
 
 
+# -- feature cache --------------------------------------------------------------------------------
+def _feature_cache(model, config, products, rooms, progress, say) -> FeatureCache | None:
+    """The locked layers' outputs for every photo and text of the run, when that pays and fits."""
+    stage = cacheable_image_stage(model, freeze_norm_stats=config.freeze_norm_stats) \
+        if config.cache_frozen_features else 0
+    if not stage:
+        return None
+    side = model.config.image_tower.image_size
+    model.eval()
+    probe = model.image_tower.prefix_features(torch.zeros(1, 3, side, side, device=model.device), stage)
+    n_photos = len(products) + len(rooms) * model.room_views.n_views
+    estimate = probe.numel() * 4 * n_photos
+    if estimate > MAX_CACHE_BYTES:
+        say(f"not caching the locked image layers: {estimate / 2**30:.1f} GiB for {n_photos} photos")
+        return None
+    started = time.perf_counter()
+    cache = build_feature_cache(model, products, rooms, image_stage=stage, num_workers=config.num_workers,
+                                image_errors=config.image_errors, progress=progress)
+    say(f"cached the locked layers' outputs for {len(products)} products and {len(rooms)} rooms "
+        f"({cache.nbytes / 2**20:.0f} MiB, {time.perf_counter() - started:.0f} s)")
+    return cache
+
+
+def _cached_batches(plan: StepPlan, steps: range, cache: FeatureCache, rank: int, world: int):
+    """StepPhotos' batches, with cached features in place of pixels (train rooms come first in the cache)."""
+    for step in steps:
+        batch = plan.batch(step)
+        rooms = batch.room_indices[rank::world]
+        reads_text = batch.room_reads_text[rank::world]
+        keep = [k for k, r in enumerate(rooms) if cache.room_readable[r]]
+        rooms, reads_text = [rooms[k] for k in keep], [reads_text[k] for k in keep]
+        products = [p for p in batch.product_indices[rank::world] if cache.product_readable[p]]
+        yield {"step": step, "rooms": rooms, "room_reads_text": reads_text,
+               "room_pixels": cache.room_views[rooms] if rooms else None,
+               "products": products, "product_pixels": cache.product_images[products] if products else None,
+               "skipped": []}
+
+
 # -- one step ------------------------------------------------------------------------------------
-def _step_inputs(batch, model, rooms, products, room_positives, room_labels, device) -> dict[str, Any]:
+def _step_inputs(batch, model, rooms, products, room_positives, room_labels, device,
+                 cache: FeatureCache | None = None) -> dict[str, Any]:
     room_idx, product_idx = batch["rooms"], batch["products"]
     room_captions = [room_text(rooms[r]) if reads else None for r, reads in zip(room_idx, batch["room_reads_text"])]
     present = torch.tensor([bool(c) for c in room_captions], dtype=torch.bool)
-    tokens = model.scene_tokenizer([c or "" for c in room_captions]) if room_idx else None
+    if cache is not None and room_idx:
+        tokens = cache.text_inputs(cache.scene_text, room_idx, model.scene_tokenizer,
+                                   [c or "" for c in room_captions])
+    else:
+        tokens = model.scene_tokenizer([c or "" for c in room_captions]) if room_idx else None
+    product_texts = [product_text(products[p]) for p in product_idx]
+    product_tokens = cache.text_inputs(cache.product_text, product_idx, model.tokenizer, product_texts) \
+        if cache is not None else model.tokenizer(product_texts)
     return {
         "rooms": room_idx, "products": product_idx,
         "room_pixels": batch["room_pixels"].to(device) if batch["room_pixels"] is not None else None,
@@ -219,8 +284,7 @@ def _step_inputs(batch, model, rooms, products, room_positives, room_labels, dev
         "room_labels": room_labels[room_idx].to(device) if room_idx else None,
         "room_positive_ids": pad_positive_ids([room_positives[r] for r in room_idx], device=device),
         "product_pixels": batch["product_pixels"].to(device) if batch["product_pixels"] is not None else None,
-        "product_tokens": {k: v.to(device) for k, v in model.tokenizer([product_text(products[p])
-                                                                         for p in product_idx]).items()},
+        "product_tokens": {k: v.to(device) for k, v in product_tokens.items()},
         "product_ids": torch.tensor(product_idx, dtype=torch.long, device=device),
     }
 
@@ -264,14 +328,12 @@ def _pack(model, out) -> torch.Tensor | None:
 def _grad_cache_losses(model, inputs, config, contrastive, room_contrastive, world) -> dict[str, torch.Tensor]:
     """The same losses, embedded `grad_cache_chunk` samples at a time; gradients are left on the parameters."""
     def embed_rooms(chunk):
-        out = model(room_pixels=chunk["pixels"], room_tokens={"input_ids": chunk["input_ids"],
-                                                               "attention_mask": chunk["attention_mask"]},
+        out = model(room_pixels=chunk["pixels"], room_tokens={k: chunk[k] for k in inputs["room_tokens"]},
                     room_text_present=chunk["present"])
         return _pack(model, out), out.scene_logits
 
     def embed_products(chunk):
-        out = model(product_pixels=chunk["pixels"], product_tokens={"input_ids": chunk["input_ids"],
-                                                                     "attention_mask": chunk["attention_mask"]})
+        out = model(product_pixels=chunk["pixels"], product_tokens={k: chunk[k] for k in inputs["product_tokens"]})
         return out.product_image_embeds, out.product_text_embeds, out.product_embeds
 
     terms: dict[str, torch.Tensor] = {}
@@ -305,10 +367,11 @@ class _TrainerState:
     history: list = field(default_factory=list)
     skipped_images: int = 0
     skipped_batches: int = 0
+    seconds: float = 0.0  # wall time of the run so far, over resumes
 
 
-def _evaluate_and_keep_best(model, state, dataset, val_rooms, train_pairs, output, config, start_state, main,
-                            progress) -> bool:
+def _evaluate_and_keep_best(model, state, dataset, train_rooms, val_rooms, train_pairs, scene_categories, output,
+                            config, start_state, main, progress, cache) -> bool:
     """Evaluates on the validation rooms, saves a new best model; True when it is time to stop early."""
     from ..evaluation import evaluate
 
@@ -316,15 +379,20 @@ def _evaluate_and_keep_best(model, state, dataset, val_rooms, train_pairs, outpu
     if start_state:
         original = {k: v.detach().clone() for k, v in model.state_dict().items() if k in start_state}
         wise_ft(model, start_state, config.wise_alpha)
-    result = evaluate(model, dataset.products, val_rooms, dataset.pairs, progress=progress and main,
-                      num_workers=config.num_workers)
-    metrics = {"step": state.step, **result.metrics}
+    if cache is not None:
+        positions = range(len(train_rooms), len(train_rooms) + len(val_rooms))
+        result = evaluate_cached(model, cache, dataset.products, val_rooms, positions, dataset.pairs)
+    else:
+        result = evaluate(model, dataset.products, val_rooms, dataset.pairs, progress=progress and main,
+                          num_workers=config.num_workers)
+    metrics = {"step": state.step, "seconds": round(state.seconds, 1), **result.metrics}
     state.history.append(metrics)
     improved = result.metrics["recall@10"] > state.best_metrics.get("recall@10", -1.0)
     if improved:
         state.best_metrics, state.best_step, state.evals_without_gain = dict(result.metrics), state.step, 0
         if main:
-            _save_best_model(model, output / BEST_MODEL_DIR, result, train_pairs, val_rooms, config, state)
+            _save_best_model(model, output / BEST_MODEL_DIR, result, train_pairs, scene_categories, val_rooms,
+                             config, state)
     else:
         state.evals_without_gain += 1
     if start_state:
@@ -336,10 +404,12 @@ def _evaluate_and_keep_best(model, state, dataset, val_rooms, train_pairs, outpu
     return state.evals_without_gain >= config.patience
 
 
-def _save_best_model(model, folder, result, train_pairs, val_rooms, config, state) -> None:
+def _save_best_model(model, folder, result, train_pairs, scene_categories, val_rooms, config, state) -> None:
     model.eval()
-    model.save_pretrained(folder)
-    _write_json(folder / "metrics.json", {"step": state.step, "validation": result.to_dict()})
+    (merged_copy(model) if config.lora_rank else model).save_pretrained(folder)
+    _write_json(folder / "metrics.json", {"step": state.step, "seconds": round(state.seconds, 1),
+                                          "validation": result.to_dict()})
+    _write_json(folder / SCENE_CATEGORIES_FILE, {"format": 1, "counts": scene_categories})
     _write_json(folder / "train_config.json", config.to_dict())
     lines = ["room_id,product_id"] + [f"{r},{p}" for r, p in train_pairs]
     atomic_text(folder / "train_pairs.csv", "\n".join(lines) + "\n")
@@ -379,6 +449,18 @@ def _load_checkpoint(folder: Path, model, optimizer, scheduler, config: TrainCon
 
 
 # -- small helpers ----------------------------------------------------------------------------------
+def _scene_category_counts(rooms, products, pairs) -> dict[str, dict[str, int]]:
+    """{scene: {category: products of that category in training rooms of that scene}}."""
+    scene_of = {r.room_id: r.scene or "unknown" for r in rooms}
+    category_of = {p.product_id: p.category or "unknown" for p in products}
+    counts: dict[str, dict[str, int]] = {}
+    for room_id, product_id in pairs:
+        if room_id in scene_of and product_id in category_of:
+            per_scene = counts.setdefault(scene_of[room_id], {})
+            per_scene[category_of[product_id]] = per_scene.get(category_of[product_id], 0) + 1
+    return {scene: dict(sorted(c.items())) for scene, c in sorted(counts.items())}
+
+
 def _warmup_cosine(warmup: int, total: int):
     def factor(step: int) -> float:
         if step < warmup:
