@@ -1,0 +1,291 @@
+"""Upload-a-room-photo shopping guide: a small Flask app over an hgm_mm catalogue index.
+
+A person uploads a photo of a room and may say in words what they want; the page shows the
+predicted scene with its probabilities, the ranked products with their photos and titles, and a
+suggested product set (the best product per category).
+
+    python examples/app/app.py --index DIR [--host 127.0.0.1] [--port 8000]
+
+DIR is a folder written by ``hgm-mm index``. The app is served by waitress, a multi-threaded
+WSGI server: it keeps accepting connections while requests wait for the model.
+
+Nothing a user sends reaches the file system by name: the app reads an upload into ``BytesIO``
+and never uses the file name the browser sends (waitress itself holds a request body over 512 KB in
+an anonymous temporary file while it arrives). Uploads are limited in bytes and decoded with Pillow
+only when the header names an accepted format and a pixel count within the limit. Product photos
+are served by product id from the index's own metadata, never from a path in a request.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flask import Flask, Request, abort, jsonify, render_template, request, send_file, url_for
+from PIL import Image, UnidentifiedImageError
+from werkzeug.exceptions import RequestEntityTooLarge
+
+from hgm_mm.data import ImageError, load_image
+from hgm_mm.matching import Matcher, MatchResult
+
+APP_DIR = Path(__file__).resolve().parent
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP")
+DEFAULT_MAX_UPLOAD_BYTES = 16 * 1024 * 1024
+DEFAULT_MAX_PIXELS = 25_000_000
+DEFAULT_RESULTS = 12
+MAX_TEXT_CHARS = 300
+WORKING_SIDE = 1024  # the model sees views of a few hundred pixels; a larger photo only costs time
+PREVIEW_SIDE = 480
+SHOWN_SCENES = 5
+
+
+class UploadRefused(Exception):
+    """An upload the app will not match; `message` tells the person what to do instead."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+class InMemoryUploadRequest(Request):
+    """A request whose uploaded files are held in memory, bounded by ``MAX_CONTENT_LENGTH``.
+
+    Werkzeug's default spills files over 500 KB to temporary files; this app never lets an
+    upload reach the file system.
+    """
+
+    def _get_file_stream(self, total_content_length, content_type, filename=None, content_length=None):
+        return io.BytesIO()
+
+
+def read_room_photo(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decodes uploaded bytes into an RGB room photo, or refuses them with a message for people.
+
+    The header is read first: only JPEG, PNG and WebP are accepted, and the pixel count is
+    checked before any pixel is decoded, so a huge photo is refused at once.
+
+    Args:
+        data: The uploaded file's bytes.
+        max_pixels: Largest width * height accepted.
+
+    Returns:
+        The photo, EXIF orientation applied, downscaled to at most ``WORKING_SIDE`` pixels a side.
+
+    Raises:
+        UploadRefused: Empty, not an image of an accepted format, too many pixels, or corrupt.
+    """
+    if not data:
+        raise UploadRefused("Choose a photo of your room to upload.", 400)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as header:
+                width, height = header.size
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise UploadRefused(f"This photo has far too many pixels; the limit is "
+                            f"{max_pixels / 1e6:g} megapixels. Downscale it and upload it again.", 413) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        raise UploadRefused("This file is not an image. Upload a photo of your room as a JPEG, PNG "
+                            "or WebP file.", 415) from None
+    if width * height > max_pixels:
+        raise UploadRefused(f"This photo is {width} x {height} pixels ({width * height / 1e6:.1f} "
+                            f"megapixels); the limit is {max_pixels / 1e6:g} megapixels. Downscale it "
+                            "and upload it again.", 413)
+    try:
+        photo = load_image(io.BytesIO(data), max_pixels=max_pixels)
+    except ImageError:
+        raise UploadRefused("This photo could not be decoded: it is truncated or corrupt. Save it "
+                            "again as a JPEG or PNG and upload it again.", 400) from None
+    photo.thumbnail((WORKING_SIDE, WORKING_SIDE))
+    return photo
+
+
+def read_wish(text: str | None) -> str | None:
+    """The optional words a person typed, trimmed; refused when longer than ``MAX_TEXT_CHARS``."""
+    text = (text or "").strip()
+    if len(text) > MAX_TEXT_CHARS:
+        raise UploadRefused(f"Describe what you want in at most {MAX_TEXT_CHARS} characters "
+                            f"(you typed {len(text)}).", 400)
+    return text or None
+
+
+def preview_data_uri(photo: Image.Image) -> str:
+    """A small JPEG of the uploaded photo as a data: URI, so it is shown without being stored."""
+    preview = photo.copy()
+    preview.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE))
+    buffer = io.BytesIO()
+    preview.save(buffer, format="JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+@dataclass
+class ProductCard:
+    """What a product tile shows."""
+
+    product_id: str
+    title: str
+    category: str
+    photo_url: str
+    score: float
+    reasons: dict[str, float]
+    details: dict[str, Any]
+
+
+def _card(product: Any) -> ProductCard:
+    meta = product.metadata or {}
+    details = {key: meta[key] for key in ("product_type", "color", "size", "price") if meta.get(key) not in (None, "")}
+    return ProductCard(
+        product_id=product.product_id,
+        title=str(meta.get("title") or product.product_id),
+        category=str(meta.get("category") or ""),
+        photo_url=url_for("product_photo", product_id=product.product_id),
+        score=float(product.score),
+        reasons={name: float(value) for name, value in product.reasons.items()},
+        details=details,
+    )
+
+
+def _scene_name(label: str) -> str:
+    return label.replace("_", " ").capitalize()
+
+
+def create_app(matcher: Matcher, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+               max_pixels: int = DEFAULT_MAX_PIXELS, results: int = DEFAULT_RESULTS) -> Flask:
+    """The Flask app serving one catalogue.
+
+    Args:
+        matcher: The catalogue and model (``Matcher.load(index_dir)``); called from several
+            request threads at once, which the Matcher allows.
+        max_upload_bytes: Largest request body accepted (the photo and the words).
+        max_pixels: Largest photo accepted, in width * height.
+        results: How many ranked products to show.
+
+    Routes:
+        ``GET /``: the upload form.
+        ``POST /match``: the form's results page (fields ``photo`` and ``text``).
+        ``POST /api/match``: the same as JSON, ``MatchResult.to_dict()`` with each product's
+        image path replaced by its ``photo_url``.
+        ``GET /products/<product_id>/photo``: a product photo named by the index's metadata.
+    """
+    for name, value in (("max_upload_bytes", max_upload_bytes), ("max_pixels", max_pixels), ("results", results)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r}; expected a positive int")
+    app = Flask(__name__, root_path=str(APP_DIR))
+    app.request_class = InMemoryUploadRequest
+    app.config["MAX_CONTENT_LENGTH"] = max_upload_bytes
+    app.json.sort_keys = False  # scene probabilities and products keep their order, most likely first
+    limits = {"max_upload_mb": f"{max_upload_bytes / 2**20:g}", "max_megapixels": f"{max_pixels / 1e6:g}",
+              "max_text_chars": MAX_TEXT_CHARS, "accept": ",".join(f"image/{f.lower()}" for f in ACCEPTED_FORMATS)}
+
+    def run_match() -> tuple[MatchResult, Image.Image, str | None]:
+        upload = request.files.get("photo")
+        photo = read_room_photo(upload.stream.read() if upload is not None else b"", max_pixels=max_pixels)
+        wish = read_wish(request.form.get("text"))
+        return matcher.match(image=photo, text=wish, k=results), photo, wish
+
+    def page(status: int = 200, **context: Any):
+        return render_template("index.html", limits=limits, scene_name=_scene_name, **context), status
+
+    @app.get("/")
+    def home():
+        return page()
+
+    @app.post("/match")
+    def match_page():
+        try:
+            result, photo, wish = run_match()
+        except UploadRefused as refusal:
+            return page(refusal.status, error=refusal.message, wish=request.form.get("text", ""))
+        scenes = list(result.scene_probabilities.items())[:SHOWN_SCENES]
+        return page(result=result, scenes=scenes, wish=wish or "", preview=preview_data_uri(photo),
+                    products=[_card(p) for p in result.products],
+                    product_set=[_card(p) for p in result.product_set])
+
+    @app.post("/api/match")
+    def match_api():
+        try:
+            result, _, _ = run_match()
+        except UploadRefused as refusal:
+            return jsonify(error=refusal.message), refusal.status
+        document = result.to_dict()
+        for product in [*document["products"], *document["product_set"]]:
+            product["metadata"].pop("image", None)  # a path on this server; the client gets a URL instead
+            product["photo_url"] = url_for("product_photo", product_id=product["product_id"])
+        return jsonify(document)
+
+    @app.get("/products/<path:product_id>/photo")
+    def product_photo(product_id: str):
+        if product_id not in matcher.index:
+            abort(404)
+        image = matcher.index.metadata(product_id).get("image")
+        if not isinstance(image, str) or not Path(image).is_file():
+            abort(404)
+        return send_file(image, max_age=24 * 3600)
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def too_large(_error):
+        message = (f"This upload is larger than {limits['max_upload_mb']} MB. Choose a smaller photo "
+                   "or save it at a lower quality and upload it again.")
+        if request.path.startswith("/api/"):
+            return jsonify(error=message), 413
+        return page(413, error=message)
+
+    @app.after_request
+    def security_headers(response):
+        response.headers["Content-Security-Policy"] = ("default-src 'self'; img-src 'self' data:; "
+                                                       "style-src 'self'; form-action 'self'")
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        return response
+
+    return app
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Upload a room photo, see the scene and the products that fit it.")
+    parser.add_argument("--index", required=True, type=Path, help="a folder written by `hgm-mm index`")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on; 0 picks a free one (default: 8000)")
+    parser.add_argument("--threads", type=int, default=8, help="request threads (default: 8)")
+    parser.add_argument("--results", type=int, default=DEFAULT_RESULTS, help="ranked products shown (default: 12)")
+    parser.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_BYTES / 2**20,
+                        help="largest upload in MiB (default: 16)")
+    parser.add_argument("--max-megapixels", type=float, default=DEFAULT_MAX_PIXELS / 1e6,
+                        help="largest photo in megapixels (default: 25)")
+    parser.add_argument("--device", default=None, help="torch device for the model (default: the Matcher's choice)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Loads the index and serves the app until interrupted."""
+    import waitress
+
+    args = parse_args(argv)
+    try:
+        matcher = Matcher.load(args.index, device=args.device)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: --index {args.index}: {error}", file=sys.stderr)
+        return 2
+    max_upload_bytes = int(args.max_upload_mb * 2**20)
+    app = create_app(matcher, max_upload_bytes=max_upload_bytes, max_pixels=int(args.max_megapixels * 1e6),
+                     results=args.results)
+    # waitress refuses bodies far over the app's limit itself; the app answers the rest with a page.
+    server = waitress.create_server(app, host=args.host, port=args.port, threads=args.threads,
+                                    max_request_body_size=2 * max_upload_bytes + 2**20)
+    print(f"Serving on http://{server.effective_host}:{server.effective_port}", flush=True)
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

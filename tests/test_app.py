@@ -1,0 +1,376 @@
+"""The upload-a-room-photo example app (examples/app): its own script serves a small IKEA index and a
+real headless Chromium (Debian's, driven by Playwright) uploads photos to it; the upload checks and
+the product-photo route are also tested in process with Flask's test client."""
+import importlib.util
+import io
+import json
+import os
+import queue
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import REPO_ROOT
+
+flask = pytest.importorskip("flask", reason="the example app needs Flask: pip install -e '.[app]'")
+pytest.importorskip("waitress", reason="the example app needs waitress: pip install -e '.[app]'")
+requests = pytest.importorskip("requests", reason="the app tests post with requests: pip install -e '.[test]'")
+
+APP_DIR = REPO_ROOT / "examples" / "app"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+N_PRODUCTS = 40
+CONCURRENT_UPLOADS = 20
+SERVER_START_TIMEOUT_S = 180  # importing torch and loading the model on a busy 2-core runner
+
+
+def chromium_path() -> str | None:
+    """Debian's Chromium (`apt-get install chromium`), or $HGM_CHROMIUM."""
+    candidate = os.environ.get("HGM_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+    return candidate if Path(candidate).is_file() else None
+
+
+def load_app_module():
+    spec = importlib.util.spec_from_file_location("hgm_example_app", APP_DIR / "app.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+# -- fixtures ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ikea(shared_data: Path) -> Path:
+    folder = shared_data / "ikea"
+    if not (folder / "products.jsonl").is_file() or not (folder / "rooms.jsonl").is_file():
+        pytest.skip(f"IKEA data absent: {folder} needs products.jsonl and rooms.jsonl (see the data README)")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def catalogue(ikea: Path) -> dict:
+    """The first products of the IKEA catalogue, by id."""
+    from hgm_mm.data import read_products
+
+    return {p.product_id: p for p in read_products(ikea / "products.jsonl")[:N_PRODUCTS]}
+
+
+@pytest.fixture(scope="module")
+def room_photos(ikea: Path) -> list[Path]:
+    from hgm_mm.data import read_rooms
+
+    return [room.image for room in read_rooms(ikea / "rooms.jsonl")[:CONCURRENT_UPLOADS]]
+
+
+@pytest.fixture(scope="module")
+def index_dir(tmp_path_factory, catalogue: dict) -> Path:
+    """A matcher folder over the first IKEA products, built with the tiny random model."""
+    import torch
+
+    import hgm_mm
+    from hgm_mm.matching import build_catalog_index
+
+    torch.set_num_threads(1)
+    folder = tmp_path_factory.mktemp("app") / "index"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", hgm_mm.RandomInitWarning)
+        model = hgm_mm.create_model("hgm-tiny")
+    build_catalog_index(model, list(catalogue.values()), folder, progress=False, num_workers=0)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def scene_labels(index_dir: Path) -> set[str]:
+    return set(json.loads((index_dir / "model" / "hgm_config.json").read_text())["model"]["scene_labels"])
+
+
+@pytest.fixture(scope="module")
+def app_module():
+    return load_app_module()
+
+
+@pytest.fixture(scope="module")
+def matcher(index_dir: Path):
+    from hgm_mm.matching import Matcher
+
+    return Matcher.load(index_dir)
+
+
+@pytest.fixture(scope="module")
+def server(index_dir: Path, tmp_path_factory) -> str:
+    """`python examples/app/app.py --index DIR --port 0` in its own process; yields its URL."""
+    log_path = tmp_path_factory.mktemp("server") / "stderr.log"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+           "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    with open(log_path, "wb") as stderr:
+        process = subprocess.Popen([sys.executable, str(APP_DIR / "app.py"), "--index", str(index_dir),
+                                    "--host", "127.0.0.1", "--port", "0", "--threads", "8"],
+                                   stdout=subprocess.PIPE, stderr=stderr, env=env, text=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
+    url = None
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    while url is None and time.monotonic() < deadline and process.poll() is None:
+        try:
+            line = lines.get(timeout=0.5)
+        except queue.Empty:
+            continue
+        if line.startswith("Serving on "):
+            url = line.split("Serving on ", 1)[1].strip()
+    try:
+        if url is None:
+            pytest.fail(f"the app did not start (exit code {process.poll()}):\n{log_path.read_text()[-3000:]}")
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api",
+                                   reason="browser tests need Playwright: pip install -e '.[test]'")
+    executable = chromium_path()
+    if executable is None:
+        pytest.skip("browser tests need Debian's Chromium: apt-get install -y chromium (or set HGM_CHROMIUM)")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    yield page
+    context.close()
+
+
+def submit_photo(page, server: str, photo: Path, text: str = ""):
+    """Fills the upload form and submits it; returns the HTTP response of the results page."""
+    page.goto(server + "/")
+    page.set_input_files("#photo", str(photo))
+    if text:
+        page.fill("#text", text)
+    with page.expect_navigation() as navigation:
+        page.click("button[type=submit]")
+    return navigation.value
+
+
+# -- in a real browser ------------------------------------------------------------------------------
+# `browser` comes first in each test so that, without Chromium, the test skips before the server starts.
+def test_room_photo_shows_scene_products_and_set(browser, page, server, room_photos, catalogue, scene_labels,
+                                                 tmp_path):
+    response = submit_photo(page, server, room_photos[0], text="a bright room with a soft rug")
+    assert response.status == 200
+
+    scene = page.get_attribute("#scene-label", "data-scene")
+    assert scene in scene_labels
+    shown_scenes = page.eval_on_selector_all(".scene-probability", "els => els.map(e => e.dataset.scene)")
+    probabilities = page.eval_on_selector_all(".scene-probability meter", "els => els.map(e => e.value)")
+    assert shown_scenes[0] == scene and set(shown_scenes) <= scene_labels
+    assert probabilities == sorted(probabilities, reverse=True) and 0 < sum(probabilities) <= 1.0001
+
+    page.wait_for_function("[...document.images].every(img => img.complete)")
+    for section in ("#products", "#product-set"):
+        cards = page.query_selector_all(f"{section} .product")
+        assert cards, f"no products in {section}"
+        for card in cards:
+            product_id = card.get_attribute("data-product-id")
+            assert product_id in catalogue
+            assert card.query_selector(".title").inner_text() == catalogue[product_id].title
+            photo = card.query_selector("img")
+            assert photo.evaluate("img => img.naturalWidth") > 0
+            reasons = [term.text_content() for term in card.query_selector_all(".reasons dt")]
+            assert "similarity" in reasons and "scene fit" in reasons
+    assert len(page.query_selector_all("#products .product")) == 12
+    assert page.evaluate("document.querySelector('img.preview').naturalWidth") > 0
+
+    first = page.query_selector("#products .product")
+    photo_url = first.query_selector("img").get_attribute("src")
+    served = requests.get(server + photo_url, timeout=30)
+    assert served.content == catalogue[first.get_attribute("data-product-id")].image.read_bytes()
+
+    screenshot = tmp_path / "results.png"
+    page.screenshot(path=str(screenshot), full_page=True)
+    with Image.open(screenshot) as shot:
+        assert shot.size[0] == 1280 and shot.size[1] > 900
+
+
+def test_text_file_and_50_megapixel_photo_are_refused(browser, page, server, room_photos, tmp_path):
+    text_file = tmp_path / "room.jpg"  # a name that claims a photo; the bytes decide
+    text_file.write_text("this is a shopping list, not a photo\n")
+    response = submit_photo(page, server, text_file)
+    assert response.status == 415
+    assert "not an image" in page.inner_text("#error")
+    assert page.query_selector("#products") is None
+
+    huge = tmp_path / "huge.jpg"
+    Image.new("RGB", (10_000, 5_000), (190, 170, 150)).save(huge, quality=60)  # 50 megapixels
+    assert huge.stat().st_size < 16 * 2**20  # under the byte limit: the pixel limit must refuse it
+    started = time.monotonic()
+    response = submit_photo(page, server, huge)
+    assert response.status == 413
+    message = page.inner_text("#error")
+    assert "10000 x 5000" in message and "50.0 megapixels" in message and "limit is 25 megapixels" in message
+    assert time.monotonic() - started < 30
+    assert page.query_selector("#products") is None
+
+    assert submit_photo(page, server, room_photos[1]).status == 200  # the server is still serving
+    assert page.query_selector_all("#products .product")
+
+
+def test_twenty_concurrent_uploads_all_succeed(browser, page, server, room_photos, scene_labels):
+    photos = room_photos[:CONCURRENT_UPLOADS]
+    assert len(photos) == CONCURRENT_UPLOADS
+    start = threading.Barrier(CONCURRENT_UPLOADS)  # the posting threads and the browser go together
+
+    def post(photo: Path) -> tuple[int, dict]:
+        data = photo.read_bytes()
+        start.wait(timeout=120)
+        answer = requests.post(server + "/api/match", files={"photo": ("room.jpg", data, "image/jpeg")},
+                               data={"text": "cosy and light"}, timeout=300)
+        return answer.status_code, answer.json()
+
+    page.goto(server + "/")
+    page.set_input_files("#photo", str(photos[0]))
+    with ThreadPoolExecutor(CONCURRENT_UPLOADS - 1) as pool:
+        futures = [pool.submit(post, photo) for photo in photos[1:]]
+        start.wait(timeout=120)
+        with page.expect_navigation(timeout=300_000) as navigation:
+            page.click("button[type=submit]")
+        answers = [future.result() for future in futures]
+
+    assert navigation.value.status == 200
+    assert page.get_attribute("#scene-label", "data-scene") in scene_labels
+    assert len(page.query_selector_all("#products .product")) == 12
+    for status, document in answers:
+        assert status == 200, document
+        assert document["scene"] in scene_labels and document["scene"] == next(iter(document["scene_probabilities"]))
+        assert len(document["products"]) == 12 and document["product_set"]
+        for product in document["products"]:
+            assert product["photo_url"] == f"/products/{product['product_id']}/photo"
+            assert "image" not in product["metadata"]  # no server path leaves the server
+
+
+# -- in process: limits and routes ------------------------------------------------------------------
+def photo_bytes(size=(320, 240), format="JPEG", mode="RGB") -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, size, 128).save(buffer, format=format)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def client(app_module, matcher):
+    return app_module.create_app(matcher).test_client()
+
+
+def post_photo(client, data: bytes, *, path="/api/match", text="", filename="room.jpg"):
+    return client.post(path, data={"photo": (io.BytesIO(data), filename), "text": text},
+                       content_type="multipart/form-data")
+
+
+def test_upload_over_the_byte_limit_is_refused(app_module, matcher):
+    client = app_module.create_app(matcher, max_upload_bytes=100_000).test_client()
+    big = os.urandom(150_000)
+    answer = post_photo(client, big)
+    assert answer.status_code == 413 and "larger than" in answer.get_json()["error"]
+    page = post_photo(client, big, path="/match")
+    assert page.status_code == 413 and b"larger than" in page.data and b'id="error"' in page.data
+    assert post_photo(client, photo_bytes()).status_code == 200  # a photo under the limit still matches
+
+
+@pytest.mark.parametrize("data, status, words", [
+    (b"", 400, "Choose a photo"),
+    (photo_bytes(format="GIF", mode="P"), 415, "not an image"),  # a real GIF: not an accepted format
+    (photo_bytes(size=(640, 480))[:2000], 400, "truncated or corrupt"),
+    (b"%PDF-1.4\n" + b"0" * 100, 415, "not an image"),
+])
+def test_uploads_that_are_not_usable_photos_are_refused(client, data, status, words):
+    answer = post_photo(client, data)
+    assert answer.status_code == status
+    assert words in answer.get_json()["error"]
+
+
+def test_wish_longer_than_the_limit_is_refused(client, app_module):
+    answer = post_photo(client, photo_bytes(), text="x" * (app_module.MAX_TEXT_CHARS + 1))
+    assert answer.status_code == 400 and "at most" in answer.get_json()["error"]
+
+
+def test_png_webp_and_exif_rotated_photos_are_matched(client, app_module):
+    for data in (photo_bytes(format="PNG", mode="RGBA"), photo_bytes(format="WEBP")):
+        assert post_photo(client, data).status_code == 200
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    buffer = io.BytesIO()
+    Image.new("RGB", (300, 200), 90).save(buffer, format="JPEG", exif=exif)
+    photo = app_module.read_room_photo(buffer.getvalue())
+    assert photo.size == (200, 300) and photo.mode == "RGB"
+    large = app_module.read_room_photo(photo_bytes(size=(3000, 2000)))
+    assert max(large.size) == app_module.WORKING_SIDE
+
+
+def test_uploads_stay_in_memory(client, monkeypatch, tmp_path):
+    import tempfile
+
+    import werkzeug.formparser
+
+    def no_disk(*args, **kwargs):
+        raise AssertionError("an upload was spooled to a temporary file")
+
+    for module in (tempfile, werkzeug.formparser):
+        for name in ("SpooledTemporaryFile", "TemporaryFile", "NamedTemporaryFile"):
+            monkeypatch.setattr(module, name, no_disk, raising=False)
+    noisy = Image.effect_noise((900, 900), 80).convert("RGB")  # about 1 MB as PNG, over werkzeug's 500 KB spill
+    buffer = io.BytesIO()
+    noisy.save(buffer, format="PNG")
+    assert buffer.tell() > 600_000
+    answer = post_photo(client, buffer.getvalue(), filename=str(tmp_path / "uploaded.png"))
+    assert answer.status_code == 200 and answer.get_json()["products"]
+    assert not (tmp_path / "uploaded.png").exists()  # the name a user sends is never used
+
+
+def test_product_photos_are_served_by_index_id_only(client, catalogue):
+    product_id, product = next(iter(catalogue.items()))
+    answer = client.get(f"/products/{product_id}/photo")
+    assert answer.status_code == 200 and answer.mimetype == "image/jpeg"
+    assert answer.data == product.image.read_bytes()
+    for unknown in ("no-such-product", "../../../../etc/passwd", str(product.image), "%2e%2e/app.py"):
+        assert client.get(f"/products/{unknown}/photo", follow_redirects=True).status_code == 404
+
+
+def test_words_are_shown_escaped(client):
+    answer = post_photo(client, photo_bytes(), path="/match", text='<script>alert("hi")</script> oak')
+    assert answer.status_code == 200 and b'class="product"' in answer.data
+    assert b"<script>" not in answer.data and b"&lt;script&gt;" in answer.data
+
+
+def test_pages_carry_a_content_security_policy(client):
+    answer = client.get("/")
+    assert answer.status_code == 200 and b'enctype="multipart/form-data"' in answer.data
+    assert "default-src 'self'" in answer.headers["Content-Security-Policy"]
+    assert answer.headers["X-Content-Type-Options"] == "nosniff"
+
+
+def test_script_refuses_a_folder_that_is_not_an_index(app_module, tmp_path, capsys):
+    assert app_module.main(["--index", str(tmp_path / "missing")]) == 2
+    assert "hgm-mm index" in capsys.readouterr().err
+    (tmp_path / "not-an-index").mkdir()
+    assert app_module.main(["--index", str(tmp_path / "not-an-index")]) == 2
+    assert "not a finished index folder" in capsys.readouterr().err
