@@ -1,7 +1,9 @@
-"""Evaluation: metric functions, and room -> product evaluation of a model with its baselines."""
+"""Evaluation: metric functions, room -> product evaluation of a model with its baselines, and its report."""
 from .evaluate import RetrievalEvaluation as RetrievalEvaluation
 from .evaluate import baseline_evaluations as baseline_evaluations
 from .evaluate import SceneEvaluation as SceneEvaluation
 from .evaluate import evaluate as evaluate
 from .evaluate import evaluate_scenes as evaluate_scenes
 from .evaluate import popularity_scores as popularity_scores
+from .report import check_report_folder as check_report_folder
+from .report import write_report as write_report

@@ -26,6 +26,9 @@ class RetrievalEvaluation:
     n_rooms: int
     n_products: int
     skipped: list[tuple[str, str]] = field(default_factory=list)  # unreadable photos (path, reason)
+    # what the numbers were computed from, for reports: one row per evaluated room, one column per product
+    room_ids: list[str] = field(default_factory=list)  # the rooms of the rows of `scores`, in order
+    scores: np.ndarray | None = field(default=None, repr=False, compare=False)  # (R, N)
 
     def to_dict(self) -> dict:
         return {"metrics": self.metrics, "by_scene": self.by_scene, "recall_by_category": self.recall_by_category,
@@ -67,7 +70,8 @@ def retrieval_metrics(scores: np.ndarray, relevant: np.ndarray, products: Sequen
         metrics=report, by_scene=by_scene,
         recall_by_category={str(k): v for k, v in metrics.recall_at_k_by_category(scores, relevant, categories, 10).items()},
         category_hit_rate={str(k): v for k, v in hit.per_category.items()},
-        n_rooms=int(keep.sum()), n_products=len(products), skipped=list(skipped or []))
+        n_rooms=int(keep.sum()), n_products=len(products), skipped=list(skipped or []),
+        room_ids=[room.room_id for room in rooms], scores=scores)
 
 
 def embed_catalog(model, products: Sequence[Product], *, batch_size: int = 32, progress: bool = True,
