@@ -48,6 +48,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--seed", type=int)
     train.add_argument("--no-resume", action="store_true", help="start afresh even if a checkpoint exists")
 
+    index = sub.add_parser("index", help="embed a catalogue into a folder that `hgm-mm match` searches")
+    index.add_argument("--model", required=True, help="model name, or the folder of a trained model")
+    index.add_argument("--catalog", type=Path, required=True, help="products.jsonl of the catalogue")
+    index.add_argument("--output", type=Path, required=True, help="folder to write (index, model copy, prior)")
+    index.add_argument("--pairs", type=Path, help="pairs.csv of training rooms: which categories belong in which "
+                                                  "scene (default: the model folder's scene_categories.json)")
+    index.add_argument("--rooms", type=Path, help="rooms.jsonl naming the scenes of the --pairs rooms")
+    index.add_argument("--kind", default="auto", choices=["auto", "exact", "hnsw", "ivfpq"],
+                       help="index kind (auto: exact up to 100k products, HNSW beyond)")
+    index.add_argument("--batch-size", type=int, default=32, help="product photos per forward pass")
+
+    match = sub.add_parser("match", help="products (and a product set) for a room photo")
+    match.add_argument("photo", nargs="?", type=Path, help="the room photo")
+    match.add_argument("--index", type=Path, required=True, help="folder written by `hgm-mm index`")
+    match.add_argument("--text", help='what the person wants, in words ("a Nordic living room, warm light")')
+    match.add_argument("--user-events", type=Path, help="CSV or JSONL of user_id,product_id,event,timestamp")
+    match.add_argument("--user", help="the user (in --user-events) whose profile personalises the ranking")
+    match.add_argument("-k", type=int, default=10, help="products to show")
+    match.add_argument("--category", action="append", help="only this category (repeat for several)")
+    match.add_argument("--min-price", type=float, help="only products at or above this price")
+    match.add_argument("--max-price", type=float, help="only products at or below this price")
+    match.add_argument("--model", help="query with this model instead of the index folder's copy "
+                                       "(refused unless it built the index)")
+    match.add_argument("--json", action="store_true", help="print the result as JSON")
+
     sub.add_parser("models", help="list the built-in models")
     return parser.parse_args(argv)
 
@@ -63,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
             return _evaluate(args)
         if args.command == "train":
             return _train(args)
+        if args.command == "index":
+            return _index(args)
+        if args.command == "match":
+            return _match(args)
     except (ValueError, FileNotFoundError) as err:  # input errors: one clear line, no traceback
         print(f"hgm-mm {args.command}: {err}", file=sys.stderr)
         return 2
@@ -210,6 +239,95 @@ def _evaluate(args: argparse.Namespace) -> int:
     document.update({"model": result.to_dict(), "table": table})
     _write_document(args.json, document)
     return 0
+
+
+def _create_model(name: str):
+    """A model from a name, or from a folder given as a plain path."""
+    from .factory import create_model
+
+    return create_model(name if ":" in name or not Path(name).is_dir() else f"local-dir:{name}")
+
+
+def _index(args: argparse.Namespace) -> int:
+    from .data import read_pairs, read_products, read_rooms
+    from .matching import SCENE_CATEGORIES_FILE, SceneCategoryPrior, build_catalog_index, check_output_dir
+
+    if (args.pairs is None) != (args.rooms is None):
+        raise ValueError("the scene-category prior needs --pairs and --rooms together")
+    check_output_dir(args.output)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size {args.batch_size}; expected a positive number")
+    catalog = read_products(args.catalog)
+    prior, prior_source = None, None
+    if args.pairs is not None:
+        rooms = read_rooms(args.rooms)
+        pairs = read_pairs(args.pairs, room_ids={room.room_id for room in rooms})
+        prior = SceneCategoryPrior.from_pairs(rooms, catalog, pairs)
+        prior_source = f"{args.pairs}"
+    elif Path(args.model.removeprefix("local-dir:"), SCENE_CATEGORIES_FILE).is_file():
+        prior_source = str(Path(args.model.removeprefix("local-dir:"), SCENE_CATEGORIES_FILE))
+        prior = SceneCategoryPrior.load(prior_source)
+    model = _create_model(args.model)
+    built = build_catalog_index(model, catalog, args.output, prior=prior, kind=args.kind, batch_size=args.batch_size)
+    print(f"indexed {built.n_products} products into {built.folder}"
+          f"{f' ({len(built.skipped)} unreadable photos: indexed by their text)' if built.skipped else ''}")
+    if prior is None:
+        print("no scene-category prior: scene fit is off and product sets follow the top products; give --pairs "
+              "and --rooms of the training rooms", file=sys.stderr)
+    else:
+        print(f"scene-category prior from {prior_source}: {len(prior.scenes)} scenes, {len(prior.categories)} "
+              "categories")
+    return 0
+
+
+def _match(args: argparse.Namespace) -> int:
+    import json
+
+    from .matching import Matcher
+    from .profile import UserProfile, read_events
+
+    if args.photo is None and not args.text:
+        raise ValueError("nothing to match: give a room photo, --text, or both")
+    if args.photo is not None and not args.photo.is_file():
+        raise FileNotFoundError(f"{args.photo}: no such photo; give the path of a room photo")
+    if (args.user_events is None) != (args.user is None):
+        raise ValueError("a user profile needs --user-events FILE and --user ID together")
+    if args.k < 1:
+        raise ValueError(f"-k {args.k}; expected a positive number of products")
+    events = None
+    if args.user_events is not None:
+        events = read_events(args.user_events)
+        if not any(event.user_id == args.user for event in events):
+            raise ValueError(f"unknown user {args.user!r}: {args.user_events} holds no events of theirs")
+    filter_: dict = {}
+    if args.category:
+        filter_["category"] = list(args.category)
+    if args.min_price is not None or args.max_price is not None:
+        filter_["price"] = (args.min_price, args.max_price)
+    model = _create_model(args.model) if args.model else None
+    matcher = Matcher.load(args.index, model=model)
+    profile = UserProfile.from_events(events, args.user, index=matcher.index) if events is not None else None
+    result = matcher.match(str(args.photo) if args.photo is not None else None, text=args.text, profile=profile,
+                           k=args.k, filter=filter_ or None)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
+        return 0
+    print("scene: " + ", ".join(f"{scene} {p:.2f}" for scene, p in list(result.scene_probabilities.items())[:3]))
+    print(f"products{f' for user {args.user}' if profile is not None else ''}:")
+    for rank, product in enumerate(result.products, 1):
+        print(f"  {rank:>2}. {product.score:.3f}  {_describe_product(product)}")
+    print("product set:")
+    for product in result.product_set:
+        print(f"  {product.metadata.get('category')}: {product.score:.3f}  {_describe_product(product)}")
+    if not result.products:
+        print("  (no product matches the filters)")
+    return 0
+
+
+def _describe_product(product) -> str:
+    meta = product.metadata
+    reasons = ", ".join(f"{term} {value:+.3f}" for term, value in product.reasons.items())
+    return f"{meta.get('title') or product.product_id} ({meta.get('category')}) [{reasons}]  {meta.get('image', '')}"
 
 
 def _write_document(path: Path | None, document: dict) -> None:

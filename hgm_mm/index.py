@@ -233,6 +233,29 @@ class ProductIndex:
             raise KeyError(f"product {product_id!r} is not in the index")
         return dict(self._meta[self._label_of[product_id]])
 
+    def vectors(self, ids: Sequence[str]) -> np.ndarray:
+        """The stored unit vectors of products, in the order of `ids` -> (N, D) float32.
+
+        Raises:
+            KeyError: an id is not in the index (names up to five of them).
+        """
+        ids = [ids] if isinstance(ids, str) else list(ids)
+        missing = [i for i in ids if i not in self._label_of]
+        if missing:
+            raise KeyError(f"{len(missing)} id(s) not in the index, e.g. {missing[:5]}")
+        out = np.empty((len(ids), self.dim), dtype=np.float32)  # (N, D)
+        if not ids:
+            return out
+        labels = [self._label_of[i] for i in ids]
+        if self.kind == "exact":
+            for row, label in enumerate(labels):  # IndexIDMap2 reconstructs by label, one at a time
+                out[row] = self._index.reconstruct(label)
+        else:
+            storage = self._flat_storage()  # row i = label i
+            for row, label in enumerate(labels):
+                out[row] = storage.reconstruct(label)
+        return out
+
     def attributes(self) -> list[str]:
         """Metadata keys that filters may use (those held by at least one product)."""
         return sorted(k for k, n in self._key_counts.items() if n > 0)

@@ -1,0 +1,652 @@
+"""The shopping guide's matcher: a room photo (and words) -> its scene, ranked products, a product set.
+
+    build_catalog_index(model, read_products("products.jsonl"), "catalogue", prior=prior)
+    matcher = Matcher.load("catalogue")
+    result = matcher.match("living_room.jpg", text="warm Nordic light", profile=profile, k=10)
+    result.scene, result.products[0].reasons, result.product_set
+
+How a query is ranked:
+  1. The photo is embedded as the model's room views, the words through the scene-text tower; the
+     fused room vector gives the scene probabilities (`model.scene_head`).
+  2. Candidates: the index is searched with the fused room vector and with every view vector
+     (`weights.candidates` hits each, filters applied during the search), so a product that
+     matches one part of the photo is found even when the whole-photo vector misses it.
+  3. Each candidate gets terms, and its score before diversity is their weighted sum:
+     - similarity: `model.score_products` (views pooled, words fused), as evaluation ranks rooms;
+     - scene_fit: in [-1, 1], (L - 1) / (L + 1) for the lift L = P(category | scene) /
+       (category's share of the catalogue), with P(category | scene) averaged over the predicted
+       scene probabilities (`SceneCategoryPrior`, learnt from training pairs). 0 means "as common
+       here as in the catalogue"; it keeps a bath mat out of a living room;
+     - profile: `UserProfile.affinity` in [-1, 1] (0 without a profile).
+  4. Diversity: products are picked greedily (maximal marginal relevance); each pick is penalised by
+     `weights.diversity` times its highest cosine to the products already picked, so near-identical
+     products (one series in several colours) do not fill the list.
+  5. The product set: for each category that fits the predicted scene (lift above 1), most expected
+     first, the best product of that category by the same terms; without a prior, the categories
+     of the top products.
+
+Each result's `reasons` holds the weighted contribution of each term (its `score` is their sum).
+
+Default weights, measured with `benchmarks/tune_ranking.py` (IKEA development rooms, validation
+split `split_rooms(val_fraction=0.2, seed=0)`: 27 rooms with products; prior counted from the 114
+training rooms' pairs only; the frozen `hgm-lite-en`, photo only, whole catalogue of 2,187
+products as the gallery; near-duplicates: pairs in a top 10 with cosine >= 0.9):
+
+    similarity 1, scene_fit, diversity    Recall@10   NDCG@10   near-duplicate pairs in top 10
+    0, 0 (similarity alone)               0.0499      0.0380    0.74   (= the model's own ranking)
+    0.1, 0                                0.0518      0.0500    0.85
+    0.1, 0.05 (the defaults)              0.0503      0.0488    0.22
+    0.1, 0.1                              0.0441      0.0430    0.07
+    0.2, 0                                0.0453      0.0451    0.59
+    0, 0.05                               0.0530      0.0421    0.30
+
+With 27 rooms of 13.4 products on average, one hit more or less in one room moves Recall@10 by
+0.0037 on average, so only the larger differences mean much. Scene fit 0.1 raises NDCG@10 from 0.0380 to 0.0500; the frozen model's
+scene head is untrained (scene accuracy 0.037), so what it adds there is the pooled category prior;
+given each room's true scene instead, scene fit 0.05 reaches NDCG@10 0.0583 and 0.1 reaches 0.0575.
+Diversity 0.05 cuts near-duplicate pairs from 0.85 to 0.22 per top 10 for 0.0015 of Recall@10;
+0.1 costs 0.0077. The profile weight (0.1) is not measured: IKEA has no interaction data.
+
+`Matcher.match` may be called from several threads at once: the model's encoders (tokenizers are
+not thread-safe) run under a lock, searching and ranking run concurrently.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+from collections import Counter, defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .files import atomic_dir, atomic_text
+from .index import ProductIndex, model_fingerprint
+from .profile import UserProfile
+from .version import __version__
+
+FORMAT_VERSION = 1
+MATCHER_FILE = "matcher.json"  # written last: a folder without it is not a finished index
+INDEX_DIR = "index"
+MODEL_DIR = "model"
+SCENE_CATEGORIES_FILE = "scene_categories.json"
+DEFAULT_SET_SIZE = 6
+SET_CANDIDATES = 20  # hits per query vector when searching one category for the product set
+
+
+# -- scene -> category prior ----------------------------------------------------------------------
+class SceneCategoryPrior:
+    """P(category | scene), Laplace-smoothed, from counts of products per category in rooms of each scene.
+
+    A scene the counts never saw is given the pooled distribution of all scenes.
+    """
+
+    def __init__(self, counts: Mapping[str, Mapping[str, float]], *, alpha: float = 1.0):
+        """
+        Args:
+            counts: scene -> category -> count (non-negative numbers).
+            alpha: Laplace smoothing added to every (scene, category) count.
+        """
+        if not isinstance(counts, Mapping):
+            raise ValueError(f"counts must be a dict scene -> {{category: count}}, got {type(counts).__name__}")
+        if not alpha > 0:
+            raise ValueError(f"alpha={alpha!r}; expected a positive smoothing count")
+        clean: dict[str, dict[str, float]] = {}
+        for scene, row in counts.items():
+            if not isinstance(scene, str) or not isinstance(row, Mapping):
+                raise ValueError(f"counts[{scene!r}] must be a dict category -> count; got {row!r}")
+            for category, count in row.items():
+                if not isinstance(category, str) or isinstance(count, bool) or not isinstance(count, (int, float)) \
+                        or not math.isfinite(count) or count < 0:
+                    raise ValueError(f"counts[{scene!r}][{category!r}]={count!r}; expected a non-negative number")
+            clean[scene] = {category: float(count) for category, count in row.items()}
+        self.counts = clean
+        self.alpha = float(alpha)
+        self.categories = sorted({category for row in clean.values() for category in row})
+        pooled: dict[str, float] = defaultdict(float)
+        for row in clean.values():
+            for category, count in row.items():
+                pooled[category] += count
+        self._pooled = dict(pooled)
+
+    @property
+    def scenes(self) -> list[str]:
+        return sorted(self.counts)
+
+    def probabilities(self, scene: str | None) -> dict[str, float]:
+        """P(category | scene) over the known categories (sums to 1)."""
+        row = self.counts.get(scene, self._pooled) if scene is not None else self._pooled
+        total = sum(row.values()) + self.alpha * len(self.categories)
+        return {category: (row.get(category, 0.0) + self.alpha) / total for category in self.categories}
+
+    def probability(self, scene: str | None, category: str) -> float:
+        """P(category | scene); a category never counted gets the smoothing mass alone."""
+        row = self.counts.get(scene, self._pooled) if scene is not None else self._pooled
+        total = sum(row.values()) + self.alpha * len(self.categories)
+        return (row.get(category, 0.0) + self.alpha) / total
+
+    def mixture(self, scene_probabilities: Mapping[str, float]) -> dict[str, float]:
+        """P(category) under uncertain scenes: sum over scenes of P(scene) * P(category | scene)."""
+        out = dict.fromkeys(self.categories, 0.0)
+        total = sum(scene_probabilities.values())
+        for scene, p in scene_probabilities.items():
+            if p <= 0:
+                continue
+            for category, q in self.probabilities(scene).items():
+                out[category] += p / total * q
+        return out
+
+    @classmethod
+    def from_counts(cls, counts: Mapping[str, Mapping[str, float]], *, alpha: float = 1.0) -> "SceneCategoryPrior":
+        """The prior from ready counts (scene -> category -> count)."""
+        return cls(counts, alpha=alpha)
+
+    @classmethod
+    def from_pairs(cls, rooms: Sequence, products: Sequence, pairs: Sequence[tuple[str, str]], *,
+                   alpha: float = 1.0) -> "SceneCategoryPrior":
+        """Counts, for each pair (room, product), the product's category in the room's scene.
+
+        Rooms without a scene and products without a category are left out. Pass the training
+        rooms only, or the prior learns the validation rooms.
+
+        Args:
+            rooms: `Room` records (room_id, scene).
+            products: `Product` records (product_id, category).
+            pairs: (room_id, product_id) pairs.
+        """
+        scene_of = {room.room_id: room.scene for room in rooms}
+        category_of = {product.product_id: product.category for product in products}
+        counts: dict[str, Counter] = defaultdict(Counter)
+        for room_id, product_id in pairs:
+            scene, category = scene_of.get(room_id), category_of.get(product_id)
+            if scene and category:
+                counts[scene][category] += 1
+        if not counts:
+            raise ValueError("no pair joins a room with a scene to a product with a category; the prior needs "
+                             "rooms.jsonl with 'scene', products.jsonl with 'category' and pairs between them")
+        return cls({scene: dict(row) for scene, row in counts.items()}, alpha=alpha)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": 1, "alpha": self.alpha, "counts": self.counts}
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Writes `{"format": 1, "alpha": ..., "counts": {scene: {category: count}}}` atomically."""
+        path = Path(path)
+        atomic_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True))
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "SceneCategoryPrior":
+        """Reads a file written by `save` (or by training: `scene_categories.json`)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist; write it with SceneCategoryPrior.save or train a model")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path}: not valid JSON ({err}); write it again with SceneCategoryPrior.save") from err
+        if not isinstance(data, dict) or "counts" not in data:
+            raise ValueError(f"{path}: expected {{\"format\": 1, \"counts\": {{scene: {{category: count}}}}}}")
+        if not isinstance(data.get("format", 1), int) or data.get("format", 1) > 1:
+            raise ValueError(f"{path}: format {data.get('format')!r} is newer than this hgm_mm {__version__} reads; "
+                             "upgrade: pip install -U hgm-mm")
+        unknown = sorted(set(data) - {"format", "alpha", "counts"})
+        if unknown:
+            raise ValueError(f"{path}: unknown key(s) {unknown}; expected format, alpha, counts")
+        try:
+            return cls(data["counts"], alpha=data.get("alpha", 1.0))
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from err
+
+
+# -- weights and results --------------------------------------------------------------------------
+@dataclass
+class RankingWeights:
+    """How much each term counts; see the module docstring for the measurements behind the defaults."""
+
+    similarity: float = 1.0  # the model's room-product score (views pooled)
+    scene_fit: float = 0.1  # category fit to the predicted scene, in [-1, 1]
+    profile: float = 0.1  # UserProfile.affinity, in [-1, 1]; not measured (no interaction data)
+    diversity: float = 0.05  # penalty per unit of cosine to the closest product already picked
+    candidates: int = 100  # index hits per query vector (fused room and each view) to re-rank
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "candidates":
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    raise ValueError(f"RankingWeights.candidates={value!r}; expected a positive int")
+            elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value < 0:
+                raise ValueError(f"RankingWeights.{f.name}={value!r}; expected a non-negative number")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, origin: str = "weights") -> "RankingWeights":
+        if not isinstance(data, Mapping):
+            raise ValueError(f"{origin}: expected a JSON object, got {type(data).__name__}")
+        valid = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - valid)
+        if unknown:
+            raise ValueError(f"{origin}: unknown key(s) {unknown} for RankingWeights; valid keys are {sorted(valid)}")
+        try:
+            return cls(**data)
+        except ValueError as err:
+            raise ValueError(f"{origin}: {err}") from err
+
+
+@dataclass
+class RankedProduct:
+    """One recommended product with the weighted term contributions that sum to its score."""
+
+    product_id: str
+    score: float
+    reasons: dict[str, float]  # similarity, scene_fit, profile, diversity (<= 0)
+    metadata: dict[str, Any] = field(default_factory=dict)  # title, category, image, price ...
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"product_id": self.product_id, "score": float(self.score),
+                "reasons": {k: float(v) for k, v in self.reasons.items()}, "metadata": dict(self.metadata)}
+
+
+@dataclass
+class MatchResult:
+    """What the guide shows for one room: its scene, ranked products and a product set."""
+
+    scene: str
+    scene_probabilities: dict[str, float]  # every scene label, most likely first
+    products: list[RankedProduct]
+    product_set: list[RankedProduct]  # one product per category that fits the scene
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return {"scene": self.scene,
+                "scene_probabilities": {k: float(v) for k, v in self.scene_probabilities.items()},
+                "products": [p.to_dict() for p in self.products],
+                "product_set": [p.to_dict() for p in self.product_set]}
+
+
+@dataclass
+class RoomQuery:
+    """A room photo and/or words, encoded once; `Matcher.rank` ranks it under any weights."""
+
+    view_embeds: torch.Tensor | None  # (1, V, D) the photo's views, or None for words only
+    text_embeds: torch.Tensor | None  # (1, D) the words through the scene-text tower, or None
+    room_vector: np.ndarray  # (D,) fused unit room vector
+    scene_probabilities: dict[str, float]  # most likely first
+
+
+# -- ranking --------------------------------------------------------------------------------------
+def diverse_order(base_scores: np.ndarray, vectors: np.ndarray, diversity: float, k: int
+                  ) -> tuple[list[int], np.ndarray]:
+    """Greedy maximal-marginal-relevance order of the top k.
+
+    Args:
+        base_scores: (N,) scores before diversity.
+        vectors: (N, D) unit product vectors.
+        diversity: penalty per unit of cosine to the closest product already picked.
+        k: how many to pick.
+
+    Returns:
+        (positions of the picks, best first; (k',) penalty each pick paid, <= 0).
+    """
+    n = len(base_scores)
+    k = min(k, n)
+    closest = np.full(n, -np.inf)  # (N,) highest cosine to any pick so far
+    taken = np.zeros(n, dtype=bool)
+    order, penalties = [], []
+    for _ in range(k):
+        penalty = diversity * np.maximum(closest, 0.0) if order else np.zeros(n)  # (N,)
+        adjusted = np.where(taken, -np.inf, base_scores - penalty)
+        pick = int(np.argmax(adjusted))
+        order.append(pick)
+        penalties.append(0.0 - float(penalty[pick]))  # never -0.0 in JSON
+        taken[pick] = True
+        if diversity > 0:
+            closest = np.maximum(closest, vectors @ vectors[pick])
+    return order, np.array(penalties)
+
+
+class Matcher:
+    """Ranks catalogue products for a room photo and/or words; see the module docstring."""
+
+    def __init__(self, model, index: ProductIndex, *, prior: SceneCategoryPrior | None = None,
+                 weights: RankingWeights | None = None):
+        """
+        Args:
+            model: the `HGMModel` that built `index`.
+            index: the catalogue `ProductIndex`, with "category" in its metadata for scene fit and sets.
+            prior: P(category | scene); None turns the scene-fit term off.
+            weights: term weights; default `RankingWeights()`.
+
+        Raises:
+            ValueError: the index was built by another model, or its dimension differs.
+        """
+        if index.dim != model.config.embed_dim:
+            raise ValueError(f"the index holds {index.dim}-d vectors but model {model.config.name!r} makes "
+                             f"{model.config.embed_dim}-d ones; index the catalogue with this model")
+        if index.model_identity is not None:
+            identity = model_fingerprint(model)
+            if identity != index.model_identity:
+                raise ValueError(f"the index was built by model {index.model_identity.rsplit(':sha256:', 1)[0]!r} "
+                                 f"but the queries come from model {model.config.name!r} with other weights; their "
+                                 "vectors are not comparable. Index the catalogue with this model (hgm-mm index)")
+        self.model = model.eval()
+        self.index = index
+        self.prior = prior
+        self.weights = weights if weights is not None else RankingWeights()
+        self._lock = threading.Lock()
+        counts = Counter(index.metadata(pid).get("category") for pid in index.ids)
+        counts.pop(None, None)
+        total = sum(counts.values())
+        self._category_share = {c: n / total for c, n in counts.items() if isinstance(c, str)} if total else {}
+
+    @classmethod
+    def load(cls, index_dir: str | os.PathLike, *, device: str | torch.device | None = None, model=None,
+             weights: RankingWeights | None = None) -> "Matcher":
+        """Opens a folder written by `build_catalog_index` (`hgm-mm index`).
+
+        Args:
+            index_dir: the folder.
+            device: where to put the model.
+            model: query with this model instead of the folder's; refused unless it built the index.
+            weights: term weights instead of the folder's.
+
+        Raises:
+            FileNotFoundError: the folder or a file in it is missing.
+            ValueError: a file is damaged or newer than this hgm_mm, or `model` did not build the index.
+        """
+        from .model import load_model
+
+        folder = Path(index_dir)
+        manifest = _read_manifest(folder)
+        if model is None:
+            model = load_model(folder / manifest["model"], device=device)
+        elif device is not None:
+            model = model.to(device)
+        index = ProductIndex.load(folder / manifest["index"], model_identity=model)
+        prior = SceneCategoryPrior.load(folder / manifest["scene_categories"]) if manifest["scene_categories"] else None
+        if weights is None:
+            weights = RankingWeights.from_dict(manifest["weights"], origin=f"{folder / MATCHER_FILE}: weights")
+        return cls(model, index, prior=prior, weights=weights)
+
+    # -- encoding ------------------------------------------------------------------------------
+    def encode_query(self, image=None, text: str | None = None) -> RoomQuery:
+        """Embeds a room photo (PIL image or path) and/or words once, with the scene they imply."""
+        if text is not None and not isinstance(text, str):
+            raise TypeError(f"text must be a string, got {type(text).__name__}")
+        text = text.strip() if text else None
+        if image is None and not text:
+            raise ValueError("nothing to match: give a room photo, words, or both")
+        if isinstance(image, os.PathLike):
+            image = os.fspath(image)
+        if image is not None and not isinstance(image, (str, torch.Tensor)) and not hasattr(image, "convert"):
+            raise TypeError(f"image must be a PIL image or a photo path, got {type(image).__name__}")
+        with self._lock, torch.no_grad():
+            view_embeds = self.model.encode_room_views(image).float() if image is not None else None  # (1, V, D)
+            text_embeds = self.model.encode_scene_text([text]).float() if text else None  # (1, D)
+        return self.query_from_embeddings(view_embeds, text_embeds)
+
+    def query_from_embeddings(self, view_embeds: torch.Tensor | None, text_embeds: torch.Tensor | None = None
+                              ) -> RoomQuery:
+        """A `RoomQuery` from ready embeddings: views (1, V, D) of `encode_room_views`, words (1, D)
+        of `encode_scene_text`; for callers that embed many rooms in batches."""
+        if view_embeds is None and text_embeds is None:
+            raise ValueError("nothing to match: give view embeddings, text embeddings, or both")
+        with torch.no_grad():
+            mean_view = F.normalize(view_embeds.mean(dim=1), dim=-1) if view_embeds is not None else None  # (1, D)
+            room = self.model.room_fusion(mean_view, text_embeds)  # (1, D)
+            probabilities = self.model.scene_head(room).softmax(dim=-1)[0].cpu().tolist()  # (S,)
+        scenes = dict(sorted(zip(self.model.scene_labels, probabilities), key=lambda kv: -kv[1]))
+        return RoomQuery(view_embeds, text_embeds, room[0].cpu().numpy().astype(np.float32), scenes)
+
+    # -- ranking -------------------------------------------------------------------------------
+    def match(self, image=None, text: str | None = None, *, profile: UserProfile | None = None, k: int = 10,
+              filter: Mapping[str, Any] | None = None, set_size: int = DEFAULT_SET_SIZE) -> MatchResult:
+        """Scene, ranked products and a product set for a room photo and/or words.
+
+        Args:
+            image: the room photo, a PIL image or a path; None for words only.
+            text: what the person wants, in words ("a Nordic living room, warm light").
+            profile: the shopper's `UserProfile`, or None.
+            k: products to return.
+            filter: metadata conditions passed to `ProductIndex.search` (category, price range ...).
+            set_size: most categories in the product set.
+        """
+        return self.rank(self.encode_query(image, text), profile=profile, k=k, filter=filter, set_size=set_size)
+
+    def rank(self, query: RoomQuery, *, profile: UserProfile | None = None, k: int = 10,
+             filter: Mapping[str, Any] | None = None, weights: RankingWeights | None = None,
+             set_size: int = DEFAULT_SET_SIZE) -> MatchResult:
+        """Ranks an encoded query (`encode_query`); `weights` overrides the matcher's for this call."""
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k={k!r}; expected a positive int")
+        if isinstance(set_size, bool) or not isinstance(set_size, int) or set_size < 0:
+            raise ValueError(f"set_size={set_size!r}; expected a non-negative int")
+        weights = weights if weights is not None else self.weights
+        scene = next(iter(query.scene_probabilities))
+        category_fit = self._category_fit(query.scene_probabilities)
+        queries = self._search_vectors(query)  # (Q, D)
+        hits = self.index.search(queries, k=weights.candidates, filter=filter)
+        candidates: dict[str, dict] = {}
+        for hit in hits:
+            for product_id, meta in zip(hit.ids, hit.metadata):
+                candidates.setdefault(product_id, meta)
+        if not candidates:
+            return MatchResult(scene, query.scene_probabilities, [], [])
+        ids, metas = list(candidates), list(candidates.values())
+        vectors, terms = self._terms(query, ids, metas, category_fit, profile, weights)
+        base = terms.sum(axis=1)  # (N,)
+        order, penalties = diverse_order(base, vectors, weights.diversity, k)
+        products = [self._ranked(ids[i], metas[i], terms[i], penalty) for i, penalty in zip(order, penalties)]
+        product_set = self._product_set(query, ids, metas, base, terms, category_fit, profile, weights, filter,
+                                        set_size) if set_size else []
+        return MatchResult(scene, query.scene_probabilities, products, product_set)
+
+    def _search_vectors(self, query: RoomQuery) -> np.ndarray:
+        rows = [query.room_vector[None, :]]
+        if query.view_embeds is not None and query.view_embeds.shape[1] > 1:
+            rows.append(query.view_embeds[0].cpu().numpy())  # (V, D)
+        return np.concatenate(rows).astype(np.float32)  # (Q, D)
+
+    def _terms(self, query: RoomQuery, ids: list[str], metas: list[dict], category_fit: dict[str, float],
+               profile: UserProfile | None, weights: RankingWeights) -> tuple[np.ndarray, np.ndarray]:
+        """(N, D) vectors and (N, 3) weighted terms: similarity, scene_fit, profile."""
+        vectors = self.index.vectors(ids)  # (N, D)
+        with torch.no_grad():
+            similarity = self.model.score_products(
+                torch.from_numpy(vectors).to(self.model.device), view_embeds=query.view_embeds,
+                text_embeds=query.text_embeds)[0].float().cpu().numpy()  # (N,)
+        fit = np.array([category_fit.get(m.get("category"), 0.0) for m in metas])  # (N,)
+        affinity = profile.affinity(ids, vectors, metas) if profile is not None else np.zeros(len(ids))
+        terms = np.stack([weights.similarity * similarity, weights.scene_fit * fit, weights.profile * affinity],
+                         axis=1)  # (N, 3)
+        return vectors, terms
+
+    def _category_fit(self, scene_probabilities: Mapping[str, float]) -> dict[str, float]:
+        """Category -> (L - 1) / (L + 1) for its lift L over its catalogue share; empty without a prior."""
+        if self.prior is None:
+            return {}
+        expected = self.prior.mixture(scene_probabilities)
+        fit = {}
+        for category, share in self._category_share.items():
+            p = expected.get(category)
+            if p is None:
+                p = self.prior.probability(None, category)  # a category training never saw: smoothing mass
+            lift = p / share
+            fit[category] = (lift - 1.0) / (lift + 1.0)
+        return fit
+
+    @staticmethod
+    def _ranked(product_id: str, meta: dict, terms: np.ndarray, penalty: float) -> RankedProduct:
+        reasons = {"similarity": float(terms[0]), "scene_fit": float(terms[1]), "profile": float(terms[2]),
+                   "diversity": float(penalty)}
+        return RankedProduct(product_id, float(sum(reasons.values())), reasons, meta)
+
+    def _product_set(self, query, ids, metas, base, terms, category_fit, profile, weights, filter, set_size):
+        """The best product of each category that fits the scene, most expected category first."""
+        best: dict[str, int] = {}  # category -> candidate position with the best base score
+        for i in np.argsort(-base, kind="stable").tolist():
+            category = metas[i].get("category")
+            if isinstance(category, str) and category not in best:
+                best[category] = i
+        if self.prior is not None:
+            expected = self.prior.mixture(query.scene_probabilities)
+            wanted = sorted((c for c, f in category_fit.items() if f > 0 and _category_allowed(filter, c)),
+                            key=lambda c: -expected.get(c, 0.0))[:set_size]
+        else:
+            wanted = list(best)[:set_size]
+        chosen = []
+        search_vectors = self._search_vectors(query)
+        position = {pid: i for i, pid in enumerate(ids)}
+        for category in wanted:
+            # The candidates were gathered for the whole list; a search within the category also
+            # finds products that rank well only against their own kind.
+            hits = self.index.search(search_vectors, k=SET_CANDIDATES, filter={**(filter or {}), "category": category})
+            pool = {pid: meta for hit in hits for pid, meta in zip(hit.ids, hit.metadata)}
+            known = {pid for pid in pool if pid in position}
+            if category in best:
+                known.add(ids[best[category]])
+            contenders = [(float(base[position[pid]]), pid, metas[position[pid]], terms[position[pid]])
+                          for pid in known]
+            new_ids = [pid for pid in pool if pid not in position]
+            if new_ids:
+                new_metas = [pool[pid] for pid in new_ids]
+                _, new_terms = self._terms(query, new_ids, new_metas, category_fit, profile, weights)
+                contenders += [(float(t.sum()), pid, meta, t) for pid, meta, t in zip(new_ids, new_metas, new_terms)]
+            if contenders:
+                _, product_id, meta, product_terms = max(contenders, key=lambda c: (c[0], c[1]))
+                chosen.append(self._ranked(product_id, meta, product_terms, 0.0))
+        return chosen
+
+
+def _category_allowed(filter: Mapping[str, Any] | None, category: str) -> bool:
+    if not filter or "category" not in filter:
+        return True
+    condition = filter["category"]
+    if isinstance(condition, (list, set, frozenset)):
+        return category in condition
+    return condition == category
+
+
+# -- building and reading the folder --------------------------------------------------------------
+@dataclass
+class CatalogIndex:
+    """What `build_catalog_index` wrote."""
+
+    folder: Path
+    n_products: int
+    skipped: list[tuple[str, str]]  # (photo, reason): products indexed from their text alone
+
+
+def product_metadata(product) -> dict[str, Any]:
+    """The metadata a `Product` is indexed with: title, category, image path, and its other attributes."""
+    meta: dict[str, Any] = {"title": product.title, "category": product.category, "image": str(product.image)}
+    if product.description:
+        meta["description"] = product.description
+    for key, value in product.attributes.items():
+        if key not in meta and isinstance(value, (str, int, float, bool)) and not (
+                isinstance(value, float) and not math.isfinite(value)):
+            meta[key] = value
+    return meta
+
+
+def check_output_dir(output_dir: str | os.PathLike) -> Path:
+    """The folder `build_catalog_index` may write: new, empty, or an index folder it wrote before."""
+    output_dir = Path(output_dir)
+    if output_dir.exists() and (not output_dir.is_dir() or (any(output_dir.iterdir())
+                                                            and not (output_dir / MATCHER_FILE).is_file())):
+        raise ValueError(f"{output_dir} exists and is not an index folder written by hgm-mm index; choose a new "
+                         "or empty folder (it would be replaced)")
+    return output_dir
+
+
+def build_catalog_index(model, products: Sequence | str | os.PathLike, output_dir: str | os.PathLike, *,
+                        prior: SceneCategoryPrior | None = None, weights: RankingWeights | None = None,
+                        kind: str = "auto", batch_size: int = 32, num_workers: int | None = None,
+                        progress: bool = True) -> CatalogIndex:
+    """Embeds a catalogue and writes a folder that `Matcher.load` opens on its own.
+
+    The folder holds `index/` (the `ProductIndex`, tied to the model's fingerprint), `model/` (a
+    copy of the model), `scene_categories.json` (the prior, when given) and `matcher.json` (what is
+    where, and the ranking weights), written last. The whole folder is written beside its place
+    and swapped in, so an interrupted build leaves the previous one intact.
+
+    Args:
+        model: the `HGMModel` whose vectors the index holds.
+        products: `Product` records, or the path of a products.jsonl.
+        output_dir: the folder to write; an existing folder is replaced only if it is a matcher folder.
+        prior: P(category | scene) from training pairs, or None.
+        weights: ranking weights to store; default `RankingWeights()`.
+        kind: the index kind ("auto", "exact", "hnsw", "ivfpq").
+        batch_size, num_workers, progress: of the catalogue embedding.
+    """
+    from .data import read_products
+    from .evaluation.evaluate import embed_catalog
+
+    output_dir = check_output_dir(output_dir)
+    if isinstance(products, (str, os.PathLike)):
+        products = read_products(products)
+    products = list(products)
+    if not products:
+        raise ValueError("the catalogue is empty; give at least one product")
+    weights = weights if weights is not None else RankingWeights()
+    model.eval()
+    vectors, skipped = embed_catalog(model, products, batch_size=batch_size, progress=progress,
+                                     num_workers=num_workers)
+    index = ProductIndex.build([p.product_id for p in products], vectors.numpy(),
+                               [product_metadata(p) for p in products], kind=kind,
+                               model_identity=model_fingerprint(model))
+
+    def write(folder: Path) -> None:
+        index.save(folder / INDEX_DIR)
+        model.save_pretrained(folder / MODEL_DIR)
+        if prior is not None:
+            prior.save(folder / SCENE_CATEGORIES_FILE)
+        manifest = {"format": "hgm_mm.Matcher", "format_version": FORMAT_VERSION, "library_version": __version__,
+                    "model": MODEL_DIR, "index": INDEX_DIR,
+                    "scene_categories": SCENE_CATEGORIES_FILE if prior is not None else None,
+                    "weights": weights.to_dict(), "n_products": len(index)}
+        atomic_text(folder / MATCHER_FILE, json.dumps(manifest, indent=2))
+
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    atomic_dir(output_dir, write)
+    return CatalogIndex(output_dir, len(index), list(skipped))
+
+
+def _read_manifest(folder: Path) -> dict[str, Any]:
+    path = folder / MATCHER_FILE
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder; build one with: hgm-mm index --model M --catalog "
+                                "products.jsonl --output DIR")
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} holds no {MATCHER_FILE}: it is not a finished index folder; build one "
+                                "with: hgm-mm index --model M --catalog products.jsonl --output DIR")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err}); build the index again") from err
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path}: expected a JSON object; build the index again")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(f"{path}: format_version={version!r}; this hgm_mm {__version__} reads formats up to "
+                         f"{FORMAT_VERSION}. Upgrade: pip install -U hgm-mm")
+    for key in ("model", "index"):
+        value = manifest.get(key)
+        if not isinstance(value, str) or Path(value).is_absolute() or ".." in Path(value).parts:
+            raise ValueError(f"{path}: {key}={value!r}; expected a folder name inside {folder}. Build the index again")
+    scene = manifest.get("scene_categories")
+    if scene is not None and (not isinstance(scene, str) or Path(scene).is_absolute() or ".." in Path(scene).parts):
+        raise ValueError(f"{path}: scene_categories={scene!r}; expected a file name inside {folder}")
+    if not isinstance(manifest.get("weights"), dict):
+        raise ValueError(f"{path}: 'weights' must be a JSON object of RankingWeights; build the index again")
+    return manifest
