@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 DATA_ENV = "HGM_DATA"
@@ -14,13 +13,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="hgm-mm", description="Scene-aware furniture matching.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="embed rooms and products of a dataset and show what matches")
+    demo = sub.add_parser("demo", help="train briefly on the IKEA room dataset, index its catalogue, match held-out "
+                                       "rooms and draw a contact sheet")
     demo.add_argument("--data", type=Path, default=None,
-                      help=f"dataset folder (products.jsonl, rooms.jsonl, pairs.csv); default ${DATA_ENV}")
-    demo.add_argument("--model", default="hgm-lite-en", help="model name (see `hgm-mm models`)")
-    demo.add_argument("--rooms", type=int, default=3, help="rooms to show")
-    demo.add_argument("--products", type=int, default=300, help="catalogue products to compare against")
-    demo.add_argument("--query", default="a grey fabric sofa", help="a text query to search product texts")
+                      help=f"dataset folder (products.jsonl, rooms.jsonl, pairs.csv) or a folder holding ikea/; "
+                           f"default ${DATA_ENV}, else the public IKEA dataset, downloaded into ~/.cache/hgm_mm")
+    demo.add_argument("--output", type=Path, default=None, help="folder for everything the demo writes "
+                                                                "(default runs/demo)")
+    demo.add_argument("--model", default="hgm-lite-en", help="starting model (see `hgm-mm models`)")
+    demo.add_argument("--rooms", type=int, default=3, help="held-out rooms to match and show")
+    demo.add_argument("--train-rooms", type=int, default=24, help="rooms in the subset (training and held out)")
+    demo.add_argument("--products", type=int, default=240, help="catalogue products in the subset")
+    demo.add_argument("--steps", type=int, default=24, help="training steps")
+    demo.add_argument("--batch-size", type=int, default=32, help="catalogue products per training step")
+    demo.add_argument("-k", "--top-k", type=int, default=5, help="products shown per room")
 
     evaluate = sub.add_parser("evaluate", help="room -> product retrieval metrics over a whole catalogue")
     evaluate.add_argument("--model", required=True, help="model name or local-dir:PATH of a saved model")
@@ -35,10 +41,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     evaluate.add_argument("--train-rooms", type=Path, help="rooms.jsonl of the training rooms (their scenes)")
     evaluate.add_argument("--frozen-model", default="hgm-lite-en", help="untrained model of the frozen baseline")
     evaluate.add_argument("--json", type=Path, help="write every number to this JSON file")
+    evaluate.add_argument("--report", type=Path, help="write an HTML report into this folder: sampled rooms beside "
+                                                      "their top products, hits marked, the scene confusion matrix")
+    evaluate.add_argument("--all-rooms", action="store_true",
+                          help="also score the rooms a trained model was trained on (left out by default)")
 
     train = sub.add_parser("train", help="fine-tune a model on a dataset folder (also under accelerate launch)")
     train.add_argument("--data", type=Path, required=True, help="dataset folder: products.jsonl, rooms.jsonl, pairs.csv")
-    train.add_argument("--output", type=Path, required=True, help="run folder: best model, checkpoint, config")
+    train.add_argument("--output", type=Path, default=None,
+                       help="run folder: best model, checkpoint, config (default: runs/<model name>)")
     train.add_argument("--model", help="starting model (default: the recipe's)")
     train.add_argument("--config", type=Path, help="YAML or JSON file of TrainConfig settings")
     train.add_argument("--epochs", type=int)
@@ -120,53 +131,10 @@ def find_dataset(data: Path | None) -> Path:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    import torch
+    from .demo import run_demo
 
-    from .data import load_dataset
-    from .data.text import product_text
-    from .embedding import embed_images, embed_texts
-    from .factory import create_model
-
-    root = find_dataset(args.data)
-    dataset = load_dataset(root)
-    positives = dataset.positives()
-    rooms = [room for room in dataset.rooms if room.room_id in positives][: args.rooms]
-    if not rooms:
-        raise ValueError(f"{root}: no room has products in pairs.csv; the demo needs rooms with products")
-    products_by_id = dataset.products_by_id
-    pool_ids = list(dict.fromkeys(
-        [pid for room in rooms for pid in positives[room.room_id]] + [p.product_id for p in dataset.products]))
-    pool = [products_by_id[pid] for pid in pool_ids[: max(args.products, 1)]]
-
-    started = time.perf_counter()
-    print(f"hgm-mm demo: model {args.model}, data {root}: {len(rooms)} rooms against {len(pool)} products")
-    model = create_model(args.model)
-    with torch.no_grad():
-        product_images = embed_images(model, [p.image for p in pool], desc="product photos")
-        room_images = embed_images(model, [r.image for r in rooms], desc="room photos", room_views=True)
-        product_texts = embed_texts(model, [product_text(p) for p in pool])
-        query = model.encode_text([args.query])
-
-    rooms = [rooms[i] for i in room_images.kept]
-    pool = [pool[i] for i in product_images.kept]
-    product_texts = product_texts[product_images.kept]
-    with torch.no_grad():  # each room's views against the product photos
-        similarity = model.score_products(product_images.embeddings, view_embeds=room_images.embeddings)  # (R, P)
-    pool_index = {pid: i for i, pid in enumerate(p.product_id for p in pool)}
-    for r, room in enumerate(rooms):
-        in_room = {pool_index[pid] for pid in positives[room.room_id] if pid in pool_index}
-        top = similarity[r].topk(min(5, len(pool))).indices.tolist()
-        print(f"\nroom {room.room_id} ({room.scene}): {room.image}")
-        for rank, j in enumerate(top, 1):
-            mark = "*" if j in in_room else " "
-            print(f"  {rank}. {mark} {similarity[r, j]:.3f}  {pool[j].title} ({pool[j].category})  {pool[j].image}")
-    text_scores = (query @ product_texts.T)[0]  # (P,)
-    print(f"\nproducts whose text is nearest {args.query!r}:")
-    for j in text_scores.topk(min(5, len(pool))).indices.tolist():
-        print(f"  {text_scores[j]:.3f}  {product_text(pool[j])[:90]}")
-    skipped = product_images.skipped + room_images.skipped
-    print(f"\n* = the product appears in that room. {len(skipped)} unreadable photos skipped. "
-          f"Done in {time.perf_counter() - started:.1f} s.")
+    run_demo(args.data, output=args.output, model=args.model, rooms=args.rooms, train_rooms=args.train_rooms,
+             products=args.products, steps=args.steps, batch_size=args.batch_size, top_k=args.top_k)
     return 0
 
 
@@ -180,17 +148,20 @@ def _train(args: argparse.Namespace) -> int:
     else:
         config = TrainConfig.from_dict({k: v for k, v in overrides.items() if v is not None},
                                        origin="command line")
-    result = train(config, data=find_dataset(args.data), output=args.output, resume=not args.no_resume)
+    output = args.output or Path("runs") / config.model.replace(":", "-").replace("/", "-")
+    print(f"run folder: {output}")
+    result = train(config, data=find_dataset(args.data), output=output, resume=not args.no_resume)
     metrics = result.best_metrics
     print(f"best model: {result.model_dir} (step {result.best_step} of {result.steps}); validation "
           f"Recall@10 {metrics.get('recall@10', float('nan')):.4f}, NDCG@10 {metrics.get('ndcg@10', float('nan')):.4f}, "
-          f"mAP {metrics.get('map', float('nan')):.4f}; wall time {result.wall_seconds / 60:.1f} min")
+          f"mAP {metrics.get('map', float('nan')):.4f}, hit rate@10 {metrics.get('hit_rate@10', float('nan')):.4f}; "
+          f"wall time {result.wall_seconds / 60:.1f} min")
     return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
     from .data import read_pairs, read_products, read_rooms, read_scene_images
-    from .evaluation import baseline_evaluations, evaluate, evaluate_scenes
+    from .evaluation import baseline_evaluations, check_report_folder, evaluate, evaluate_scenes, write_report
     from .factory import create_model
 
     retrieval_args = [args.catalog, args.rooms, args.pairs]
@@ -198,29 +169,49 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise ValueError("room -> product evaluation needs --catalog, --rooms and --pairs together")
     if args.scenes is None and args.catalog is None:
         raise ValueError("nothing to evaluate: give --catalog, --rooms and --pairs, and/or --scenes")
+    if args.report is not None:
+        check_report_folder(args.report)  # before the evaluation, not after it
     model = create_model(args.model if ":" in args.model or not Path(args.model).is_dir()
                          else f"local-dir:{args.model}")
+    model_dir = Path(args.model.removeprefix("local-dir:")) if not _is_builtin_name(args.model) else None
+    recorded_pairs = model_dir / "train_pairs.csv" if model_dir is not None else None
     document: dict = {}
+    scenes = None
     if args.scenes is not None:
         scenes = evaluate_scenes(model, read_scene_images(args.scenes))
         print(f"scenes: {scenes.n_images} photos, accuracy {scenes.accuracy:.4f}, macro-F1 {scenes.macro_f1:.4f}"
               f"{f', {len(scenes.skipped)} unreadable photos skipped' if scenes.skipped else ''}")
         document["scenes"] = scenes.to_dict()
     if args.catalog is None:
+        if args.report is not None:
+            print(f"wrote {write_report(args.report, scenes=scenes, title=f'hgm-mm evaluate: {args.model}')}")
         _write_document(args.json, document)
         return 0
     catalog = read_products(args.catalog)
-    rooms = read_rooms(args.rooms)
-    pairs = read_pairs(args.pairs, room_ids={r.room_id for r in rooms},
+    all_rooms = read_rooms(args.rooms)
+    pairs = read_pairs(args.pairs, room_ids={r.room_id for r in all_rooms},
                        product_ids={p.product_id for p in catalog})
+    pairs_file = args.train_pairs or (recorded_pairs if recorded_pairs and recorded_pairs.is_file() else None)
+    trained_on: set[str] = set()
+    if recorded_pairs is not None and recorded_pairs.is_file():
+        trained_on = {room for room, _ in read_pairs(recorded_pairs)}
+    rooms = all_rooms
+    if trained_on and not args.all_rooms:
+        rooms = [r for r in all_rooms if r.room_id not in trained_on]
+        print(f"scoring the {len(rooms)} rooms {args.model} was not trained on "
+              f"({len(all_rooms) - len(rooms)} training rooms left out; --all-rooms keeps them)")
+        if not rooms:
+            raise ValueError(f"{args.rooms}: every room is one {args.model} was trained on; give other rooms "
+                             "or --all-rooms")
     result = evaluate(model, catalog, rooms, pairs, use_room_text=args.room_text)
     table = {args.model: result.metrics}
     if args.baselines:
         train_pairs = train_rooms = None
-        if args.train_pairs is not None:
-            train_rooms = read_rooms(args.train_rooms) if args.train_rooms else rooms
-            train_pairs = read_pairs(args.train_pairs, room_ids={r.room_id for r in train_rooms},
+        if pairs_file is not None:
+            train_rooms = read_rooms(args.train_rooms) if args.train_rooms else all_rooms
+            train_pairs = read_pairs(pairs_file, room_ids={r.room_id for r in train_rooms},
                                      product_ids={p.product_id for p in catalog})
+            print(f"popularity baselines count the training pairs of {pairs_file}")
         else:
             print("popularity baselines skipped: give --train-pairs (and --train-rooms)", file=sys.stderr)
         import warnings
@@ -237,8 +228,19 @@ def _evaluate(args: argparse.Namespace) -> int:
     for name, values in table.items():
         print(f"| {name} | " + " | ".join(f"{values.get(c, float('nan')):.4f}" for c in columns) + " |")
     document.update({"model": result.to_dict(), "table": table})
+    if args.report is not None:
+        index = write_report(args.report, result, catalog, rooms, pairs, table=table, scenes=scenes,
+                             title=f"hgm-mm evaluate: {args.model}")
+        print(f"wrote {index}")
     _write_document(args.json, document)
     return 0
+
+
+def _is_builtin_name(name: str) -> bool:
+    """A name create_model resolves itself (built-in, open_clip, hub) rather than a saved-model folder."""
+    if name.startswith("local-dir:"):
+        return False
+    return ":" in name or not Path(name).is_dir()
 
 
 def _create_model(name: str):

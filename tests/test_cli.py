@@ -1,7 +1,5 @@
 """The `hgm-mm` command line."""
 import json
-import subprocess
-import sys
 
 import pytest
 from PIL import Image
@@ -24,34 +22,27 @@ def _tiny_dataset(root):
     return root
 
 
-def test_demo_runs_on_a_dataset_folder(tmp_path, capsys):
-    data = _tiny_dataset(tmp_path / "data")
-    with pytest.warns(UserWarning):  # hgm-tiny announces its random weights
-        assert main(["demo", "--data", str(data), "--model", "hgm-tiny", "--query", "a sofa"]) == 0
-    out = capsys.readouterr().out
-    assert "room r1 (bedroom)" in out
-    ranked = [line for line in out.splitlines() if line.startswith("  ") and line.strip()[:2] in {"1.", "2.", "3.", "4."}]
-    assert len(ranked) == 4  # every product of the catalogue, ranked for the room
-    assert sum("* " in line and "product 2 " in line for line in ranked) == 1  # the room's own product is marked
-    assert "0 unreadable photos skipped" in out
+def test_demo_passes_its_flags_to_run_demo(tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr("hgm_mm.demo.run_demo", lambda data, **kwargs: seen.update(data=data, **kwargs))
+    assert main(["demo", "--data", str(tmp_path), "--output", str(tmp_path / "out"), "--model", "hgm-tiny",
+                 "--rooms", "2", "--train-rooms", "8", "--products", "40", "--steps", "3", "--batch-size", "8",
+                 "-k", "4"]) == 0
+    assert seen == {"data": tmp_path, "output": tmp_path / "out", "model": "hgm-tiny", "rooms": 2, "train_rooms": 8,
+                    "products": 40, "steps": 3, "batch_size": 8, "top_k": 4}
 
 
-def test_demo_skips_and_counts_an_unreadable_photo(tmp_path, capsys):
-    data = _tiny_dataset(tmp_path / "data")
-    (data / "img" / "p0.jpg").write_bytes(b"not a jpeg")
-    with pytest.warns(UserWarning):
-        assert main(["demo", "--data", str(data), "--model", "hgm-tiny"]) == 0
-    assert "1 unreadable photos skipped" in capsys.readouterr().out
-
-
-def test_demo_without_data_fails_with_one_clear_sentence(tmp_path, monkeypatch):
+def test_demo_without_data_or_network_fails_with_one_clear_sentence(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("HGM_DATA", raising=False)
-    result = subprocess.run([sys.executable, "-m", "hgm_mm", "demo"], capture_output=True, text=True,
-                            cwd=tmp_path, timeout=120)
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
-        "hgm-mm demo: no dataset given: pass --data DIR or set HGM_DATA to a folder with products.jsonl, "
-        "rooms.jsonl and pairs.csv"]
+    monkeypatch.setenv("HGM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("hgm_mm.data.ikea_repo.IKEA_ARCHIVE_URL", "https://127.0.0.1:9/ikea.tar.gz")  # no network
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--model", "hgm-tiny"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hgm-mm demo: cannot download the IKEA room dataset from ")
+    assert lines[0].endswith("; pass --data DIR or set HGM_DATA to a folder with products.jsonl, rooms.jsonl and "
+                             "pairs.csv")
+    assert not (tmp_path / "runs").exists()
 
 
 def test_demo_reports_a_bad_dataset_row(tmp_path, capsys):
@@ -90,3 +81,39 @@ def test_evaluate_scenes_alone_and_refuses_a_partial_retrieval_set(tmp_path, cap
     assert "scenes: 3 photos, accuracy" in capsys.readouterr().out
     assert main(["evaluate", "--model", "hgm-tiny", "--catalog", str(data / "products.jsonl")]) == 2
     assert "needs --catalog, --rooms and --pairs together" in capsys.readouterr().err
+
+
+def test_evaluate_a_trained_model_leaves_out_its_training_rooms_and_writes_a_report(tmp_path, capsys):
+    import warnings
+
+    import hgm_mm
+
+    data = _tiny_dataset(tmp_path / "data")
+    rooms = [json.loads(data.joinpath("rooms.jsonl").read_text())]
+    rooms.append({"room_id": "r2", "image": "img/room.jpg", "scene": "kitchen", "title": "a kitchen"})
+    (data / "rooms.jsonl").write_text("\n".join(json.dumps(r) for r in rooms))
+    (data / "pairs.csv").write_text("room_id,product_id\nr1,p2\nr2,p1\nr2,p3\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model_dir = hgm_mm.create_model("hgm-tiny").save_pretrained(tmp_path / "model")
+    (model_dir / "train_pairs.csv").write_text("room_id,product_id\nr1,p2\n")  # as a training run records it
+    report = tmp_path / "report"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        code = main(["evaluate", "--model", str(model_dir), "--catalog", str(data / "products.jsonl"),
+                     "--rooms", str(data / "rooms.jsonl"), "--pairs", str(data / "pairs.csv"), "--baselines",
+                     "--frozen-model", "hgm-tiny", "--report", str(report), "--json", str(tmp_path / "e.json")])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "scoring the 1 rooms" in out and "1 training rooms left out" in out
+    assert f"popularity baselines count the training pairs of {model_dir / 'train_pairs.csv'}" in out
+    document = json.loads((tmp_path / "e.json").read_text())
+    assert document["model"]["n_rooms"] == 1 and "popularity" in document["table"]
+    html = (report / "index.html").read_text()
+    assert "r2" in html and "r1" not in html.replace("r1,", "")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "keep.jpg").write_bytes(b"x")
+    assert main(["evaluate", "--model", "hgm-tiny", "--catalog", str(data / "products.jsonl"), "--rooms",
+                 str(data / "rooms.jsonl"), "--pairs", str(data / "pairs.csv"), "--report", str(photos)]) == 2
+    assert (photos / "keep.jpg").exists()
