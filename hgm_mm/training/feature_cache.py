@@ -58,7 +58,25 @@ def cacheable_image_stage(model, *, freeze_norm_stats: bool) -> int:
     tower = model.image_tower
     if not isinstance(tower, TimmImageTower) or not freeze_norm_stats:
         return 0
-    return tower.locked_prefix()
+    stage = tower.locked_prefix()
+    if stage and not _stages_compose_to_forward(tower, stage, model.config.image_tower.image_size):
+        return 0
+    return stage
+
+
+@torch.no_grad()
+def _stages_compose_to_forward(tower: TimmImageTower, stage: int, side: int) -> bool:
+    """Whether running the stages from `stage` on the cached prefix gives the tower's own output."""
+    was_training = tower.training
+    tower.eval()
+    try:
+        pixels = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(0))
+        pixels = pixels.to(next(tower.parameters()).device)
+        expected = tower(pixels)
+        got = tower(tower.prefix_features(pixels, stage), start_stage=stage)
+        return got.shape == expected.shape and torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
+    finally:
+        tower.train(was_training)
 
 
 def fully_locked(tower) -> bool:
