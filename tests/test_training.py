@@ -219,6 +219,24 @@ def test_lora_trains_adapters_only_and_saves_them_merged(dataset, tmp_path):
     assert not torch.equal(saved.state_dict()[f"{query}.weight"], before[f"{query}.weight"])
 
 
+def test_unlocked_image_groups_count_from_the_head_convolution():
+    from hgm_mm.training.freezing import lock_image_tower
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tower = hgm_mm.create_model("hgm-tiny").image_tower
+    trainable = lambda: {n.split(".")[1] for n, p in tower.named_parameters() if p.requires_grad}  # noqa: E731
+    lock_image_tower(tower, 1)
+    assert trainable() == {"conv_head", "bn2"}
+    last_block = f"blocks.{len(tower.trunk.blocks) - 1}"
+    lock_image_tower(tower, 2)
+    assert trainable() == {"conv_head", "bn2", "blocks"}
+    assert all(n.startswith(f"trunk.{last_block}.") or "blocks" not in n
+               for n, p in tower.named_parameters() if p.requires_grad)
+    lock_image_tower(tower, 0)
+    assert trainable() == set()
+
+
 def test_config_refuses_unknown_settings_and_reads_yaml(tmp_path):
     with pytest.raises(ValueError, match=r"unknown setting\(s\) \['learning_rate'\]; valid settings are .*'lr'"):
         TrainConfig.from_dict({"learning_rate": 0.1})

@@ -21,7 +21,7 @@ def lock_image_tower(tower: nn.Module, unlocked_groups: int, *, freeze_norm_stat
     from timm.models import group_modules, group_parameters
 
     trunk = tower.trunk
-    matcher = trunk.group_matcher(coarse=True)
+    matcher = _head_convolution_apart(trunk.group_matcher(coarse=True))
     groups = group_parameters(trunk, matcher)
     last_locked = max(groups) - unlocked_groups
     for group_id, names in groups.items():
@@ -32,6 +32,20 @@ def lock_image_tower(tower: nn.Module, unlocked_groups: int, *, freeze_norm_stat
     module_groups = group_modules(trunk, matcher, reverse=True)
     return [module for name, module in trunk.named_modules()
             if isinstance(module, nn.modules.batchnorm._BatchNorm) and module_groups.get(name, -1) <= last_locked]
+
+
+def _head_convolution_apart(matcher: dict) -> dict:
+    """timm merges the head convolution of convolutional nets (EfficientNet's `conv_head`) into the
+    last block's group; here it is a group of its own, so one unlocked group is the head alone, the
+    cheapest layer to adapt (measured in docs/training.md)."""
+    from timm.models._manipulate import MATCH_PREV_GROUP
+
+    rules = matcher.get("blocks")
+    if not isinstance(rules, (list, tuple)):
+        return matcher
+    apart = [(pattern, (MATCH_PREV_GROUP[0] + 1,)) if ordinal == MATCH_PREV_GROUP and "conv_head" in pattern
+             else (pattern, ordinal) for pattern, ordinal in rules]
+    return {**matcher, "blocks": apart}
 
 
 def lock_text_tower(tower: nn.Module, unlocked_layers: int) -> None:
