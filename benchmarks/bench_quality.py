@@ -15,7 +15,8 @@ Writes `quality.json` and `quality.png` (validation Recall@10 and NDCG@10 agains
 time, baselines as horizontal lines) into --output, and the benchmark's line in
 benchmarks/RESULTS.md when --output is the default folder. `--model hgm-tiny --max-steps 2
 --output /tmp/quality` checks the script end to end in a few minutes without touching the
-recorded results.
+recorded results. `--run DIR` reads a finished run of the default recipe instead of training
+again (e.g. the folder of `hgm-mm train --data ../shared/data/ikea --model hgm-lite-en`).
 """
 from __future__ import annotations
 
@@ -49,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                                     "the recipe's epochs)")
     parser.add_argument("--output", type=Path, default=RESULTS_DIR,
                         help="folder for quality.json and quality.png; RESULTS.md is updated only for the default")
+    parser.add_argument("--run", type=Path, default=None,
+                        help="a finished run folder (history.json, model/) to report instead of training again")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     return parser.parse_args(argv)
 
@@ -68,9 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         data = find_dataset(args.data if args.data is not None
                             else Path(os.environ["HGM_DATA"]) if os.environ.get("HGM_DATA") else DEFAULT_DATA)
-        config = hgm_mm.TrainConfig.from_dict(
-            {"model": args.model, **({"max_steps": args.max_steps} if args.max_steps is not None else {})},
-            origin="command line")
+        if args.run is not None:
+            config = hgm_mm.TrainConfig.from_file(args.run / "train_config.json")
+        else:
+            config = hgm_mm.TrainConfig.from_dict(
+                {"model": args.model, **({"max_steps": args.max_steps} if args.max_steps is not None else {})},
+                origin="command line")
     except (FileNotFoundError, ValueError) as err:
         print(f"bench_quality: {err}", file=sys.stderr)
         return 2
@@ -78,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     dataset = load_dataset(data)
 
     with tempfile.TemporaryDirectory(prefix="bench-quality-") as run:
-        trained = hgm_mm.train(config, data=data, output=run, resume=False)
+        trained = finished_run(args.run) if args.run is not None else \
+            hgm_mm.train(config, data=data, output=run, resume=False)
         history = check_history(trained.history)
         val_ids = (Path(trained.model_dir) / "val_rooms.txt").read_text(encoding="utf-8").split()
         product_ids = {p.product_id for p in dataset.products}
@@ -136,6 +143,18 @@ def main(argv: list[str] | None = None) -> int:
     print(line)
     print(f"wrote {args.output / 'quality.json'} and {args.output / 'quality.png'}")
     return 0
+
+
+def finished_run(folder: Path):
+    """What `hgm_mm.train` returned for a run folder it finished (its history.json)."""
+    import json
+    from types import SimpleNamespace
+
+    path = folder / "history.json"
+    if not path.is_file():
+        raise SystemExit(f"bench_quality: {path} is missing; --run takes the folder of a finished training run")
+    recorded = json.loads(path.read_text(encoding="utf-8"))
+    return SimpleNamespace(model_dir=folder / "model", **recorded)
 
 
 def check_history(history: list[dict]) -> list[dict]:

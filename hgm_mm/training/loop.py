@@ -27,6 +27,7 @@ from .freezing import (keep_frozen_norms_eval, lock_image_tower, lock_text_tower
 
 CHECKPOINT_DIR = "checkpoint"
 BEST_MODEL_DIR = "model"
+HISTORY_FILE = "history.json"  # the finished run: every validation evaluation, best step, wall time
 SCENE_CATEGORIES_FILE = "scene_categories.json"  # category counts per scene of the training pairs
 MAX_CACHE_BYTES = 8 << 30  # larger feature caches are not built: the run recomputes the locked layers
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's clamp: temperature never below 0.01
@@ -219,9 +220,13 @@ def train(config: TrainConfig | None = None, *, data: str | os.PathLike, output:
     accelerator.end_training()
     if state.skipped_images:
         accelerator.print(f"{state.skipped_images} unreadable photos were skipped")
-    return TrainResult(model_dir=output / BEST_MODEL_DIR, best_metrics=state.best_metrics, best_step=state.best_step,
-                       steps=state.step, wall_seconds=time.perf_counter() - started, history=state.history,
-                       skipped_images=state.skipped_images, skipped_batches=state.skipped_batches)
+    result = TrainResult(model_dir=output / BEST_MODEL_DIR, best_metrics=state.best_metrics, best_step=state.best_step,
+                         steps=state.step, wall_seconds=seconds_before + time.perf_counter() - started,
+                         history=state.history, skipped_images=state.skipped_images,
+                         skipped_batches=state.skipped_batches)
+    if main:
+        _write_json(output / HISTORY_FILE, {k: v for k, v in result.__dict__.items() if k != "model_dir"})
+    return result
 
 
 # -- feature cache --------------------------------------------------------------------------------
