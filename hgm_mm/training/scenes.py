@@ -1,0 +1,372 @@
+"""Scene recognition training on `images.jsonl` sets (scene-labelled photos, e.g. Places365 rooms).
+
+The scene head reads the room vector: the normalised mean of the photo's view embeddings
+(`model.room_views`), passed through the room fusion, exactly as `model.predict_scene` and
+`hgm_mm.evaluation.evaluate_scenes` compute it. Training keeps that contract: validation scores
+the mean of all the views of each photo, so the accuracy measured during training is the accuracy
+users get. Training itself may read the whole-photo view alone (`train_views="whole"`, the
+default), at 1/V of the cost of caching all V views.
+
+On a CPU the towers are the cost, so everything below the trainable layers runs once per photo:
+the outputs of the locked image layers for every training view of every photo (and of its mirror
+image, the augmentation, when asked) are cached, and the epochs run the trainable layers alone on that cache.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from ..data.images import ImageError, load_image
+from ..data.records import SceneImage, read_scene_images
+from ..evaluation import metrics
+from ..preprocess import RoomViews
+from ..towers import TimmImageTower
+from .freezing import keep_frozen_norms_eval, lock_image_tower
+
+IMAGE_ERROR_POLICIES = ("skip", "raise")
+TRAIN_VIEWS = ("all", "whole")
+
+
+@dataclass
+class SceneTrainResult:
+    """What `train_scenes` did and measured."""
+
+    history: list[dict[str, float]]  # one row per epoch: epoch, loss, train_accuracy (+ val_accuracy, val_macro_f1)
+    val_accuracy: float | None  # after the last epoch, as `evaluate_scenes` computes it; None without val photos
+    val_macro_f1: float | None
+    n_train: int  # readable training photos
+    n_val: int  # readable validation photos
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # unreadable photos (path, reason)
+    trained_parameters: list[str] = field(default_factory=list)  # names of the parameters training changed
+    cache_seconds: float = 0.0  # running the locked layers over every photo once
+    train_seconds: float = 0.0  # the epochs on the cache, validation included
+
+    def to_dict(self) -> dict:
+        return {"history": self.history, "val_accuracy": self.val_accuracy, "val_macro_f1": self.val_macro_f1,
+                "n_train": self.n_train, "n_val": self.n_val, "skipped": [list(s) for s in self.skipped],
+                "trained_parameters": self.trained_parameters, "cache_seconds": self.cache_seconds,
+                "train_seconds": self.train_seconds}
+
+
+def train_scenes(model, train_images: Sequence[SceneImage] | str | os.PathLike, *,
+                 val_images: Sequence[SceneImage] | str | os.PathLike | None = None, epochs: int = 30,
+                 lr: float = 1e-2, batch_size: int = 64, label_smoothing: float = 0.1, weight_decay: float = 1e-4,
+                 projection_lr: float = 0.0, unlocked_image_groups: int = 0, tower_lr: float = 1e-4,
+                 mirror: bool = False, train_views: str = "whole", seed: int = 0, image_errors: str = "skip",
+                 num_workers: int | None = None, progress: bool = True) -> SceneTrainResult:
+    """Trains the model's scene head on scene-labelled photos, in place.
+
+    Args:
+        model: an `HGMModel`; its `scene_labels` must cover every label of the photos.
+        train_images: `SceneImage` rows, or the path of an `images.jsonl` file.
+        val_images: photos measured after every epoch (the same as `evaluate_scenes` on them).
+        epochs: passes over the training photos.
+        lr: peak learning rate of the scene head (AdamW, warm-up then cosine decay).
+        batch_size: photos per step.
+        label_smoothing: of the cross-entropy.
+        weight_decay: AdamW decay of the weight matrices.
+        projection_lr: > 0 also trains the image projection at this rate. The projection is shared
+            with products and rooms, so this changes retrieval embeddings too.
+        unlocked_image_groups: top layer groups of the image tower trained too (timm groups, as
+            `TrainConfig.unlocked_image_groups`); 0 keeps the tower and retrieval as they are.
+        tower_lr: learning rate of the unlocked tower groups.
+        mirror: cache each photo's mirror image too and draw one of the two per photo and epoch.
+        train_views: "whole" trains on the whole-photo view alone, caching at 1/V of the cost
+            (V = `model.room_views.n_views`); "all" on the mean of all the room views of each photo,
+            as inference scores it. With the towers locked both gave the same accuracy on the
+            all-views evaluation, within noise. Validation always uses all the views.
+        seed: seeds the order of the photos and the mirror draws; the same seed gives the same weights.
+        image_errors: "skip" leaves unreadable photos out and lists them in the result; "raise" stops.
+        num_workers: photo-decoding processes (default: up to 2).
+        progress: show progress bars.
+
+    Returns:
+        The per-epoch history, the final validation accuracy and what was skipped.
+
+    Raises:
+        ValueError: an argument is out of range, a label is not among the model's scene labels,
+            no photo is readable, or the tower cannot be split for `unlocked_image_groups`.
+    """
+    _check_arguments(epochs=epochs, lr=lr, batch_size=batch_size, label_smoothing=label_smoothing,
+                     weight_decay=weight_decay, projection_lr=projection_lr,
+                     unlocked_image_groups=unlocked_image_groups, tower_lr=tower_lr, seed=seed,
+                     image_errors=image_errors, num_workers=num_workers, train_views=train_views)
+    train_images = _scene_images(train_images, "train_images")
+    val_images = _scene_images(val_images, "val_images") if val_images is not None else []
+    _check_labels(model, train_images, "train_images")
+    _check_labels(model, val_images, "val_images")
+    if num_workers is None:
+        num_workers = min(2, os.cpu_count() or 1)
+
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    try:
+        stage, locked_norms = _lock(model, projection_lr > 0, unlocked_image_groups)
+        trained = [name for name, p in model.named_parameters() if p.requires_grad]
+        started = time.perf_counter()
+        skipped: list[tuple[str, str]] = []
+        train_transform = model.room_views if train_views == "all" else RoomViews(model.config.image_tower, (1,))
+        cache_options = {"skipped": skipped, "image_errors": image_errors, "num_workers": num_workers,
+                         "progress": progress}
+        # activations inside the tower are large: training keeps them in half precision, validation exact
+        train_features, train_kept = _cache_views(model, train_images, stage, train_transform, mirror=mirror,
+                                                  dtype=torch.float32 if stage is None else torch.float16,
+                                                  desc="caching training photos", **cache_options)
+        val_features, val_kept = (None, [])
+        if val_images:
+            val_features, val_kept = _cache_views(model, val_images, stage, model.room_views, mirror=False,
+                                                  dtype=torch.float32, desc="caching validation photos",
+                                                  **cache_options)
+        cache_seconds = time.perf_counter() - started
+
+        label_index = {label: i for i, label in enumerate(model.scene_labels)}
+        train_labels = torch.tensor([label_index[train_images[i].scene] for i in train_kept])
+        val_truth = [val_images[i].scene for i in val_kept]
+        started = time.perf_counter()
+        history = _fit(model, stage, locked_norms, train_features, train_labels, val_features, val_truth,
+                       epochs=epochs, lr=lr, projection_lr=projection_lr, tower_lr=tower_lr, batch_size=batch_size,
+                       label_smoothing=label_smoothing, weight_decay=weight_decay, seed=seed, progress=progress)
+        train_seconds = time.perf_counter() - started
+    finally:
+        for name, p in model.named_parameters():
+            p.requires_grad = requires_grad[name]
+        model.eval()
+    last = history[-1]
+    return SceneTrainResult(
+        history=history, val_accuracy=last.get("val_accuracy"), val_macro_f1=last.get("val_macro_f1"),
+        n_train=len(train_kept), n_val=len(val_kept), skipped=skipped, trained_parameters=trained,
+        cache_seconds=cache_seconds, train_seconds=train_seconds)
+
+
+# -- inputs ----------------------------------------------------------------------------------------
+def _check_arguments(*, epochs, lr, batch_size, label_smoothing, weight_decay, projection_lr, unlocked_image_groups,
+                     tower_lr, seed, image_errors, num_workers, train_views) -> None:
+    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r}; expected an int >= 1")
+    for name, value in (("unlocked_image_groups", unlocked_image_groups), ("seed", seed)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name}={value!r}; expected an int >= 0")
+    if num_workers is not None and (isinstance(num_workers, bool) or not isinstance(num_workers, int)
+                                    or num_workers < 0):
+        raise ValueError(f"num_workers={num_workers!r}; expected None or an int >= 0")
+    for name, value in (("lr", lr), ("tower_lr", tower_lr)):
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise ValueError(f"{name}={value!r}; expected a finite number > 0")
+    for name, value in (("projection_lr", projection_lr), ("weight_decay", weight_decay)):
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name}={value!r}; expected a finite number >= 0")
+    if not (isinstance(label_smoothing, (int, float)) and 0.0 <= label_smoothing < 1.0):
+        raise ValueError(f"label_smoothing={label_smoothing!r}; expected a value in [0, 1)")
+    if image_errors not in IMAGE_ERROR_POLICIES:
+        raise ValueError(f"image_errors={image_errors!r}; expected one of {list(IMAGE_ERROR_POLICIES)}")
+    if train_views not in TRAIN_VIEWS:
+        raise ValueError(f"train_views={train_views!r}; expected one of {list(TRAIN_VIEWS)}")
+
+
+def _scene_images(images, name: str) -> list[SceneImage]:
+    """SceneImage rows, or the path of an images.jsonl file (read and validated)."""
+    if isinstance(images, (str, os.PathLike)):
+        return read_scene_images(Path(images))
+    if not isinstance(images, Sequence):
+        raise TypeError(f"{name} is {type(images).__name__}; expected a sequence of SceneImage or the path "
+                        "of an images.jsonl file")
+    images = list(images)
+    if not images:
+        raise ValueError(f"{name} is empty; give at least one labelled photo")
+    for i, item in enumerate(images):
+        if not isinstance(item, SceneImage):
+            raise TypeError(f"{name}[{i}] is {type(item).__name__}; expected hgm_mm.data.SceneImage "
+                            "(read them with hgm_mm.data.read_scene_images)")
+    return images
+
+
+def _check_labels(model, images: Sequence[SceneImage], name: str) -> None:
+    unknown = sorted({item.scene for item in images} - set(model.scene_labels))
+    if unknown:
+        raise ValueError(f"{name}: scene label(s) {unknown} are not among the model's scene labels "
+                         f"{list(model.scene_labels)}; create the model with scene_labels=[...] that include them")
+
+
+# -- locking and caching ---------------------------------------------------------------------------
+def _lock(model, train_projection: bool, unlocked_image_groups: int) -> tuple[int | None, list]:
+    """Leaves only what scene training changes trainable.
+
+    Returns:
+        (stage, locked_norms): cached features enter image-tower stage `stage`, or are the pooled
+        tower outputs when `stage` is None; the BatchNorms to keep in eval mode.
+    """
+    for p in model.parameters():
+        p.requires_grad = False
+    for p in model.scene_head.parameters():
+        p.requires_grad = True
+    if train_projection:
+        for p in model.image_proj.parameters():
+            p.requires_grad = True
+    if unlocked_image_groups == 0:
+        return None, []
+    tower = model.image_tower
+    if not isinstance(tower, TimmImageTower) or not tower.feature_stages():
+        raise ValueError(f"unlocked_image_groups={unlocked_image_groups} needs a timm image tower whose stages "
+                         f"hgm_mm knows (EfficientNet or ResNet families); this model's is "
+                         f"{type(tower).__name__}: use unlocked_image_groups=0")
+    locked_norms = lock_image_tower(tower, unlocked_image_groups, freeze_norm_stats=True)
+    stage = tower.locked_prefix()
+    if stage == 0:
+        raise ValueError(f"unlocked_image_groups={unlocked_image_groups} unlocks the whole image tower; "
+                         "leave at least its first group locked")
+    return stage, locked_norms
+
+
+class _Mirrored:
+    """A photo -> its views and those of its mirror image, stacked (2, V, 3, S, S)."""
+
+    def __init__(self, views):
+        self.views = views
+
+    def __call__(self, image):
+        from PIL import Image
+
+        return torch.stack([self.views(image), self.views(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT))])
+
+
+class _Photos(Dataset):
+    def __init__(self, sources: Sequence[Path], transform):
+        self.sources, self.transform = list(sources), transform
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, i: int):
+        try:
+            return i, self.transform(load_image(self.sources[i])), None
+        except ImageError as err:
+            return i, None, (err.source, err.problem)
+
+
+@torch.no_grad()
+def _cache_views(model, images: Sequence[SceneImage], stage: int | None, views, *, mirror: bool, dtype: torch.dtype,
+                 skipped: list, image_errors: str, num_workers: int, progress: bool, desc: str
+                 ) -> tuple[torch.Tensor, list[int]]:
+    """Locked-layer outputs of every view (`views`: a photo -> (V, 3, S, S)) of every readable photo.
+
+    Returns:
+        (features, kept): features (N', A, V, ...) with A = 2 when `mirror` (the photo, its mirror
+        image) else 1, and the input positions of its rows.
+    """
+    from tqdm.auto import tqdm
+
+    tower = model.image_tower
+    transform = _Mirrored(views) if mirror else views
+    loader = DataLoader(_Photos([item.image for item in images], transform), batch_size=4,
+                        num_workers=num_workers, collate_fn=list)
+    chunks, kept = [], []
+    model.eval()
+    with tqdm(total=len(images), desc=desc, unit="photo", disable=not progress) as bar:
+        for items in loader:
+            for _, _, problem in items:
+                if problem is not None:
+                    if image_errors == "raise":
+                        raise ImageError(*problem)
+                    skipped.append(problem)
+            readable = [(i, pixels) for i, pixels, _ in items if pixels is not None]
+            if readable:
+                pixels = torch.stack([p for _, p in readable]).to(model.device)
+                if not mirror:
+                    pixels = pixels.unsqueeze(1)  # (B, 1, V, 3, S, S)
+                flat = pixels.flatten(0, 2)  # (B * A * V, 3, S, S)
+                features = tower(flat) if stage is None else tower.prefix_features(flat, stage)
+                chunks.append(features.to("cpu", dtype).view(*pixels.shape[:3], *features.shape[1:]))
+                kept.extend(i for i, _ in readable)
+            bar.update(len(items))
+    if not kept:
+        raise ValueError(f"{desc}: none of the {len(images)} photos could be read (first: {skipped[0][0]}: "
+                         f"{skipped[0][1]})")
+    return torch.cat(chunks), kept
+
+
+# -- training --------------------------------------------------------------------------------------
+def _scene_logits(model, features: torch.Tensor, stage: int | None) -> torch.Tensor:
+    """Cached features (B, V, ...) -> scene logits (B, S), as `evaluate_scenes` computes them from photos."""
+    batch, n_views = features.shape[:2]
+    flat = features.flatten(0, 1).to(model.device, model.scene_head.weight.dtype)  # (B * V, ...)
+    pooled = flat if stage is None else model.image_tower(flat, start_stage=stage)  # (B * V, C)
+    views = F.normalize(model.image_proj(pooled), dim=-1).view(batch, n_views, -1)  # (B, V, D)
+    room = model.room_fusion(F.normalize(views.mean(dim=1), dim=-1))  # (B, D)
+    return model.scene_head(room)  # (B, S)
+
+
+@torch.no_grad()
+def _predict(model, features: torch.Tensor, stage: int | None, batch_size: int) -> list[str]:
+    model.eval()
+    predicted = []
+    for start in range(0, len(features), batch_size):
+        logits = _scene_logits(model, features[start:start + batch_size, 0], stage)
+        predicted.extend(model.scene_labels[i] for i in logits.argmax(dim=1).tolist())
+    return predicted
+
+
+def _fit(model, stage, locked_norms, train_features, train_labels, val_features, val_truth, *, epochs, lr,
+         projection_lr, tower_lr, batch_size, label_smoothing, weight_decay, seed, progress) -> list[dict[str, float]]:
+    from tqdm.auto import tqdm
+
+    groups = [(model.scene_head, lr)]
+    if projection_lr > 0:
+        groups.append((model.image_proj, projection_lr))
+    if stage is not None:
+        groups.append((model.image_tower, tower_lr))
+    param_groups = []
+    for module, group_lr in groups:
+        params = [p for p in module.parameters() if p.requires_grad]
+        param_groups.append({"params": [p for p in params if p.ndim >= 2], "lr": group_lr,
+                             "weight_decay": weight_decay})
+        param_groups.append({"params": [p for p in params if p.ndim < 2], "lr": group_lr, "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW([g for g in param_groups if g["params"]])
+    steps_per_epoch = math.ceil(len(train_features) / batch_size)
+    total_steps = epochs * steps_per_epoch
+    warmup = max(1, total_steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min((step + 1) / warmup, 0.5 * (1 + math.cos(math.pi * step / total_steps))))
+    generator = torch.Generator().manual_seed(seed)
+    n_augmentations = train_features.shape[1]
+    rows = torch.arange(len(train_features))
+    history = []
+    bar = tqdm(range(epochs), desc="scene training", unit="epoch", disable=not progress)
+    for epoch in bar:
+        model.train()
+        keep_frozen_norms_eval(locked_norms)
+        order = torch.randperm(len(train_features), generator=generator)
+        drawn = torch.randint(n_augmentations, (len(train_features),), generator=generator)
+        loss_sum, correct = 0.0, 0
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            features = train_features[rows[batch], drawn[batch]]  # (B, V, ...)
+            labels = train_labels[batch].to(model.device)
+            logits = _scene_logits(model, features, stage)  # (B, S)
+            loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"scene training: non-finite loss at epoch {epoch + 1}, step "
+                                         f"{start // batch_size + 1}; lower lr (now {lr})")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            loss_sum += loss.detach().item() * len(batch)
+            correct += int((logits.argmax(dim=1) == labels).sum())
+        row = {"epoch": epoch + 1, "loss": loss_sum / len(order), "train_accuracy": correct / len(order)}
+        if val_features is not None:
+            predicted = _predict(model, val_features, stage, batch_size)
+            row["val_accuracy"] = metrics.scene_accuracy(val_truth, predicted)
+            row["val_macro_f1"] = metrics.macro_f1(val_truth, predicted)
+        history.append(row)
+        bar.set_postfix({k: round(v, 4) for k, v in row.items() if k != "epoch"})
+    bar.close()
+    model.eval()
+    return history
