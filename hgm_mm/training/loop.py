@@ -207,7 +207,8 @@ def train(config: TrainConfig | None = None, *, data: str | os.PathLike, output:
                 or state.step == last_step:
             state.seconds = seconds_before + time.perf_counter() - started
             if _evaluate_and_keep_best(unwrapped, state, dataset, train_rooms, val_rooms, train_pairs,
-                                       scene_categories, output, config, start_state, main, progress, cache):
+                                       scene_categories, output, config, start_state, main, progress, cache) \
+                    and state.step < last_step:
                 accelerator.print(f"stopping early at step {state.step}: no Recall@10 gain in "
                                   f"{config.patience} evaluations")
                 last_step = state.step

@@ -1,0 +1,279 @@
+"""Catalogue embedding: shards that resume, bad photos skipped and counted, vectors equal to the
+model's own encoder, JPEG draft decoding, and two processes merging to the one-process result."""
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+import hgm_mm
+from hgm_mm import embedding
+from hgm_mm.data.images import ImageError, load_image
+from hgm_mm.embedding import ShardedEmbeddings, embed_images, embed_to_shards
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread; two spin against each other on a busy 2-core host."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model(one_thread):
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return hgm_mm.create_model("hgm-tiny")
+
+
+def make_photos(folder: Path, n: int, size=(90, 70)) -> list[Path]:
+    """JPEGs with different colours and a gradient, so their vectors differ."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        image = Image.linear_gradient("L").resize(size).convert("RGB")
+        tint = Image.new("RGB", size, ((37 * i) % 256, (91 * i) % 256, (153 * i) % 256))
+        path = folder / f"p{i}.jpg"
+        Image.blend(image, tint, 0.6).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def reference_vectors(model, paths) -> torch.Tensor:
+    """The model's own encoder on load_image's pixels, one photo at a time -> (N, D)."""
+    with torch.no_grad():
+        return torch.cat([model.encode_image(model.image_transform(load_image(p)).unsqueeze(0)) for p in paths])
+
+
+def ids_for(paths) -> list[str]:
+    return [f"id-{p.stem}" for p in paths]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_vectors_equal_the_models_encoder_in_input_order(model, tmp_path, workers):
+    paths = make_photos(tmp_path / "img", 11)
+    result = embed_to_shards(model, ids_for(paths), paths, tmp_path / "out", shard_size=4, batch_size=3,
+                             num_workers=workers, jpeg_draft=False, progress=False)
+    ids, vectors = result.load()
+    assert ids == ids_for(paths)
+    assert result.n_shards == 3 and result.complete
+    assert torch.allclose(vectors, reference_vectors(model, paths), atol=1e-5)
+    assert torch.allclose(vectors.norm(dim=1), torch.ones(len(paths)), atol=1e-5)
+
+
+def test_embed_images_keeps_its_behaviour(model, tmp_path):
+    paths = make_photos(tmp_path / "img", 5)
+    result = embed_images(model, paths, batch_size=2, num_workers=0, progress=False)
+    assert result.kept == list(range(5)) and result.skipped == []
+    assert torch.allclose(result.embeddings, reference_vectors(model, paths), atol=1e-6)
+    views = embed_images(model, paths[:2], num_workers=0, progress=False, room_views=True)
+    with torch.no_grad():
+        expected = model.encode_room_views([load_image(p) for p in paths[:2]])
+    assert torch.allclose(views.embeddings, expected, atol=1e-6)
+
+
+def test_a_crashed_run_resumes_to_the_same_vectors_without_duplicates(model, tmp_path, monkeypatch):
+    paths = make_photos(tmp_path / "img", 10)
+    ids = ids_for(paths)
+    unbroken = embed_to_shards(model, ids, paths, tmp_path / "unbroken", shard_size=3, batch_size=2,
+                               num_workers=0, progress=False)
+
+    write_shard = embedding._write_shard
+    written = []
+
+    def crash_on_third_shard(path, shard, *args):
+        if len(written) == 2:
+            raise KeyboardInterrupt  # what a kill between two shards leaves behind
+        write_shard(path, shard, *args)
+        written.append(path)
+
+    monkeypatch.setattr(embedding, "_write_shard", crash_on_third_shard)
+    with pytest.raises(KeyboardInterrupt):
+        embed_to_shards(model, ids, paths, tmp_path / "resumed", shard_size=3, batch_size=2, num_workers=0,
+                        progress=False)
+    monkeypatch.setattr(embedding, "_write_shard", write_shard)
+    partial = ShardedEmbeddings.open(tmp_path / "resumed")
+    assert partial.missing_shards() == [2, 3]
+    with pytest.raises(ValueError, match=r"2 of 4 shards are not written yet.*rerun embed_to_shards"):
+        partial.load()
+    (tmp_path / "resumed" / ".shard-00002.safetensors.x.tmp").write_bytes(b"half a shard")  # a kill mid-write
+    first_shard_time = written[0].stat().st_mtime_ns
+
+    resumed = embed_to_shards(model, ids, paths, tmp_path / "resumed", shard_size=3, batch_size=2, num_workers=0,
+                              progress=False)
+    assert written[0].stat().st_mtime_ns == first_shard_time  # finished shards were not embedded again
+    assert not list((tmp_path / "resumed").glob(".*.tmp"))
+    got_ids, got = resumed.load()
+    want_ids, want = unbroken.load()
+    assert got_ids == want_ids == ids  # every id once, in input order
+    assert torch.equal(got, want)
+
+
+def test_broken_photos_are_skipped_and_counted_and_texts_keep_their_product(model, tmp_path):
+    paths = make_photos(tmp_path / "img", 6)
+    truncated = tmp_path / "img" / "truncated.jpg"
+    truncated.write_bytes(paths[0].read_bytes()[:200])
+    not_an_image = tmp_path / "img" / "notes.jpg"
+    not_an_image.write_text("not a photo")
+    photos = [paths[0], truncated, paths[1], not_an_image, *paths[2:]]
+    ids = [f"item{i}" for i in range(len(photos))]
+
+    photo_only = embed_to_shards(model, ids, photos, tmp_path / "photos", shard_size=3, batch_size=2,
+                                 num_workers=0, jpeg_draft=False, progress=False)
+    got_ids, vectors = photo_only.load()
+    assert got_ids == [ids[i] for i in (0, 2, 4, 5, 6, 7)]
+    assert torch.allclose(vectors, reference_vectors(model, [photos[i] for i in (0, 2, 4, 5, 6, 7)]), atol=1e-5)
+    skipped = photo_only.skipped()
+    assert [(item, photo) for item, photo, _ in skipped] == [("item1", str(truncated)), ("item3", str(not_an_image))]
+    assert "truncated or corrupt" in skipped[0][2] and "not an image file" in skipped[1][2]
+
+    texts = [f"product {i}" for i in range(len(photos))]
+    texts[5] = None  # a product with a photo and no text
+    with_text = embed_to_shards(model, ids, photos, tmp_path / "products", texts=texts, shard_size=3, batch_size=2,
+                                num_workers=0, jpeg_draft=False, progress=False)
+    got_ids, vectors = with_text.load()
+    assert got_ids == ids  # a product whose photo is unreadable keeps its text
+    assert len(with_text.skipped()) == 2
+    with torch.no_grad():
+        text_only = model.encode_text([texts[1]])
+        photo = model.encode_image(model.image_transform(load_image(photos[5])).unsqueeze(0))
+    assert torch.allclose(vectors[1], text_only[0], atol=1e-5)
+    assert torch.allclose(vectors[5], photo[0], atol=1e-5)
+
+    with pytest.raises(ImageError, match="truncated.jpg"):
+        embed_to_shards(model, ids, photos, tmp_path / "strict", on_error="raise", num_workers=0, progress=False)
+
+
+def test_a_folder_of_another_catalogue_or_model_is_refused(model, tmp_path):
+    paths = make_photos(tmp_path / "img", 4)
+    out = tmp_path / "out"
+    embed_to_shards(model, ids_for(paths), paths, out, shard_size=2, num_workers=0, progress=False)
+    with pytest.raises(ValueError, match=r"inputs_sha256.*choose another output folder"):
+        embed_to_shards(model, ids_for(paths)[::-1], paths[::-1], out, shard_size=2, num_workers=0, progress=False)
+    with pytest.raises(ValueError, match=r"shard_size: folder has 2, this run 3"):
+        embed_to_shards(model, ids_for(paths), paths, out, shard_size=3, num_workers=0, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        other = hgm_mm.create_model("hgm-tiny")
+    with pytest.raises(ValueError, match=r"model: folder has 'hgm-tiny:sha256"):
+        embed_to_shards(other, ids_for(paths), paths, out, shard_size=2, num_workers=0, progress=False)
+
+
+def test_bad_arguments_and_damaged_folders_say_what_to_fix(model, tmp_path):
+    paths = make_photos(tmp_path / "img", 3)
+    with pytest.raises(ValueError, match="3 ids, 2 photos"):
+        embed_to_shards(model, ids_for(paths), paths[:2], tmp_path / "a", progress=False)
+    with pytest.raises(ValueError, match="id 'x' occurs twice"):
+        embed_to_shards(model, ["x", "y", "x"], paths, tmp_path / "a", progress=False)
+    with pytest.raises(ValueError, match="shard_size=0"):
+        embed_to_shards(model, ids_for(paths), paths, tmp_path / "a", shard_size=0, progress=False)
+    with pytest.raises(ValueError, match="precision='fp8'"):
+        embed_to_shards(model, ids_for(paths), paths, tmp_path / "a", precision="fp8", progress=False)
+    with pytest.raises(FileNotFoundError, match="not an embedding folder"):
+        ShardedEmbeddings.open(tmp_path / "nothing")
+    out = tmp_path / "out"
+    embed_to_shards(model, ids_for(paths), paths, out, shard_size=2, num_workers=0, progress=False)
+    (out / "shard-00001.safetensors").write_bytes(b"\x00" * 16)
+    with pytest.raises(ValueError, match=r"shard-00001.safetensors: damaged shard.*delete the file and rerun"):
+        ShardedEmbeddings.open(out).load()
+
+
+def test_jpeg_draft_decodes_large_photos_smaller_but_never_below_twice_the_model_input(model, tmp_path):
+    big = make_photos(tmp_path / "big", 1, size=(1200, 900))[0]
+    small = make_photos(tmp_path / "small", 1, size=(150, 120))[0]
+    png = tmp_path / "big.png"
+    Image.open(big).save(png)
+    need = embedding._draft_side(model.image_transform)
+    assert need == 2 * round(model.config.image_tower.image_size / model.config.image_tower.crop_pct)
+    drafted = embedding._open_drafted(big, need)
+    assert drafted.mode == "RGB" and min(drafted.size) >= need and drafted.size[0] < 1200
+    assert embedding._open_drafted(small, need).size == (150, 120)  # too small to reduce
+    assert embedding._open_drafted(png, need) is None  # not a JPEG: load_image decodes it
+    assert embedding._open_drafted(tmp_path / "missing.jpg", need) is None
+
+    full = reference_vectors(model, [big])
+    result = embed_to_shards(model, ["big"], [big], tmp_path / "out", num_workers=0, progress=False)
+    cosine = torch.nn.functional.cosine_similarity(result.load()[1], full)
+    assert cosine.item() > 0.99
+
+
+def test_batch_norm_folding_keeps_outputs_and_refuses_a_conv_output_used_twice():
+    class SharedConvOutput(nn.Module):
+        """conv -> BatchNorm, but the conv output also feeds a skip path: folding would change it."""
+
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.norm = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return (self.norm(y) + y).mean(dim=(2, 3))
+
+    class Plain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+            self.norm = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.norm(self.conv(x)).mean(dim=(2, 3))
+
+    torch.manual_seed(0)
+    plain, shared = Plain().eval(), SharedConvOutput().eval()
+    for module in (plain, shared):  # statistics far from the identity, so a wrong fold shows
+        module.norm.running_mean.uniform_(-1, 1)
+        module.norm.running_var.uniform_(0.5, 2)
+    folded = embedding._folded_copy(plain, 16, torch.device("cpu"))
+    assert folded is not plain and isinstance(folded.norm, nn.Identity)
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(folded(x), plain(x), atol=1e-5)
+    assert embedding._folded_copy(shared, 16, torch.device("cpu")) is shared  # the probe check refused it
+
+
+@pytest.mark.slow
+def test_two_processes_split_the_catalogue_and_merge_to_the_one_process_result(model, tmp_path):
+    """accelerate launch with two real CPU processes (gloo): each embeds its shards, the folder merges."""
+    paths = make_photos(tmp_path / "img", 13)
+    model_dir = model.save_pretrained(tmp_path / "model")
+    inputs = tmp_path / "inputs.json"
+    inputs.write_text(json.dumps({"ids": ids_for(paths), "photos": [str(p) for p in paths]}))
+    script = tmp_path / "embed_worker.py"
+    script.write_text(
+        "import json, sys\n"
+        "from accelerate import Accelerator\n"
+        "import hgm_mm\n"
+        "from hgm_mm.embedding import embed_to_shards\n"
+        "state = Accelerator()  # joins the process group the launcher set up\n"
+        "inputs = json.load(open(sys.argv[1]))\n"
+        "model = hgm_mm.load_model(sys.argv[2])\n"
+        "result = embed_to_shards(model, inputs['ids'], inputs['photos'], sys.argv[3], shard_size=3,\n"
+        "                         batch_size=2, num_workers=0, progress=False)\n"
+        "print(f'process {state.process_index} of {state.num_processes}: complete={result.complete}', flush=True)\n")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               str(script), str(inputs), str(model_dir), str(tmp_path / "two")]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "process 0 of 2: complete=True" in done.stdout and "process 1 of 2: complete=True" in done.stdout
+
+    loaded = hgm_mm.load_model(model_dir)
+    one = embed_to_shards(loaded, ids_for(paths), paths, tmp_path / "one", shard_size=3, batch_size=2,
+                          num_workers=0, progress=False)
+    two = ShardedEmbeddings.open(tmp_path / "two")
+    (one_ids, one_vectors), (two_ids, two_vectors) = one.load(), two.load()
+    assert two_ids == one_ids == ids_for(paths)
+    assert torch.allclose(two_vectors, one_vectors, atol=1e-6)
