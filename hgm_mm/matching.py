@@ -55,6 +55,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import threading
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
@@ -590,7 +591,8 @@ def build_catalog_index(model, products: Sequence | str | os.PathLike, output_di
         batch_size, num_workers, progress: of the catalogue embedding.
     """
     from .data import read_products
-    from .evaluation.evaluate import embed_catalog
+    from .data.text import product_text
+    from .embedding import embed_to_shards
 
     output_dir = check_output_dir(output_dir)
     if isinstance(products, (str, os.PathLike)):
@@ -600,9 +602,16 @@ def build_catalog_index(model, products: Sequence | str | os.PathLike, output_di
         raise ValueError("the catalogue is empty; give at least one product")
     weights = weights if weights is not None else RankingWeights()
     model.eval()
-    vectors, skipped = embed_catalog(model, products, batch_size=batch_size, progress=progress,
-                                     num_workers=num_workers)
-    index = ProductIndex.build([p.product_id for p in products], vectors.numpy(),
+    # the vectors stream into resumable shards beside the output: a killed build picks up where it stopped
+    shards_dir = output_dir.parent / f".{output_dir.name}.vectors"
+    shards = embed_to_shards(model, [p.product_id for p in products], [p.image for p in products], shards_dir,
+                             texts=[product_text(p) for p in products], batch_size=batch_size,
+                             num_workers=num_workers, progress=progress)
+    ids, vectors = shards.load()
+    if ids != [p.product_id for p in products]:
+        raise RuntimeError(f"{shards_dir}: the embedded ids differ from the catalogue; delete the folder and rerun")
+    skipped = [(photo, reason) for _, photo, reason in shards.skipped()]
+    index = ProductIndex.build(ids, vectors.numpy(),
                                [product_metadata(p) for p in products], kind=kind,
                                model_identity=model_fingerprint(model))
 
@@ -619,6 +628,7 @@ def build_catalog_index(model, products: Sequence | str | os.PathLike, output_di
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     atomic_dir(output_dir, write)
+    shutil.rmtree(shards_dir, ignore_errors=True)
     return CatalogIndex(output_dir, len(index), list(skipped))
 
 
