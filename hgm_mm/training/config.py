@@ -28,7 +28,8 @@ class TrainConfig:
     product_loss_weight: float = 2.0  # product photo <-> product text
     room_loss_weight: float = 1.0  # room -> its products, several positives
     scene_loss_weight: float = 0.5  # scene cross-entropy from the room
-    room_text_probability: float = 0.5  # share of training rooms that also read their caption
+    room_text_probability: float = 0.0  # share of training rooms that also read their caption (0: photo-only
+    # rooms measured better for photo queries, docs/training.md)
     unlocked_image_groups: int = 1  # top layer groups of the image tower left trainable (timm groups)
     unlocked_text_layers: int = 0  # top transformer layers of the text towers left trainable
     freeze_norm_stats: bool = True  # BatchNorm statistics of locked image layers stay as pretrained
