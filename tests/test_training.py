@@ -49,7 +49,8 @@ def dataset(tmp_path):
 def tiny_config(**overrides):
     settings = dict(model="hgm-tiny", epochs=2, batch_size=6, rooms_per_batch=3, num_workers=0,
                     checkpoint_every_steps=1, unlocked_image_groups=1, unlocked_text_layers=1,
-                    room_text_probability=0.5)  # rooms read their captions: the scene-text path is trained too
+                    room_text_probability=0.5,  # rooms read their captions: the scene-text path is trained too
+                    eval_every_epochs=1)
     settings.update(overrides)
     return TrainConfig(**settings)
 
