@@ -76,10 +76,10 @@ class EmbeddedImages:
 
 
 # -- photo decoding (runs in DataLoader workers) ------------------------------------------------
-class _Decoder:
+class PhotoDecoder:
     """A photo path -> model input pixels: `load_image`'s policy, optionally JPEG draft decoding."""
 
-    def __init__(self, transform: Callable, draft_side: int | None):
+    def __init__(self, transform: Callable, draft_side: int | None = None):
         self.transform = transform
         self.draft_side = draft_side
 
@@ -153,8 +153,13 @@ def _normaliser(mean: list[float], std: list[float]) -> Callable[[torch.Tensor],
     return normalise
 
 
-class _PhotoFiles(Dataset):
-    def __init__(self, sources: Sequence[str | os.PathLike], decode: Callable):
+class PhotoFiles(Dataset):
+    """Photo files read in DataLoader workers: item i -> (i, decode(photo) or None, (photo, reason) or None).
+
+    An unreadable photo is reported, not raised, so one bad file never stops a long pass.
+    """
+
+    def __init__(self, sources: Sequence[str | os.PathLike | None], decode: Callable):
         self.sources = sources
         self.decode = decode
 
@@ -231,10 +236,10 @@ def _photo_loader(model, sources: Sequence, batches: Sampler, *, room_views: boo
     transform = model.room_views if room_views else model.image_transform
     split = _split_normalisation(transform)
     finish = _identity if split is None else _normaliser(split[1], split[2])
-    decode = _Decoder(transform if split is None else split[0], _draft_side(transform) if jpeg_draft else None)
+    decode = PhotoDecoder(transform if split is None else split[0], _draft_side(transform) if jpeg_draft else None)
     workers = default_num_workers() if num_workers is None else num_workers
     collate = _EmbeddingCollate(finish, encode_in_workers) if encode_in_workers and workers > 0 else _collate
-    loader = DataLoader(_PhotoFiles(sources, decode), batch_sampler=batches, num_workers=workers,
+    loader = DataLoader(PhotoFiles(sources, decode), batch_sampler=batches, num_workers=workers,
                         collate_fn=collate, pin_memory=model.device.type == "cuda",
                         prefetch_factor=2 if workers > 0 else None)
     return loader, finish

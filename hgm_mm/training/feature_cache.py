@@ -10,17 +10,17 @@ on pixels would (tested), and validation uses the same cache.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from ..data.images import ImageError, load_image
+from ..data.images import ImageError
 from ..data.records import Product, Room
 from ..data.text import product_text, room_text
 from ..evaluation.evaluate import RetrievalEvaluation, relevance, retrieval_metrics
+from ..embedding import PhotoDecoder, PhotoFiles
 from ..towers import TimmImageTower
 
 
@@ -83,20 +83,6 @@ def fully_locked(tower) -> bool:
     return tower is not None and not any(p.requires_grad for p in tower.parameters())
 
 
-class _Photos(Dataset):
-    def __init__(self, sources: Sequence[str | os.PathLike], transform):
-        self.sources, self.transform = list(sources), transform
-
-    def __len__(self) -> int:
-        return len(self.sources)
-
-    def __getitem__(self, i: int):
-        try:
-            return i, self.transform(load_image(self.sources[i])), None
-        except ImageError as err:
-            return i, None, (err.source, err.problem)
-
-
 @torch.no_grad()
 def _prefix_features(model, sources, transform, stage: int, *, batch_size: int, num_workers: int, desc: str,
                      progress: bool, image_errors: str, skipped: list) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,7 +90,7 @@ def _prefix_features(model, sources, transform, stage: int, *, batch_size: int, 
     from tqdm.auto import tqdm
 
     tower = model.image_tower
-    loader = DataLoader(_Photos(sources, transform), batch_size=batch_size, num_workers=num_workers,
+    loader = DataLoader(PhotoFiles(sources, PhotoDecoder(transform)), batch_size=batch_size, num_workers=num_workers,
                         collate_fn=lambda items: items)
     features: torch.Tensor | None = None
     readable = torch.zeros(len(sources), dtype=torch.bool)

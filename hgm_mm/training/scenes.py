@@ -22,12 +22,13 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from ..data.images import ImageError, load_image
+from ..data.images import ImageError
 from ..data.records import SceneImage, read_scene_images
 from ..evaluation import metrics
 from ..preprocess import RoomViews
+from ..embedding import PhotoDecoder, PhotoFiles
 from ..towers import TimmImageTower
 from .freezing import keep_frozen_norms_eval, lock_image_tower
 
@@ -237,20 +238,6 @@ class _Mirrored:
         return torch.stack([self.views(image), self.views(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT))])
 
 
-class _Photos(Dataset):
-    def __init__(self, sources: Sequence[Path], transform):
-        self.sources, self.transform = list(sources), transform
-
-    def __len__(self) -> int:
-        return len(self.sources)
-
-    def __getitem__(self, i: int):
-        try:
-            return i, self.transform(load_image(self.sources[i])), None
-        except ImageError as err:
-            return i, None, (err.source, err.problem)
-
-
 @torch.no_grad()
 def _cache_views(model, images: Sequence[SceneImage], stage: int | None, views, *, mirror: bool, dtype: torch.dtype,
                  skipped: list, image_errors: str, num_workers: int, progress: bool, desc: str
@@ -265,7 +252,7 @@ def _cache_views(model, images: Sequence[SceneImage], stage: int | None, views, 
 
     tower = model.image_tower
     transform = _Mirrored(views) if mirror else views
-    loader = DataLoader(_Photos([item.image for item in images], transform), batch_size=4,
+    loader = DataLoader(PhotoFiles([item.image for item in images], PhotoDecoder(transform)), batch_size=4,
                         num_workers=num_workers, collate_fn=list)
     chunks, kept = [], []
     model.eval()
