@@ -171,9 +171,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise ValueError("nothing to evaluate: give --catalog, --rooms and --pairs, and/or --scenes")
     if args.report is not None:
         check_report_folder(args.report)  # before the evaluation, not after it
-    model = create_model(args.model if ":" in args.model or not Path(args.model).is_dir()
-                         else f"local-dir:{args.model}")
-    model_dir = Path(args.model.removeprefix("local-dir:")) if not _is_builtin_name(args.model) else None
+    model = _create_model(args.model)
+    model_dir = _saved_model_folder(args.model)
     recorded_pairs = model_dir / "train_pairs.csv" if model_dir is not None else None
     document: dict = {}
     scenes = None
@@ -236,18 +235,19 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _is_builtin_name(name: str) -> bool:
-    """A name create_model resolves itself (built-in, open_clip, hub) rather than a saved-model folder."""
+def _saved_model_folder(name: str) -> Path | None:
+    """The folder a model name points at (`local-dir:PATH` or a plain folder path), else None."""
     if name.startswith("local-dir:"):
-        return False
-    return ":" in name or not Path(name).is_dir()
+        return Path(name.removeprefix("local-dir:"))
+    return Path(name) if ":" not in name and Path(name).is_dir() else None
 
 
 def _create_model(name: str):
     """A model from a name, or from a folder given as a plain path."""
     from .factory import create_model
 
-    return create_model(name if ":" in name or not Path(name).is_dir() else f"local-dir:{name}")
+    folder = _saved_model_folder(name)
+    return create_model(f"local-dir:{folder}" if folder is not None else name)
 
 
 def _index(args: argparse.Namespace) -> int:
@@ -266,8 +266,8 @@ def _index(args: argparse.Namespace) -> int:
         pairs = read_pairs(args.pairs, room_ids={room.room_id for room in rooms})
         prior = SceneCategoryPrior.from_pairs(rooms, catalog, pairs)
         prior_source = f"{args.pairs}"
-    elif Path(args.model.removeprefix("local-dir:"), SCENE_CATEGORIES_FILE).is_file():
-        prior_source = str(Path(args.model.removeprefix("local-dir:"), SCENE_CATEGORIES_FILE))
+    elif (folder := _saved_model_folder(args.model)) is not None and (folder / SCENE_CATEGORIES_FILE).is_file():
+        prior_source = str(folder / SCENE_CATEGORIES_FILE)
         prior = SceneCategoryPrior.load(prior_source)
     model = _create_model(args.model)
     built = build_catalog_index(model, catalog, args.output, prior=prior, kind=args.kind, batch_size=args.batch_size)
