@@ -18,10 +18,11 @@ whole; shard k holds input positions [k * shard_size, (k + 1) * shard_size) and 
 embeds the shards k with k % W == r.
 
 Speed decisions (benchmarks/bench_embed.py measures them):
-  - On a CPU, each worker process decodes and embeds whole batches on one core, and the image
-    tower runs as a copy with BatchNorms folded into their convolutions, channels-last (see
-    `_InferenceImageEncoder`); intra-op threads of one process waited on each other and on
-    the machine's other work. On a GPU, workers decode and the main process embeds.
+  - On a CPU, each worker process decodes and embeds whole batches on one core; intra-op
+    threads of one process waited on each other and on the machine's other work. The image
+    tower runs in ONNX Runtime (`engine="auto"` from `ONNX_MIN_PHOTOS` photos on) or as a torch
+    copy with BatchNorms folded into their convolutions, channels-last (hgm_mm/inference.py).
+    On a GPU, workers decode and the main process embeds.
   - Photos are decoded, resized and cropped as uint8; whole batches are then scaled and
     normalised with the arithmetic of ToTensor and Normalize, so the pixels equal
     `model.image_transform`'s exactly and cross to a GPU process four times smaller.
@@ -37,7 +38,6 @@ Speed decisions (benchmarks/bench_embed.py measures them):
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
@@ -47,18 +47,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .data.images import DEFAULT_MAX_PIXELS, ImageError, load_image
 from .files import atomic_text, atomic_write
+from .inference import FoldedImageEncoder, OnnxExportError, OnnxImageEncoder, onnxruntime_available
 from .version import __version__
 
 if TYPE_CHECKING:
     import PIL.Image
 
 PRECISIONS = ("auto", "fp32", "bf16")
+ENGINES = ("auto", "torch", "onnxruntime")
+ONNX_MIN_PHOTOS = 512  # "auto" uses ONNX Runtime from this many photos on (its export takes seconds)
 MANIFEST_NAME = "manifest.json"
 SHARD_PATTERN = "shard-{:05d}.safetensors"
 FORMAT_VERSION = 1  # bump when the folder layout or the meaning of a saved key changes
@@ -267,115 +268,71 @@ def _autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     return torch.bfloat16 if precision == "bf16" else None
 
 
-def _encoder(model, *, room_views: bool, precision: str, fold_batch_norms: bool = False
+def _encoder(model, *, room_views: bool, precision: str, engine: str = "torch", fold_batch_norms: bool = False
              ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Model-input pixels -> unit vectors (B, D) or (B, V, D), float32 on the CPU."""
-    encode = model.encode_room_views if room_views else model.encode_image
-    if fold_batch_norms and not room_views and not model.training:
-        encode = _InferenceImageEncoder(model)
+    """Model-input pixels -> unit vectors (B, D) or (B, V, D), float32 on the CPU.
+
+    `engine` is resolved already ("torch" or "onnxruntime"; see `resolve_engine`); with "torch",
+    `fold_batch_norms` runs the tower's inference copy (`FoldedImageEncoder`) in eval mode.
+    """
     dtype = _autocast_dtype(model.device, precision)
+    if engine == "onnxruntime":
+        encode_photos = OnnxImageEncoder(model)
+    elif fold_batch_norms and not model.training:
+        encode_photos = FoldedImageEncoder(model)
+    else:
+        encode_photos = model.encode_image
 
     def run(pixels: torch.Tensor) -> torch.Tensor:
+        photos = pixels.flatten(0, 1) if room_views else pixels  # views run as photos: (R * V, 3, S, S)
         with torch.inference_mode(), torch.autocast(model.device.type, dtype=dtype, enabled=dtype is not None):
-            return encode(pixels.to(model.device, non_blocking=True)).float().cpu()
+            vectors = encode_photos(photos.to(model.device, non_blocking=True)).float().cpu()
+        return vectors.view(*pixels.shape[:2], -1) if room_views else vectors
 
     return run
 
 
-class _InferenceImageEncoder:
-    """`model.encode_image` on pixels, through a copy of the image tower made for inference.
+def resolve_engine(engine: str, model, precision: str, n_photos: int) -> str:
+    """The engine that embeds `n_photos` photos: "torch" or "onnxruntime".
 
-    Each BatchNorm that reads a convolution's output directly is folded into that convolution
-    (`torch.nn.utils.fusion.fuse_conv_bn_eval`), and the copy runs channels-last: on one core of
-    the 2-core AMD EPYC this cut the CPU time of an EfficientNet-Lite0 forward by about 30%. A tower without such pairs is used as
-    it is; a folded copy whose output strays from the original's on a probe is discarded.
+    "auto" picks ONNX Runtime on a CPU in float32 for at least `ONNX_MIN_PHOTOS` photos, when it is
+    installed; below that its one-time export (seconds) costs more than it saves.
     """
-
-    def __init__(self, model):
-        self.project = model.image_proj
-        self.tower = _folded_copy(model.image_tower, model.config.image_tower.image_size, model.device)
-
-    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        features = self.tower(pixels.contiguous(memory_format=torch.channels_last))  # (B, C)
-        return F.normalize(self.project(features), dim=-1)  # (B, D)
-
-
-def _folded_copy(tower: nn.Module, image_size: int, device: torch.device) -> nn.Module:
-    """A channels-last copy of `tower` with conv -> BatchNorm pairs folded; `tower` when none fold."""
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
-    probe = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0)).to(device)
-    pairs = _conv_batch_norm_pairs(tower, probe)
-    if not pairs:
-        return tower
-    copy_of = copy.deepcopy(tower).eval()
-    modules = dict(copy_of.named_modules())
-    for conv_name, norm_name in pairs:
-        _set_submodule(copy_of, conv_name, fuse_conv_bn_eval(modules[conv_name], modules[norm_name]))
-        _set_submodule(copy_of, norm_name, _after_norm(modules[norm_name]))
-    copy_of = copy_of.to(memory_format=torch.channels_last)
-    with torch.inference_mode():
-        expected, got = tower(probe), copy_of(probe.contiguous(memory_format=torch.channels_last))
-    if not torch.allclose(got, expected, rtol=1e-3, atol=1e-3 * float(expected.abs().max())):
-        return tower  # a pair the data flow did not allow folding (e.g. a conv output also used elsewhere)
-    return copy_of
+    if engine not in ENGINES:
+        raise ValueError(f"engine={engine!r}; expected one of {ENGINES}")
+    on_cpu_fp32 = model.device.type == "cpu" and _autocast_dtype(model.device, precision) is None
+    if engine == "onnxruntime":
+        if not on_cpu_fp32:
+            raise ValueError(f"engine='onnxruntime' embeds on a CPU in fp32; the model is on {model.device} "
+                             f"with precision={precision!r}: use engine='torch' there")
+        if not onnxruntime_available():
+            raise ImportError("engine='onnxruntime' needs onnxruntime, onnx and onnxscript: "
+                              "pip install onnxruntime onnx onnxscript")
+        return engine
+    if engine == "auto":
+        return "onnxruntime" if on_cpu_fp32 and n_photos >= ONNX_MIN_PHOTOS and onnxruntime_available() else "torch"
+    return engine
 
 
-def _conv_batch_norm_pairs(tower: nn.Module, probe: torch.Tensor) -> list[tuple[str, str]]:
-    """(conv name, norm name) for each eval-mode BatchNorm2d whose input is a Conv2d's output, seen
-    on a probe forward; modules called more than once are left out."""
-    names = {module: name for name, module in tower.named_modules()}
-    outputs: dict[int, tuple[nn.Module, torch.Tensor]] = {}  # id(output) -> (conv, output kept alive)
-    calls: dict[nn.Module, int] = {}
-    pairs: list[tuple[nn.Module, nn.Module]] = []
-
-    def after_conv(module, _inputs, output):
-        calls[module] = calls.get(module, 0) + 1
-        outputs[id(output)] = (module, output)
-
-    def before_norm(module, inputs):
-        calls[module] = calls.get(module, 0) + 1
-        producer = outputs.get(id(inputs[0]))
-        if producer is not None and producer[1] is inputs[0]:
-            pairs.append((producer[0], module))
-
-    hooks = []
-    for module in names:
-        if isinstance(module, nn.Conv2d):
-            hooks.append(module.register_forward_hook(after_conv))
-        elif _foldable_norm(module):
-            hooks.append(module.register_forward_pre_hook(before_norm))
+def _auto_encoder(model, *, room_views: bool, precision: str, engine: str, n_photos: int,
+                  fold_batch_norms: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`_encoder` with `engine` resolved; "auto" falls back to torch when the ONNX export fails."""
+    resolved = resolve_engine(engine, model, precision, n_photos)
+    options = {"room_views": room_views, "precision": precision, "fold_batch_norms": fold_batch_norms}
     try:
-        with torch.inference_mode():
-            tower(probe)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return [(names[conv], names[norm]) for conv, norm in pairs if calls[conv] == 1 and calls[norm] == 1]
-
-
-def _foldable_norm(module: nn.Module) -> bool:
-    """An eval-mode BatchNorm2d with running statistics: plain, or timm's BatchNormAct2d."""
-    plain = type(module) is nn.BatchNorm2d
-    with_act = type(module).__name__ == "BatchNormAct2d" and hasattr(module, "act") and hasattr(module, "drop")
-    return (plain or with_act) and not module.training and module.running_mean is not None
-
-
-def _after_norm(norm: nn.Module) -> nn.Module:
-    """What remains of a norm once folded: timm's BatchNormAct2d keeps its dropout and activation."""
-    return nn.Sequential(norm.drop, norm.act) if type(norm) is not nn.BatchNorm2d else nn.Identity()
-
-
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, leaf, module)
+        return _encoder(model, engine=resolved, **options)
+    except OnnxExportError as err:
+        if engine != "auto":
+            raise
+        warnings.warn(f"{err}; embedding with torch instead", RuntimeWarning, stacklevel=3)
+        return _encoder(model, engine="torch", **options)
 
 
 # -- in memory ---------------------------------------------------------------------------------
 def embed_images(model, sources: Sequence[str | os.PathLike], *, batch_size: int = 32,
                  num_workers: int | None = None, on_error: str = "skip", desc: str = "photos",
                  progress: bool = True, room_views: bool = False, precision: str = "fp32",
-                 jpeg_draft: bool = False) -> EmbeddedImages:
+                 jpeg_draft: bool = False, engine: str = "torch") -> EmbeddedImages:
     """Embeds photo files with `model.encode_image`, decoding them in worker processes.
 
     Args:
@@ -389,11 +346,14 @@ def embed_images(model, sources: Sequence[str | os.PathLike], *, batch_size: int
         precision: "fp32", "bf16" (autocast) or "auto" (bf16 on CUDA, fp32 on CPU).
         jpeg_draft: decode large JPEGs at a reduced DCT scale (see the module docstring); off by
             default so that vectors equal `encode_image` on `load_image`'s pixels.
+        engine: "torch" (`encode_image` itself, the default), "onnxruntime" (CPU, fp32; vectors
+            within 1e-4 of torch's) or "auto" (see `resolve_engine`).
     """
     if on_error not in ("skip", "raise"):
         raise ValueError(f"on_error={on_error!r}; expected 'skip' or 'raise'")
     _check_positive(batch_size=batch_size)
-    encode = _encoder(model, room_views=room_views, precision=precision)
+    n_photos = len(sources) * (model.room_views.n_views if room_views else 1)
+    encode = _auto_encoder(model, room_views=room_views, precision=precision, engine=engine, n_photos=n_photos)
     batches = _ShardBatches([0], max(1, len(sources)), len(sources), batch_size)
     loader, finish = _photo_loader(model, sources, batches, room_views=room_views, jpeg_draft=jpeg_draft,
                                    num_workers=num_workers)
@@ -517,9 +477,9 @@ class ShardedEmbeddings:
 def embed_to_shards(model, ids: Sequence[str], photos: Sequence[str | os.PathLike | None],
                     output: str | os.PathLike, *, texts: Sequence[str | None] | None = None,
                     shard_size: int = 4096, batch_size: int | None = None, num_workers: int | None = None,
-                    precision: str = "auto", jpeg_draft: bool = True, on_error: str = "skip",
-                    progress: bool = True, rank: int | None = None, world_size: int | None = None
-                    ) -> ShardedEmbeddings:
+                    precision: str = "auto", jpeg_draft: bool = True, engine: str = "auto",
+                    on_error: str = "skip", progress: bool = True, rank: int | None = None,
+                    world_size: int | None = None) -> ShardedEmbeddings:
     """Embeds a catalogue of any size into a folder of shards; a rerun resumes it.
 
     Photos are decoded in worker processes and embedded in batches; each finished shard is
@@ -546,6 +506,10 @@ def embed_to_shards(model, ids: Sequence[str], photos: Sequence[str | os.PathLik
             (default `default_num_workers()`) and the GPU embeds; 0 does everything in this process.
         precision: "auto" (bf16 autocast on CUDA, fp32 on CPU), "fp32" or "bf16".
         jpeg_draft: decode large JPEGs at a reduced DCT scale (see the module docstring).
+        engine: what runs the image tower: "auto" (ONNX Runtime on a CPU in fp32 from
+            `ONNX_MIN_PHOTOS` photos on, when installed; else torch), "torch" (a BatchNorm-folded
+            copy of the tower on a CPU) or "onnxruntime". The engines agree within 1e-4 on every
+            vector component, so a folder may be resumed with another engine.
         on_error: "skip" records unreadable photos in their shard (`ShardedEmbeddings.skipped`);
             "raise" stops at the first with `ImageError` (shards already written are kept).
         progress: show a progress bar (on process 0).
@@ -562,6 +526,7 @@ def embed_to_shards(model, ids: Sequence[str], photos: Sequence[str | os.PathLik
     """
     if on_error not in ("skip", "raise"):
         raise ValueError(f"on_error={on_error!r}; expected 'skip' or 'raise'")
+    resolve_engine(engine, model, precision, 0)  # a bad engine fails before any folder is made
     if batch_size is None:
         batch_size = 8 if model.device.type == "cpu" else 64
     _check_positive(shard_size=shard_size, batch_size=batch_size)
@@ -586,7 +551,8 @@ def embed_to_shards(model, ids: Sequence[str], photos: Sequence[str | os.PathLik
         output.mkdir(parents=True, exist_ok=True)
         atomic_text(output / MANIFEST_NAME, json.dumps(plan, indent=2))
     if rank == 0 and (world_size == 1 or barrier is not None):
-        for stale in [*output.glob(".shard-*.tmp"), *output.glob(f".{MANIFEST_NAME}.*.tmp")]:  # left by a killed run; no process is writing yet
+        # temporary files left by a killed run; no process is writing yet
+        for stale in [*output.glob(".shard-*.tmp"), *output.glob(f".{MANIFEST_NAME}.*.tmp")]:
             stale.unlink(missing_ok=True)
     if barrier is not None:
         barrier()
@@ -596,17 +562,24 @@ def embed_to_shards(model, ids: Sequence[str], photos: Sequence[str | os.PathLik
     pending = [k for k in share if not result.shard_path(k).is_file()]
     if pending:
         _embed_shards(model, ids, photos, texts, result, pending, share, batch_size=batch_size,
-                      num_workers=num_workers, precision=precision, jpeg_draft=jpeg_draft, on_error=on_error,
-                      progress=progress and rank == 0)
+                      num_workers=num_workers, precision=precision, jpeg_draft=jpeg_draft, engine=engine,
+                      on_error=on_error, progress=progress and rank == 0)
     if barrier is not None:
         barrier()
     return result
 
 
 def _embed_shards(model, ids, photos, texts, result: ShardedEmbeddings, pending: list[int], share: list[int], *,
-                  batch_size, num_workers, precision, jpeg_draft, on_error, progress) -> None:
+                  batch_size, num_workers, precision, jpeg_draft, engine, on_error, progress) -> None:
     shard_size, n_items = result.manifest["shard_size"], result.manifest["n_items"]
-    encode = _encoder(model, room_views=False, precision=precision, fold_batch_norms=True)
+
+    def shard_length(k: int) -> int:
+        return min(n_items, (k + 1) * shard_size) - k * shard_size
+
+    n_photos = sum(photos[i] is not None for k in pending
+                   for i in range(k * shard_size, k * shard_size + shard_length(k)))
+    encode = _auto_encoder(model, room_views=False, precision=precision, engine=engine, n_photos=n_photos,
+                           fold_batch_norms=True)
     on_cpu = model.device.type == "cpu"
     if num_workers is None:
         num_workers = _cpu_count() if on_cpu else default_num_workers()
@@ -614,9 +587,6 @@ def _embed_shards(model, ids, photos, texts, result: ShardedEmbeddings, pending:
                                    room_views=False, jpeg_draft=jpeg_draft, num_workers=num_workers,
                                    encode_in_workers=encode if on_cpu else None)
     from tqdm.auto import tqdm
-
-    def shard_length(k: int) -> int:
-        return min(n_items, (k + 1) * shard_size) - k * shard_size
 
     total = sum(map(shard_length, share))
     done_before = total - sum(map(shard_length, pending))

@@ -13,7 +13,7 @@ from PIL import Image
 from torch import nn
 
 import hgm_mm
-from hgm_mm import embedding
+from hgm_mm import embedding, inference
 from hgm_mm.data.images import ImageError, load_image
 from hgm_mm.embedding import ShardedEmbeddings, embed_images, embed_to_shards
 
@@ -235,12 +235,12 @@ def test_batch_norm_folding_keeps_outputs_and_refuses_a_conv_output_used_twice()
     for module in (plain, shared):  # statistics far from the identity, so a wrong fold shows
         module.norm.running_mean.uniform_(-1, 1)
         module.norm.running_var.uniform_(0.5, 2)
-    folded = embedding._folded_copy(plain, 16, torch.device("cpu"))
+    folded = inference._folded_copy(plain, 16, torch.device("cpu"))
     assert folded is not plain and isinstance(folded.norm, nn.Identity)
     x = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
         assert torch.allclose(folded(x), plain(x), atol=1e-5)
-    assert embedding._folded_copy(shared, 16, torch.device("cpu")) is shared  # the probe check refused it
+    assert inference._folded_copy(shared, 16, torch.device("cpu")) is shared  # the probe check refused it
 
 
 @pytest.mark.slow
@@ -277,3 +277,75 @@ def test_two_processes_split_the_catalogue_and_merge_to_the_one_process_result(m
     (one_ids, one_vectors), (two_ids, two_vectors) = one.load(), two.load()
     assert two_ids == one_ids == ids_for(paths)
     assert torch.allclose(two_vectors, one_vectors, atol=1e-6)
+
+
+# -- ONNX Runtime engine -------------------------------------------------------------------------
+needs_onnxruntime = pytest.mark.skipif(not inference.onnxruntime_available(),
+                                       reason="onnxruntime, onnx and onnxscript are not installed")
+
+
+@needs_onnxruntime
+def test_onnxruntime_engine_matches_torch_for_products_and_room_views_across_worker_processes(model, tmp_path):
+    paths = make_photos(tmp_path / "img", 7)
+    texts = [f"product {i}" for i in range(7)]
+    by_engine = {}
+    for engine, workers in (("torch", 0), ("onnxruntime", 2)):  # workers build their own ONNX Runtime sessions
+        result = embed_to_shards(model, ids_for(paths), paths, tmp_path / engine, texts=texts, shard_size=3,
+                                 batch_size=2, num_workers=workers, engine=engine, progress=False)
+        by_engine[engine] = result.load()
+    assert by_engine["onnxruntime"][0] == by_engine["torch"][0] == ids_for(paths)
+    assert torch.allclose(by_engine["onnxruntime"][1], by_engine["torch"][1], rtol=0, atol=1e-4)
+    assert not torch.allclose(by_engine["torch"][1][0], by_engine["torch"][1][1], atol=1e-2)  # photos differ
+
+    views = {engine: embed_images(model, paths[:3], num_workers=0, progress=False, room_views=True,
+                                  engine=engine).embeddings for engine in ("torch", "onnxruntime")}
+    assert views["onnxruntime"].shape == (3, model.room_views.n_views, model.config.embed_dim)
+    assert torch.allclose(views["onnxruntime"], views["torch"], rtol=0, atol=1e-4)
+
+
+@needs_onnxruntime
+def test_onnx_encoder_survives_pickling_and_builds_its_session_again(model):
+    import pickle
+
+    encoder = inference.OnnxImageEncoder(model)
+    pixels = torch.randn(2, 3, model.config.image_tower.image_size, model.config.image_tower.image_size)
+    expected = encoder(pixels)
+    copied = pickle.loads(pickle.dumps(encoder))  # what a spawned DataLoader worker receives
+    assert copied._session is None
+    assert torch.allclose(copied(pixels), expected, atol=1e-6)
+    with torch.inference_mode():
+        assert torch.allclose(expected, model.encode_image(pixels), rtol=0, atol=1e-4)
+
+
+def test_engine_choice_and_refusals(model, monkeypatch):
+    installed = inference.onnxruntime_available()
+    few, many = embedding.ONNX_MIN_PHOTOS - 1, embedding.ONNX_MIN_PHOTOS
+    assert embedding.resolve_engine("auto", model, "auto", few) == "torch"  # the export would cost more
+    assert embedding.resolve_engine("auto", model, "auto", many) == ("onnxruntime" if installed else "torch")
+    assert embedding.resolve_engine("auto", model, "bf16", many) == "torch"  # ONNX Runtime runs fp32 here
+    assert embedding.resolve_engine("torch", model, "auto", many) == "torch"
+    with pytest.raises(ValueError, match="expected one of"):
+        embedding.resolve_engine("tensorrt", model, "auto", many)
+    with pytest.raises(ValueError, match="fp32"):
+        embedding.resolve_engine("onnxruntime", model, "bf16", many)
+    monkeypatch.setattr(inference, "onnxruntime_available", lambda: False)
+    monkeypatch.setattr(embedding, "onnxruntime_available", lambda: False)
+    assert embedding.resolve_engine("auto", model, "auto", many) == "torch"
+    with pytest.raises(ImportError, match="pip install onnxruntime"):
+        embedding.resolve_engine("onnxruntime", model, "auto", many)
+
+
+@needs_onnxruntime
+def test_auto_engine_falls_back_to_torch_when_the_export_fails(model, tmp_path, monkeypatch):
+    def failing_export(encoder, probe):
+        raise inference.OnnxExportError("the image path could not be exported to ONNX (test)")
+
+    monkeypatch.setattr(inference, "_export", failing_export)
+    monkeypatch.setattr(embedding, "ONNX_MIN_PHOTOS", 1)
+    paths = make_photos(tmp_path / "img", 3)
+    with pytest.warns(RuntimeWarning, match="embedding with torch instead"):
+        result = embed_to_shards(model, ids_for(paths), paths, tmp_path / "auto", num_workers=0, progress=False)
+    assert torch.allclose(result.load()[1], reference_vectors(model, paths), atol=1e-4)
+    with pytest.raises(inference.OnnxExportError):
+        embed_to_shards(model, ids_for(paths), paths, tmp_path / "strict", engine="onnxruntime", num_workers=0,
+                        progress=False)
