@@ -2,12 +2,15 @@
 
 The plain loop is what a person writes first: PIL open, the model's transform, `encode_image` on
 one photo at a time in one process under `torch.no_grad()`. hgm_mm's pass is `embed_to_shards`
-with its defaults (decoding worker processes, batches, JPEG draft decoding, inference mode),
-writing its shards to a temporary folder. Both embed the same IKEA photos with the same model in
-the same run, in alternating rounds so that machine noise hits both alike. Reports images/s, the
-ratio, and the cosine between the two paths' vectors of each photo.
+with its defaults (worker processes that decode and embed, batches, JPEG draft decoding, and from
+`ONNX_MIN_PHOTOS` photos on the image tower in ONNX Runtime), writing its shards to a temporary
+folder; its time includes everything the call does, the one-time ONNX export too. Both embed the
+same IKEA photos with the same model in the same run, in alternating rounds so that machine noise
+hits both alike. Reports images/s, the ratio, and the cosine between the two paths' vectors of
+each photo. The default is the whole IKEA catalogue (2,187 product photos).
 
-    python benchmarks/bench_embed.py [--data ../shared/data] [--products 512] [--rooms 144] [--rounds 3] [--reference-threads N] [--no-record]
+    python benchmarks/bench_embed.py [--data ../shared/data] [--products N] [--rooms 144] [--rounds 2]
+                                     [--engine auto] [--reference-threads N] [--no-record]
 """
 from __future__ import annotations
 
@@ -29,12 +32,12 @@ from machine import describe_machine, record_result  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def read_photos(jsonl: Path, id_key: str, limit: int) -> tuple[list[str], list[str]]:
-    """(ids, absolute photo paths) of the first `limit` rows of a products.jsonl or rooms.jsonl."""
+def read_photos(jsonl: Path, id_key: str, limit: int | None) -> tuple[list[str], list[str]]:
+    """(ids, absolute photo paths) of the first `limit` rows (None: all) of a products.jsonl or rooms.jsonl."""
     ids, photos = [], []
     with jsonl.open(encoding="utf-8") as f:
         for line_number, line in enumerate(f, 1):
-            if len(ids) >= limit:
+            if limit is not None and len(ids) >= limit:
                 break
             try:
                 row = json.loads(line)
@@ -68,7 +71,7 @@ def hgm_pass(model, ids: list[str], photos: list[str], args) -> torch.Tensor:
 
     with tempfile.TemporaryDirectory(prefix="bench_embed_") as folder:
         result = embed_to_shards(model, ids, photos, folder, batch_size=args.batch_size,
-                                 num_workers=args.num_workers, progress=False)
+                                 num_workers=args.num_workers, engine=args.engine, progress=False)
         got_ids, vectors = result.load()
     if got_ids != ids:
         raise SystemExit("the streaming pass skipped photos; every benchmark photo should be readable")
@@ -100,10 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="hgm-lite-en")
     parser.add_argument("--data", type=Path, default=Path(os.environ.get("HGM_DATA", REPO_ROOT.parent / "shared" / "data")),
                         help="the shared data folder (holding ikea/), or the ikea folder itself")
-    parser.add_argument("--products", type=int, default=512, help="IKEA product photos (500 px); 0 skips them")
+    parser.add_argument("--products", type=int, default=-1,
+                        help="IKEA product photos (500 px); -1 (default) the whole catalogue, 0 skips them")
     parser.add_argument("--rooms", type=int, default=144, help="IKEA room photos (1024 px), one vector each; 0 skips")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the library's")
+    parser.add_argument("--engine", default="auto", help="embed_to_shards engine: auto, torch or onnxruntime")
     parser.add_argument("--num-workers", type=int, default=None, help="decoding processes; default: the library's")
     parser.add_argument("--reference-threads", type=int, default=None,
                         help="torch threads of the plain loop; default torch's own (one per core)")
@@ -124,17 +129,18 @@ def main(argv: list[str] | None = None) -> int:
             ("rooms", ikea / "rooms.jsonl", "room_id", args.rooms)]
     measured = []
     for name, jsonl, id_key, limit in sets:
-        if limit > 0:
-            ids, photos = read_photos(jsonl, id_key, limit)
+        if limit != 0:
+            ids, photos = read_photos(jsonl, id_key, limit if limit > 0 else None)
             measured.append(measure(model, name, ids, photos, args))
     machine = describe_machine()
-    result = {"benchmark": "embed", "model": args.model, "batch_size": args.batch_size,
+    result = {"benchmark": "embed", "model": args.model, "batch_size": args.batch_size, "engine": args.engine,
               "reference_threads": args.reference_threads or torch.get_num_threads(),
               "num_workers": args.num_workers, "rounds": args.rounds, "results": measured, "machine": machine}
     sizes = {"products": "500 px", "rooms": "1024 px"}
     for item in measured:
         line = (f"| catalogue embedding, IKEA {item['photos']} JPEG {sizes[item['photos']]} → vector "
-                f"({args.model}, {item['n']} photos) | {item['hgm_mm_images_per_s']:.1f} images/s, cosine to "
+                f"({args.model}, {item['n']} photos, engine {args.engine}) | "
+                f"{item['hgm_mm_images_per_s']:.1f} images/s, cosine to "
                 f"reference min {item['cosine_min']:.4f} | plain loop {item['reference_images_per_s']:.1f} images/s "
                 f"({result['reference_threads']} threads) "
                 f"| {item['ratio']:.2f}× |")

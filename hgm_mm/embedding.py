@@ -18,11 +18,12 @@ whole; shard k holds input positions [k * shard_size, (k + 1) * shard_size) and 
 embeds the shards k with k % W == r.
 
 Speed decisions (benchmarks/bench_embed.py measures them):
-  - On a CPU, each worker process decodes and embeds whole batches on one core; intra-op
-    threads of one process waited on each other and on the machine's other work. The image
-    tower runs in ONNX Runtime (`engine="auto"` from `ONNX_MIN_PHOTOS` photos on) or as a torch
-    copy with BatchNorms folded into their convolutions, channels-last (hgm_mm/inference.py).
-    On a GPU, workers decode and the main process embeds.
+  - On a CPU the image tower runs in ONNX Runtime (`engine="auto"` from `ONNX_MIN_PHOTOS`
+    photos on; hgm_mm/inference.py) in the main process while worker processes decode (ONNX
+    Runtime is not fork-safe). With the torch engine, each worker process decodes and embeds
+    whole batches on one core with a copy of the tower whose BatchNorms are folded into their
+    convolutions, channels-last; intra-op threads of one process waited on each other and on
+    the machine's other work. On a GPU, workers decode and the main process embeds.
   - Photos are decoded, resized and cropped as uint8; whole batches are then scaled and
     normalised with the arithmetic of ToTensor and Normalize, so the pixels equal
     `model.image_transform`'s exactly and cross to a GPU process four times smaller.
@@ -315,17 +316,18 @@ def resolve_engine(engine: str, model, precision: str, n_photos: int) -> str:
 
 
 def _auto_encoder(model, *, room_views: bool, precision: str, engine: str, n_photos: int,
-                  fold_batch_norms: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
-    """`_encoder` with `engine` resolved; "auto" falls back to torch when the ONNX export fails."""
+                  fold_batch_norms: bool = False) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
+    """(`_encoder` with `engine` resolved, the engine it uses); "auto" falls back to torch when the
+    ONNX export fails."""
     resolved = resolve_engine(engine, model, precision, n_photos)
     options = {"room_views": room_views, "precision": precision, "fold_batch_norms": fold_batch_norms}
     try:
-        return _encoder(model, engine=resolved, **options)
+        return _encoder(model, engine=resolved, **options), resolved
     except OnnxExportError as err:
         if engine != "auto":
             raise
         warnings.warn(f"{err}; embedding with torch instead", RuntimeWarning, stacklevel=3)
-        return _encoder(model, engine="torch", **options)
+        return _encoder(model, engine="torch", **options), "torch"
 
 
 # -- in memory ---------------------------------------------------------------------------------
@@ -353,7 +355,7 @@ def embed_images(model, sources: Sequence[str | os.PathLike], *, batch_size: int
         raise ValueError(f"on_error={on_error!r}; expected 'skip' or 'raise'")
     _check_positive(batch_size=batch_size)
     n_photos = len(sources) * (model.room_views.n_views if room_views else 1)
-    encode = _auto_encoder(model, room_views=room_views, precision=precision, engine=engine, n_photos=n_photos)
+    encode, _ = _auto_encoder(model, room_views=room_views, precision=precision, engine=engine, n_photos=n_photos)
     batches = _ShardBatches([0], max(1, len(sources)), len(sources), batch_size)
     loader, finish = _photo_loader(model, sources, batches, room_views=room_views, jpeg_draft=jpeg_draft,
                                    num_workers=num_workers)
@@ -501,9 +503,9 @@ def embed_to_shards(model, ids: Sequence[str], photos: Sequence[str | os.PathLik
         shard_size: items per shard; a killed run loses at most one shard per process.
         batch_size: photos per forward pass; default 8 on a CPU (larger batches ran slower there,
             their activations outgrow the cache) and 64 on a GPU.
-        num_workers: worker processes per embedding process. On a CPU each worker decodes and
-            embeds whole batches on one core (default: one per core); on a GPU they decode
-            (default `default_num_workers()`) and the GPU embeds; 0 does everything in this process.
+        num_workers: worker processes per embedding process (default: one per core on a CPU,
+            `default_num_workers()` on a GPU). They decode; with the torch engine on a CPU each
+            also embeds its batches on one core. 0 does everything in this process.
         precision: "auto" (bf16 autocast on CUDA, fp32 on CPU), "fp32" or "bf16".
         jpeg_draft: decode large JPEGs at a reduced DCT scale (see the module docstring).
         engine: what runs the image tower: "auto" (ONNX Runtime on a CPU in fp32 from
@@ -578,14 +580,14 @@ def _embed_shards(model, ids, photos, texts, result: ShardedEmbeddings, pending:
 
     n_photos = sum(photos[i] is not None for k in pending
                    for i in range(k * shard_size, k * shard_size + shard_length(k)))
-    encode = _auto_encoder(model, room_views=False, precision=precision, engine=engine, n_photos=n_photos,
-                           fold_batch_norms=True)
+    encode, used_engine = _auto_encoder(model, room_views=False, precision=precision, engine=engine,
+                                        n_photos=n_photos, fold_batch_norms=True)
     on_cpu = model.device.type == "cpu"
     if num_workers is None:
         num_workers = _cpu_count() if on_cpu else default_num_workers()
     loader, finish = _photo_loader(model, photos, _ShardBatches(pending, shard_size, n_items, batch_size),
                                    room_views=False, jpeg_draft=jpeg_draft, num_workers=num_workers,
-                                   encode_in_workers=encode if on_cpu else None)
+                                   encode_in_workers=encode if on_cpu and used_engine == "torch" else None)
     from tqdm.auto import tqdm
 
     total = sum(map(shard_length, share))

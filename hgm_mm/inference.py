@@ -8,7 +8,6 @@ plain loop). Both are checked against the model's own output on a probe batch wh
 from __future__ import annotations
 
 import copy
-import os
 import warnings
 
 import torch
@@ -126,9 +125,10 @@ class OnnxImageEncoder:
 
     The folded image path is exported once, when this is built (torch's `torch.export`-based
     exporter: several seconds for EfficientNet-Lite0), and checked against `encode_image` on a
-    probe batch. Each process builds its own ONNX Runtime session on first use, with as many
-    threads as torch has there (one in a DataLoader worker), so an encoder made before the
-    workers start serves all of them.
+    probe batch. The ONNX Runtime session uses as many threads as torch has in this process.
+    ONNX Runtime is not fork-safe: a forked child that starts a session after its parent did can
+    hang, so run the encoder in the process that built it (catalogue embedding does, while its
+    worker processes decode) or in a spawned one (a pickled copy builds a fresh session).
 
     Raises:
         OnnxExportError: the export failed or its output strays from `encode_image`'s.
@@ -144,7 +144,7 @@ class OnnxImageEncoder:
         probe = torch.randn(3, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
         encoder = FoldedImageEncoder(model).eval()
         self.onnx_model = _export(encoder, probe)
-        self._session, self._session_pid = None, None
+        self._session = None
         with torch.inference_mode():
             expected = model.encode_image(probe.to(model.device)).float().cpu()  # (3, D)
         got = self(probe)
@@ -159,7 +159,7 @@ class OnnxImageEncoder:
         return torch.from_numpy(vectors)  # (B, D)
 
     def _current_session(self):
-        if self._session is None or self._session_pid != os.getpid():  # a forked worker builds its own
+        if self._session is None:
             import onnxruntime
 
             options = onnxruntime.SessionOptions()
@@ -167,11 +167,10 @@ class OnnxImageEncoder:
             options.inter_op_num_threads = 1
             self._session = onnxruntime.InferenceSession(self.onnx_model, options,
                                                          providers=["CPUExecutionProvider"])
-            self._session_pid = os.getpid()
         return self._session
 
-    def __getstate__(self) -> dict:  # a session cannot be pickled (spawned workers); they build their own
-        return {**self.__dict__, "_session": None, "_session_pid": None}
+    def __getstate__(self) -> dict:  # a session cannot be pickled; a spawned process builds its own
+        return {**self.__dict__, "_session": None}
 
 
 def _export(encoder: nn.Module, probe: torch.Tensor) -> bytes:

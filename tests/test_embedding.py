@@ -285,11 +285,11 @@ needs_onnxruntime = pytest.mark.skipif(not inference.onnxruntime_available(),
 
 
 @needs_onnxruntime
-def test_onnxruntime_engine_matches_torch_for_products_and_room_views_across_worker_processes(model, tmp_path):
+def test_onnxruntime_engine_matches_torch_for_products_and_room_views_with_worker_processes(model, tmp_path):
     paths = make_photos(tmp_path / "img", 7)
     texts = [f"product {i}" for i in range(7)]
     by_engine = {}
-    for engine, workers in (("torch", 0), ("onnxruntime", 2)):  # workers build their own ONNX Runtime sessions
+    for engine, workers in (("torch", 0), ("onnxruntime", 2)):  # ONNX Runtime in this process, workers decode
         result = embed_to_shards(model, ids_for(paths), paths, tmp_path / engine, texts=texts, shard_size=3,
                                  batch_size=2, num_workers=workers, engine=engine, progress=False)
         by_engine[engine] = result.load()
