@@ -69,6 +69,7 @@ import torch.nn.functional as F
 
 from .files import atomic_dir, atomic_text
 from .index import ProductIndex, model_fingerprint
+from .inference import FoldedImageEncoder
 from .profile import UserProfile
 from .version import __version__
 
@@ -341,6 +342,8 @@ class Matcher:
                                  f"but the queries come from model {model.config.name!r} with other weights; their "
                                  "vectors are not comparable. Index the catalogue with this model (hgm-mm index)")
         self.model = model.eval()
+        # on a CPU, room views run through the BatchNorm-folded, channels-last copy of the tower
+        self._photo_encoder = FoldedImageEncoder(self.model) if self.model.device.type == "cpu" else None
         self.index = index
         self.prior = prior
         self.weights = weights if weights is not None else RankingWeights()
@@ -392,9 +395,16 @@ class Matcher:
         if image is not None and not isinstance(image, (str, torch.Tensor)) and not hasattr(image, "convert"):
             raise TypeError(f"image must be a PIL image or a photo path, got {type(image).__name__}")
         with self._lock, torch.no_grad():
-            view_embeds = self.model.encode_room_views(image).float() if image is not None else None  # (1, V, D)
+            view_embeds = self._room_views(image) if image is not None else None  # (1, V, D)
             text_embeds = self.model.encode_scene_text([text]).float() if text else None  # (1, D)
         return self.query_from_embeddings(view_embeds, text_embeds)
+
+    def _room_views(self, image) -> torch.Tensor:
+        """`model.encode_room_views(image)` -> (1, V, D), through the folded tower copy on a CPU."""
+        if self._photo_encoder is None:
+            return self.model.encode_room_views(image).float()
+        views = self.model.preprocess_room_views(image)  # (1, V, 3, S, S)
+        return self._photo_encoder(views.flatten(0, 1)).float().view(*views.shape[:2], -1)
 
     def query_from_embeddings(self, view_embeds: torch.Tensor | None, text_embeds: torch.Tensor | None = None
                               ) -> RoomQuery:

@@ -4,6 +4,7 @@ import threading
 import warnings
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -325,3 +326,14 @@ def test_index_vectors_reads_stored_vectors_by_id(kind):
     assert index.vectors([]).shape == (0, 16)
     with pytest.raises(KeyError, match="not in the index"):
         index.vectors([ids_of(1200)[7]])  # removed
+
+
+def test_query_views_equal_the_models_own_room_views(model, vectors, photo):
+    """On a CPU the matcher encodes through the folded tower copy; the vectors stay the model's."""
+    matcher = Matcher(model, make_index(model, vectors, ["sofa"] * N))
+    assert matcher._photo_encoder is not None
+    query = matcher.encode_query(photo)
+    with torch.no_grad():
+        expected = model.encode_room_views(photo)  # (1, V, D)
+    assert query.view_embeds.shape == expected.shape
+    assert torch.allclose(query.view_embeds, expected, rtol=0, atol=1e-4)
