@@ -17,6 +17,7 @@ TEXT_TOWER_SOURCES = ("hf", "open_clip")
 POOLING_MODES = ("mean", "cls")
 VIEW_POOLINGS = ("lse", "max", "mean")
 PROJECTIONS = ("linear", "none")
+SCENE_SOURCES = ("room", "photo")
 
 # Scene labels of the built-in models: the union of the IKEA room scenes and the
 # Places365 room classes that ship with the project's data format.
@@ -122,6 +123,13 @@ class ModelConfig:
     room_grids: tuple[int, ...] = (1,)
     view_pooling: str = "lse"  # "lse": soft maximum at `view_temperature`; "max"; "mean"
     view_temperature: float = 0.05
+    # What scene recognition reads from a photo. "room": `scene_head` on the fused room vector (the
+    # mean of the room views), the head joint training shapes. "photo": `photo_scene_head` on the
+    # image tower's pooled features of the whole photo at `scene_image_size`; room tiles dilute
+    # the scene, and the tower's features carry more of it than the projected room vector.
+    scene_source: str = "room"
+    scene_image_size: int | None = None  # "photo": side the whole photo is resized to; None: image_tower.image_size
+    scene_flip_average: bool = False  # "photo": average the scene log-probabilities of the photo and its mirror image
 
     def __post_init__(self) -> None:
         if not isinstance(self.embed_dim, int) or self.embed_dim < 1:
@@ -136,6 +144,13 @@ class ModelConfig:
         _check_choice("ModelConfig", "view_pooling", self.view_pooling, VIEW_POOLINGS)
         if not self.view_temperature > 0:
             raise ValueError(f"ModelConfig.view_temperature={self.view_temperature!r}; expected > 0")
+        _check_choice("ModelConfig", "scene_source", self.scene_source, SCENE_SOURCES)
+        if self.scene_image_size is not None and (isinstance(self.scene_image_size, bool)
+                                                  or not isinstance(self.scene_image_size, int)
+                                                  or self.scene_image_size < 8):
+            raise ValueError(f"ModelConfig.scene_image_size={self.scene_image_size!r}; expected None or an int >= 8")
+        if not isinstance(self.scene_flip_average, bool):
+            raise ValueError(f"ModelConfig.scene_flip_average={self.scene_flip_average!r}; expected true or false")
         if self.image_tower.source == "open_clip" and self.text_tower.source == "open_clip":
             if self.image_tower.name != self.text_tower.name:
                 raise ValueError("open_clip image and text towers must come from the same open_clip model; got "

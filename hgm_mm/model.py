@@ -40,7 +40,7 @@ class HGMOutput:
 
     room_embeds: torch.Tensor | None = None  # (R, D) fused room image + scene text, unit norm
     room_view_embeds: torch.Tensor | None = None  # (R, V, D) one unit vector per view of the room photo
-    scene_logits: torch.Tensor | None = None  # (R, S) over `config.scene_labels`
+    scene_logits: torch.Tensor | None = None  # (R, S) over `config.scene_labels`, from `scene_head` on the room vector
     room_image_embeds: torch.Tensor | None = None  # (R, D)
     room_text_embeds: torch.Tensor | None = None  # (R, D) scene text, rows without text are zero
     product_embeds: torch.Tensor | None = None  # (P, D) fused product photo + product text
@@ -112,6 +112,8 @@ class HGMModel(nn.Module):
         self.room_fusion = GatedFusion(embed_dim, config.fusion)
         self.product_fusion = GatedFusion(embed_dim, config.fusion)
         self.scene_head = nn.Linear(embed_dim, len(config.scene_labels))
+        self.photo_scene_head = (nn.Linear(self.image_tower.output_dim, len(config.scene_labels))
+                                 if config.scene_source == "photo" else None)
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
         self.image_transform = build_image_transform(config.image_tower)
         self.room_views = RoomViews(config.image_tower, config.room_grids)
@@ -292,10 +294,100 @@ class HGMModel(nn.Module):
         self._check_batch(image_embeds, text_embeds)
         return self.product_fusion(image_embeds, text_embeds, text_present=text_present)
 
+    # -- scenes -------------------------------------------------------------------------------
+    @property
+    def scene_transform(self):
+        """A PIL photo -> the pixels `scene_logits` reads for it: the whole photo (3, S, S) when
+        `config.scene_source` is "photo", else the room views (V, 3, S, S)."""
+        if self.config.scene_source == "photo":
+            return WholePhoto(self.config.image_tower, self.config.scene_image_size)
+        return self.room_views
+
     def scene_logits(self, images: ImageInput | None = None, texts: Sequence[str | None] | str | None = None
                      ) -> torch.Tensor:
-        """Scene logits (B, S) from a room photo, scene text, or both."""
-        return self.scene_head(self.encode_room(images, texts))
+        """Scene logits (B, S) from a room photo, scene text, or both.
+
+        With `config.scene_source == "room"`, `scene_head` reads the fused room vector. With
+        "photo", `photo_scene_head` reads the photo (`photo_scene_logits`),
+        and the scene text of a room that has some adds the room head's log-probabilities of its
+        text; without a photo the text alone decides, as in "room".
+
+        Args:
+            images: photos (PIL images or paths), or pixels from `scene_transform`: (B, 3, S, S)
+                whole photos for "photo", room views (B, V, 3, S, S) or (B, 3, S, S) for "room".
+            texts: scene texts, one per photo (an entry may be None), or None.
+        """
+        if self.config.scene_source == "room" or images is None:
+            return self.scene_head(self.encode_room(images, texts))
+        logits = self.photo_scene_logits(images)  # (B, S)
+        if texts is None:
+            return logits
+        if isinstance(texts, str):
+            texts = [texts]
+        n_texts = texts["input_ids"].shape[0] if isinstance(texts, dict) else len(texts)
+        if n_texts != len(logits):
+            raise ValueError(f"{len(logits)} images but {n_texts} texts; give one text (or None) per image")
+        rows = list(range(n_texts)) if isinstance(texts, dict) else [i for i, text in enumerate(texts) if text]
+        if not rows:
+            return logits
+        present = texts if isinstance(texts, dict) else [texts[i] for i in rows]
+        text_logits = self.scene_head(self.encode_room(texts=present)).log_softmax(dim=-1)  # (B', S)
+        return logits.index_add(0, torch.tensor(rows, device=logits.device), text_logits.to(logits.dtype))
+
+    def photo_scene_logits(self, images: ImageInput) -> torch.Tensor:
+        """Scene logits (B, S) of whole photos: the log-probabilities of `photo_scene_head` (a model
+        whose `config.scene_source` is "photo"), averaged with the mirror image's when
+        `config.scene_flip_average`.
+
+        Args:
+            images: photos (PIL images or paths), or whole-photo pixels (B, 3, S, S) from `scene_transform`.
+        """
+        if self.photo_scene_head is None:
+            raise ValueError(f"this model reads scenes from the room vector (scene_source="
+                             f"{self.config.scene_source!r}) and has no photo scene head; train one with "
+                             "hgm_mm.training.train_scenes(model, ..., scene_source='photo')")
+        if isinstance(images, torch.Tensor):
+            pixels = images.unsqueeze(0) if images.dim() == 3 else images
+            if pixels.dim() != 4 or pixels.shape[1] != 3:
+                raise ValueError(f"photo tensor has shape {tuple(images.shape)}; the photo scene head reads whole "
+                                 "photos (B, 3, S, S), from model.scene_transform")
+            pixels = pixels.to(self.device)
+        else:
+            pixels = self._transform_photos(images, self.scene_transform)  # (B, 3, S, S)
+        features = [self.image_tower(pixels)]  # (B, C)
+        if self.config.scene_flip_average:
+            features.append(self.image_tower(pixels.flip(-1)))
+        return self.photo_scene_logits_from_features(torch.stack(features, dim=1))
+
+    def photo_scene_logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Pooled image-tower features (B, A, C) of A versions of each photo (the photo, its mirror
+        image) -> scene logits (B, S): the mean over the versions of their log-probabilities.
+
+        Features are L2-normalised first: their norm varies with the photo, not with its scene.
+        """
+        logits = self.photo_scene_head(F.normalize(features.to(self.photo_scene_head.weight.dtype), dim=-1))
+        return logits.log_softmax(dim=-1).mean(dim=1)  # (B, S)
+
+    def use_photo_scene_head(self, *, image_size: int | None = None, flip_average: bool = True) -> None:
+        """Switches scene recognition to a new, untrained `photo_scene_head` (all scenes equally
+        likely) reading the whole photo (`config.scene_source = "photo"`);
+        `train_scenes(..., scene_source="photo")` does this itself.
+
+        Room and product vectors do not change: the head reads the image tower's pooled features
+        and nothing else reads the head. `save_pretrained` keeps the choice.
+
+        Args:
+            image_size: side the whole photo is resized to; None keeps `config.image_tower.image_size`.
+            flip_average: average the scene log-probabilities of each photo and its mirror image.
+        """
+        config = copy.deepcopy(self.config)
+        config.scene_source, config.scene_image_size, config.scene_flip_average = "photo", image_size, flip_average
+        config.__post_init__()  # validates the new values before anything changes
+        self.config = config
+        head = nn.Linear(self.image_tower.output_dim, len(config.scene_labels))
+        nn.init.zeros_(head.weight)  # uniform scenes until trained; training a linear head is convex, so
+        nn.init.zeros_(head.bias)  # a fixed start costs nothing and makes runs independent of the RNG
+        self.photo_scene_head = head.to(self.device)
 
     def predict_scene(self, images: ImageInput | None = None, texts: Sequence[str | None] | str | None = None
                       ) -> list[dict[str, float]]:
@@ -449,6 +541,19 @@ def load_model(folder: str | os.PathLike, *, device: str | torch.device | None =
     model.load_state_dict(state, strict=True)
     model.eval()
     return model.to(device) if device is not None else model
+
+
+class WholePhoto:
+    """A PIL photo -> the whole photo resized to `size` x `size` and normalised (3, S, S), as the
+    whole-photo view of `RoomViews` (no part is cropped away: a scene fills the frame)."""
+
+    def __init__(self, cfg, size: int | None = None):
+        import dataclasses
+
+        self.views = RoomViews(dataclasses.replace(cfg, image_size=size or cfg.image_size), (1,))
+
+    def __call__(self, image) -> torch.Tensor:
+        return self.views(image)[0]
 
 
 def _mean_view(view_embeds: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Scene training on images.jsonl sets: it learns, it measures what evaluate_scenes measures, bad input is handled."""
+"""Scene training on images.jsonl sets: it learns, it measures what evaluate_scenes measures, bad input is handled;
+the photo scene head: retrieval vectors untouched, flip averaging, text evidence, save/load, old folders."""
 import copy
 import json
 import warnings
@@ -6,6 +7,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import hgm_mm
@@ -55,14 +57,19 @@ def toy(tmp_path):
     return photos(tmp_path / "train", 8, seed=0), photos(tmp_path / "val", 4, seed=1)
 
 
-@pytest.mark.parametrize("train_views", ["all", "whole"])
-def test_training_learns_a_separable_set_and_reports_what_evaluate_scenes_measures(toy, train_views):
+@pytest.mark.parametrize("recipe", [{"scene_source": "room", "train_views": "all"},
+                                    {"scene_source": "room", "train_views": "whole"},
+                                    {"scene_source": "photo"},
+                                    {"scene_source": "photo", "flip_average": False, "mirror": False,
+                                     "scene_image_size": 24}])
+def test_training_learns_a_separable_set_and_reports_what_evaluate_scenes_measures(toy, recipe):
     train_images, val_images = toy
     model = tiny_model()
     before = evaluate_scenes(model, val_images, progress=False, num_workers=0)
     assert before.accuracy == pytest.approx(0.5)  # all "bedroom"
     result = train_scenes(model, train_images, val_images=val_images, epochs=15, lr=3e-2, batch_size=8,
-                          train_views=train_views, num_workers=0, progress=False)
+                          num_workers=0, progress=False, **recipe)
+    assert model.config.scene_source == recipe["scene_source"]
     after = evaluate_scenes(model, val_images, progress=False, num_workers=0)
     assert after.accuracy >= 0.9 > before.accuracy
     assert result.val_accuracy == pytest.approx(after.accuracy)
@@ -75,26 +82,161 @@ def test_training_learns_a_separable_set_and_reports_what_evaluate_scenes_measur
     assert np.mean([p == item.scene for p, item in zip(predicted, val_images)]) == pytest.approx(after.accuracy)
 
 
-def test_default_training_changes_the_scene_head_only_and_restores_trainable_flags(toy):
+def test_room_training_changes_the_scene_head_only_and_restores_trainable_flags(toy):
     train_images, _ = toy
     model = tiny_model()
     model.text_tower.requires_grad_(False)
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     start = copy.deepcopy(model.state_dict())
-    result = train_scenes(model, train_images, epochs=2, batch_size=8, num_workers=0, progress=False)
+    result = train_scenes(model, train_images, scene_source="room", epochs=2, batch_size=8, num_workers=0,
+                          progress=False)
     changed = {name for name, value in model.state_dict().items() if not torch.equal(value, start[name])}
     assert changed == {"scene_head.weight", "scene_head.bias"}
     assert set(result.trained_parameters) == {"scene_head.weight", "scene_head.bias"}
     assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
     assert result.val_accuracy is None and not model.training
+    assert model.config.scene_source == "room" and model.photo_scene_head is None
+
+
+def retrieval_outputs(model):
+    """Room views, room and product vectors on fixed inputs: what retrieval reads."""
+    torch.manual_seed(0)
+    side = model.config.image_tower.image_size
+    rooms, products = torch.randn(2, model.room_views.n_views, 3, side, side), torch.randn(2, 3, side, side)
+    with torch.no_grad():
+        return {"views": model.encode_room_views(rooms), "room": model.encode_room(rooms, ["calm", None]),
+                "product": model.encode_product(products, ["sofa", "lamp"])}
+
+
+def test_default_training_adds_a_photo_head_and_leaves_every_other_weight_and_vector_as_it_was(toy):
+    train_images, val_images = toy
+    model = tiny_model()
+    model.text_tower.requires_grad_(False)
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    start, vectors = copy.deepcopy(model.state_dict()), retrieval_outputs(model)
+    result = train_scenes(model, train_images, val_images=val_images, epochs=3, batch_size=8, num_workers=0,
+                          progress=False)
+    assert model.config.scene_source == "photo" and model.config.scene_flip_average
+    assert set(result.trained_parameters) == {"photo_scene_head.weight", "photo_scene_head.bias"}
+    assert {name for name in model.state_dict() if name not in start} == set(result.trained_parameters)
+    assert all(torch.equal(start[name], value) for name, value in model.state_dict().items() if name in start)
+    for key, value in retrieval_outputs(model).items():
+        assert torch.equal(value, vectors[key]), key
+    assert {name: p.requires_grad for name, p in model.named_parameters() if name in flags} == flags
+    assert result.history[-1]["loss"] < result.history[0]["loss"] and not model.training
+
+
+def test_photo_scene_logits_average_the_mirror_image_and_add_the_scene_text(toy):
+    train_images, _ = toy
+    model = tiny_model()
+    train_scenes(model, train_images, epochs=3, batch_size=8, num_workers=0, progress=False)
+    with torch.no_grad():
+        model.photo_scene_head.bias.copy_(torch.tensor([0.3, -0.2]))  # a scene the mirror cannot undo
+        pixels = torch.stack([model.scene_transform(Image.open(item.image).convert("RGB"))
+                              for item in train_images[:3]])
+        single = F.normalize(model.image_tower(pixels), dim=-1)
+        mirrored = F.normalize(model.image_tower(pixels.flip(-1)), dim=-1)
+        expected = (model.photo_scene_head(single).log_softmax(-1)
+                    + model.photo_scene_head(mirrored).log_softmax(-1)) / 2
+        assert torch.allclose(model.scene_logits(pixels), expected, atol=1e-6)
+        assert not torch.allclose(expected, model.photo_scene_head(single).log_softmax(-1), atol=1e-4)
+        # paths read as the tensors of scene_transform
+        assert torch.allclose(model.scene_logits([item.image for item in train_images[:3]]), expected, atol=1e-6)
+        # scene text adds the room head's log-probabilities of the text, only where a room has text
+        model.scene_head.weight.normal_()
+        with_text = model.scene_logits(pixels, ["a kitchen", None, "a bedroom"])
+        text = model.scene_head(model.encode_room(texts=["a kitchen", "a bedroom"])).log_softmax(-1)
+        assert torch.allclose(with_text[[0, 2]], expected[[0, 2]] + text, atol=1e-5)
+        assert torch.allclose(with_text[1], expected[1], atol=1e-6)
+        # without a photo the text alone decides, through the room head
+        assert torch.allclose(model.scene_logits(texts=["a kitchen"]), model.scene_head(model.encode_room(
+            texts=["a kitchen"])), atol=1e-6)
+    (probabilities,) = model.predict_scene(pixels[:1])
+    assert list(probabilities) != [] and sum(probabilities.values()) == pytest.approx(1.0)
+    assert [probabilities[label] for label in LABELS] == pytest.approx(expected[0].softmax(-1).tolist(), abs=1e-6)
+
+
+def test_photo_head_survives_save_and_load_and_old_folders_keep_the_room_head(toy, tmp_path):
+    train_images, val_images = toy
+    model = tiny_model()
+    train_scenes(model, train_images, scene_image_size=24, epochs=3, batch_size=8, num_workers=0, progress=False)
+    model.save_pretrained(tmp_path / "photo")
+    loaded = hgm_mm.load_model(tmp_path / "photo")
+    assert (loaded.config.scene_source, loaded.config.scene_image_size, loaded.config.scene_flip_average) == \
+        ("photo", 24, True)
+    assert loaded.scene_transform(Image.open(val_images[0].image).convert("RGB")).shape == (3, 24, 24)
+    paths = [item.image for item in val_images]
+    with torch.no_grad():
+        assert torch.equal(loaded.scene_logits(paths), model.scene_logits(paths))
+    assert evaluate_scenes(loaded, val_images, progress=False, num_workers=0).to_dict() == \
+        evaluate_scenes(model, val_images, progress=False, num_workers=0).to_dict()
+
+    # a folder saved before the photo head existed has no scene_source keys: it reads the room vector
+    room = tiny_model(seed=3)
+    room.save_pretrained(tmp_path / "old")
+    path = tmp_path / "old" / "hgm_config.json"
+    document = json.loads(path.read_text())
+    for key in ("scene_source", "scene_image_size", "scene_flip_average"):
+        document["model"].pop(key)
+    path.write_text(json.dumps(document))
+    old = hgm_mm.load_model(tmp_path / "old")
+    assert old.config.scene_source == "room" and old.photo_scene_head is None
+    with torch.no_grad():
+        assert torch.equal(old.scene_logits(paths), room.scene_logits(paths))
+        assert torch.equal(old.scene_logits(paths), old.scene_head(old.encode_room(paths)))
+    with pytest.raises(ValueError, match="no photo scene head; train one with"):
+        old.photo_scene_logits(paths)
+
+
+def test_the_last_training_decides_which_head_predict_scene_reads(toy):
+    train_images, val_images = toy
+    model = tiny_model()
+    train_scenes(model, train_images, epochs=2, batch_size=8, num_workers=0, progress=False)
+    assert model.config.scene_source == "photo"
+    result = train_scenes(model, train_images, val_images=val_images, scene_source="room", epochs=2, batch_size=8,
+                          num_workers=0, progress=False)
+    assert model.config.scene_source == "room" and model.photo_scene_head is None
+    assert set(result.trained_parameters) == {"scene_head.weight", "scene_head.bias"}
+    assert result.val_accuracy == pytest.approx(evaluate_scenes(model, val_images, progress=False,
+                                                                num_workers=0).accuracy)
+
+
+def test_a_failed_photo_training_leaves_the_model_as_it_was(toy, tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    model = tiny_model()
+    with pytest.raises(ValueError, match="none of the 1 photos could be read"):
+        train_scenes(model, [SceneImage(image=broken, scene="kitchen")], epochs=1, num_workers=0, progress=False)
+    assert model.config.scene_source == "room" and model.photo_scene_head is None
+    assert "photo_scene_head.weight" not in model.state_dict()
+
+
+def test_photo_head_inputs_and_config_values_are_checked(toy):
+    train_images, _ = toy
+    model = tiny_model()
+    train_scenes(model, train_images, epochs=1, batch_size=8, num_workers=0, progress=False)
+    side = model.config.image_tower.image_size
+    with pytest.raises(ValueError, match=rf"shape \(2, 5, 3, {side}, {side}\); the photo scene head reads whole"):
+        model.scene_logits(torch.zeros(2, 5, 3, side, side))
+    with pytest.raises(ValueError, match="2 images but 1 texts"):
+        model.scene_logits(torch.zeros(2, 3, side, side), ["a kitchen"])
+    for key, value, message in (("scene_source", "tiles", r"scene_source='tiles' is not valid"),
+                                ("scene_image_size", 4, r"scene_image_size=4; expected None or an int >= 8"),
+                                ("scene_flip_average", "yes", r"scene_flip_average='yes'; expected true or false")):
+        with pytest.raises(ValueError, match=message):
+            hgm_mm.ModelConfig(**{key: value})
+    with pytest.raises(ValueError, match="scene_image_size=2"):
+        model.use_photo_scene_head(image_size=2)
+    assert model.config.scene_image_size is None  # a refused value changes nothing
 
 
 def test_projection_and_top_tower_group_train_when_asked(toy):
     train_images, val_images = toy
     model = tiny_model()
     start = copy.deepcopy(model.state_dict())
-    result = train_scenes(model, train_images, val_images=val_images, epochs=2, batch_size=8, projection_lr=1e-2,
-                          unlocked_image_groups=1, mirror=True, train_views="all", num_workers=0, progress=False)
+    result = train_scenes(model, train_images, val_images=val_images, scene_source="room", epochs=2, batch_size=8,
+                          projection_lr=1e-2, unlocked_image_groups=1, mirror=True, train_views="all", num_workers=0,
+                          progress=False)
     changed = {name for name, value in model.state_dict().items()
                if value.is_floating_point() and not torch.equal(value, start[name])}
     assert "image_proj.weight" in changed and "scene_head.weight" in changed
@@ -115,14 +257,17 @@ def _top_group_modules(model) -> set[str]:
     return {name.rsplit(".", 1)[0] for name in groups[max(groups)]}
 
 
-def test_same_seed_same_weights_other_seed_other_weights(toy):
+@pytest.mark.parametrize("scene_source", ["photo", "room"])
+def test_same_seed_same_weights_other_seed_other_weights(toy, scene_source):
     train_images, _ = toy
     heads = []
-    for seed in (0, 0, 1):
+    for seed, global_seed in ((0, 7), (0, 123), (1, 7)):  # torch's global RNG does not matter, the seed does
         model = tiny_model()
-        train_scenes(model, train_images, epochs=2, batch_size=4, seed=seed, mirror=True, num_workers=0,
-                     progress=False)
-        heads.append(model.scene_head.weight.detach().clone())
+        torch.manual_seed(global_seed)
+        train_scenes(model, train_images, scene_source=scene_source, epochs=2, batch_size=4, seed=seed, mirror=True,
+                     num_workers=0, progress=False)
+        head = model.photo_scene_head if scene_source == "photo" else model.scene_head
+        heads.append(head.weight.detach().clone())
     assert torch.equal(heads[0], heads[1])
     assert not torch.equal(heads[0], heads[2])
 
@@ -168,7 +313,13 @@ def test_reads_an_images_jsonl_path_and_refuses_bad_rows(toy, tmp_path):
     ({"projection_lr": -1.0}, r"projection_lr=-1.0"),
     ({"label_smoothing": 1.0}, r"label_smoothing=1.0; expected a value in \[0, 1\)"),
     ({"unlocked_image_groups": -1}, r"unlocked_image_groups=-1"),
-    ({"unlocked_image_groups": 99}, r"unlocks the whole image tower"),
+    ({"unlocked_image_groups": 99, "scene_source": "room"}, r"unlocks the whole image tower"),
+    ({"unlocked_image_groups": 1}, r"unlocked_image_groups=1 trains layers the photo scene head does not own"),
+    ({"projection_lr": 1e-3}, r"projection_lr=0.001 trains layers the photo scene head does not own"),
+    ({"scene_source": "tiles"}, r"scene_source='tiles'; expected one of \['photo', 'room'\]"),
+    ({"scene_image_size": 7}, r"scene_image_size=7; expected None or an int >= 8"),
+    ({"flip_average": None}, r"flip_average=None; expected True or False"),
+    ({"mirror": "yes"}, r"mirror='yes'; expected True or False"),
     ({"image_errors": "ignore"}, r"image_errors='ignore'; expected one of \['skip', 'raise'\]"),
     ({"train_views": "tiles"}, r"train_views='tiles'; expected one of \['all', 'whole'\]"),
 ])

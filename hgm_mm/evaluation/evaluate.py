@@ -1,6 +1,7 @@
 """Room -> product evaluation of a model over a whole catalogue, and the baselines it must beat."""
 from __future__ import annotations
 
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -149,31 +150,58 @@ class SceneEvaluation:
                 "confusion": self.confusion, "n_images": self.n_images, "skipped": [list(s) for s in self.skipped]}
 
 
-def evaluate_scenes(model, scene_images: Sequence, *, progress: bool = True, num_workers: int | None = None
-                    ) -> SceneEvaluation:
-    """Predicts the scene of each photo (as a room: its views, no text) and scores it against its label.
+def evaluate_scenes(model, scene_images: Sequence, *, progress: bool = True, num_workers: int | None = None,
+                    batch_size: int = 16) -> SceneEvaluation:
+    """Predicts the scene of each photo with `model.scene_logits` (no text) and scores it against its label.
 
-    Photos whose scene is not one of `model.scene_labels` are an error naming the label, since
-    the model cannot predict it.
+    Each photo is read as `model.scene_transform` gives it (the whole photo for a photo scene head,
+    the room views otherwise), so the numbers are those of `model.predict_scene`. Unreadable
+    photos are left out and listed in `skipped`. Photos whose scene is not one of
+    `model.scene_labels` are an error naming the label, since the model cannot predict it.
+
+    Args:
+        model: an `HGMModel`.
+        scene_images: `SceneImage` rows (`hgm_mm.data.read_scene_images`).
+        progress: show a progress bar.
+        num_workers: photo-decoding processes (default: up to 2; 0 decodes in this process).
+        batch_size: photos per forward pass.
     """
-    from ..embedding import embed_images
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
 
+    from ..embedding import PhotoDecoder, PhotoFiles
+
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r}; expected an int >= 1")
     unknown = sorted({item.scene for item in scene_images} - set(model.scene_labels))
     if unknown:
         raise ValueError(f"scene label(s) {unknown} are not among the model's scene labels "
                          f"{list(model.scene_labels)}; train the scene head on them first")
-    with torch.no_grad():
-        views = embed_images(model, [item.image for item in scene_images], desc="scene photos", progress=progress,
-                             num_workers=num_workers, room_views=True)
-        pooled = torch.nn.functional.normalize(views.embeddings.mean(dim=1), dim=-1).to(model.device)  # (N, D)
-        logits = model.scene_head(model.room_fusion(pooled))  # (N, S)
-    predicted = [model.scene_labels[i] for i in logits.argmax(dim=1).tolist()]
-    truth = [scene_images[i].scene for i in views.kept]
+    if num_workers is None:
+        num_workers = min(2, os.cpu_count() or 1)
+    loader = DataLoader(PhotoFiles([item.image for item in scene_images], PhotoDecoder(model.scene_transform)),
+                        batch_size=batch_size, num_workers=num_workers, collate_fn=list)
+    model.eval()
+    kept, skipped, predicted = [], [], []
+    with torch.no_grad(), tqdm(total=len(scene_images), desc="scene photos", unit="img",
+                               disable=not progress) as bar:
+        for items in loader:
+            skipped.extend(problem for _, _, problem in items if problem is not None)
+            readable = [(i, pixels) for i, pixels, _ in items if pixels is not None]
+            if readable:
+                logits = model.scene_logits(torch.stack([pixels for _, pixels in readable]))  # (B, S)
+                predicted.extend(model.scene_labels[j] for j in logits.argmax(dim=1).tolist())
+                kept.extend(i for i, _ in readable)
+            bar.update(len(items))
+    if not kept:
+        raise ValueError(f"none of the {len(scene_images)} scene photos could be read"
+                         + (f" (first: {skipped[0][0]}: {skipped[0][1]})" if skipped else ""))
+    truth = [scene_images[i].scene for i in kept]
     labels = sorted(set(truth) | set(predicted))
     return SceneEvaluation(
         accuracy=metrics.scene_accuracy(truth, predicted), macro_f1=metrics.macro_f1(truth, predicted),
         labels=labels, confusion=metrics.confusion_matrix(truth, predicted, labels).tolist(),
-        n_images=len(truth), skipped=views.skipped)
+        n_images=len(truth), skipped=skipped)
 
 
 # -- baselines ------------------------------------------------------------------------------------

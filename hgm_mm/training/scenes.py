@@ -1,18 +1,27 @@
 """Scene recognition training on `images.jsonl` sets (scene-labelled photos, e.g. Places365 rooms).
 
-The scene head reads the room vector: the normalised mean of the photo's view embeddings
-(`model.room_views`), passed through the room fusion, exactly as `model.predict_scene` and
-`hgm_mm.evaluation.evaluate_scenes` compute it. Training keeps that contract: validation scores
-the mean of all the views of each photo, so the accuracy measured during training is the accuracy
-users get. Training itself may read the whole-photo view alone (`train_views="whole"`, the
-default), at 1/V of the cost of caching all V views.
+Two heads can be trained, as `model.config.scene_source` reads them:
 
-On a CPU the towers are the cost, so everything below the trainable layers runs once per photo:
-the outputs of the locked image layers for every training view of every photo (and of its mirror
-image, the augmentation, when asked) are cached, and the epochs run the trainable layers alone on that cache.
+- "photo" (the default of `train_scenes`): `photo_scene_head`, a linear head on the image tower's
+  L2-normalised pooled features of the whole photo, optionally averaged with the mirror image at
+  inference. The tower and projection stay locked, so room and product vectors do not change.
+  On Places365 rooms it is the more accurate (docs/training.md): room tiles dilute the scene, and
+  the 1,280 tower features keep more of it than the 384-d projected room vector.
+- "room": `scene_head` on the room vector, the normalised mean of the photo's view embeddings
+  (`model.room_views`) through the room fusion. Validation scores the mean of all the views, as
+  `model.predict_scene` does; training may read the whole-photo view alone (`train_views="whole"`),
+  at 1/V of the cost of caching all V views.
+
+Either way validation computes exactly what `model.predict_scene` and
+`hgm_mm.evaluation.evaluate_scenes` compute, so the accuracy measured during training is the
+accuracy users get. On a CPU the towers are the cost, so everything below the trainable layers
+runs once per photo: the outputs of the locked image layers for every training view of every
+photo (and of its mirror image, the augmentation, when asked) are cached, and the epochs run the
+trainable layers alone on that cache.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -27,13 +36,14 @@ from torch.utils.data import DataLoader
 from ..data.images import ImageError
 from ..data.records import SceneImage, read_scene_images
 from ..evaluation import metrics
-from ..preprocess import RoomViews
 from ..embedding import PhotoDecoder, PhotoFiles
+from ..preprocess import RoomViews
 from ..towers import TimmImageTower
 from .freezing import keep_frozen_norms_eval, lock_image_tower
 
 IMAGE_ERROR_POLICIES = ("skip", "raise")
 TRAIN_VIEWS = ("all", "whole")
+SCENE_SOURCES = ("photo", "room")
 
 
 @dataclass
@@ -58,32 +68,42 @@ class SceneTrainResult:
 
 
 def train_scenes(model, train_images: Sequence[SceneImage] | str | os.PathLike, *,
-                 val_images: Sequence[SceneImage] | str | os.PathLike | None = None, epochs: int = 30,
+                 val_images: Sequence[SceneImage] | str | os.PathLike | None = None, scene_source: str = "photo",
+                 scene_image_size: int | None = None, flip_average: bool = True, epochs: int = 30,
                  lr: float = 1e-2, batch_size: int = 64, label_smoothing: float = 0.1, weight_decay: float = 1e-4,
                  projection_lr: float = 0.0, unlocked_image_groups: int = 0, tower_lr: float = 1e-4,
-                 mirror: bool = False, train_views: str = "whole", seed: int = 0, image_errors: str = "skip",
+                 mirror: bool | None = None, train_views: str = "whole", seed: int = 0, image_errors: str = "skip",
                  num_workers: int | None = None, progress: bool = True) -> SceneTrainResult:
-    """Trains the model's scene head on scene-labelled photos, in place.
+    """Trains a scene head of the model on scene-labelled photos, in place.
 
     Args:
         model: an `HGMModel`; its `scene_labels` must cover every label of the photos.
         train_images: `SceneImage` rows, or the path of an `images.jsonl` file.
         val_images: photos measured after every epoch (the same as `evaluate_scenes` on them).
+        scene_source: what the model reads scenes from afterwards (`config.scene_source`): "photo"
+            gives the model a new `photo_scene_head` on the whole photo's tower features
+            (`model.use_photo_scene_head`) and trains it; "room" trains `scene_head` on the room
+            vector (a photo scene head the model had is dropped).
+        scene_image_size: "photo": side the whole photo is resized to (None: the tower's image
+            size). Larger sides keep more of the scene: 384 beat 224 by 0.02-0.03 accuracy for
+            hgm-lite-en on Places365 rooms, at about 3x the compute per photo (docs/training.md).
+        flip_average: "photo": at inference, average the scene of each photo and its mirror image.
         epochs: passes over the training photos.
         lr: peak learning rate of the scene head (AdamW, warm-up then cosine decay).
         batch_size: photos per step.
         label_smoothing: of the cross-entropy.
         weight_decay: AdamW decay of the weight matrices.
-        projection_lr: > 0 also trains the image projection at this rate. The projection is shared
-            with products and rooms, so this changes retrieval embeddings too.
-        unlocked_image_groups: top layer groups of the image tower trained too (timm groups, as
-            `TrainConfig.unlocked_image_groups`); 0 keeps the tower and retrieval as they are.
+        projection_lr: "room": > 0 also trains the image projection at this rate. The projection is
+            shared with products and rooms, so this changes retrieval embeddings too.
+        unlocked_image_groups: "room": top layer groups of the image tower trained too (timm groups,
+            as `TrainConfig.unlocked_image_groups`); 0 keeps the tower and retrieval as they are.
         tower_lr: learning rate of the unlocked tower groups.
-        mirror: cache each photo's mirror image too and draw one of the two per photo and epoch.
-        train_views: "whole" trains on the whole-photo view alone, caching at 1/V of the cost
-            (V = `model.room_views.n_views`); "all" on the mean of all the room views of each photo,
-            as inference scores it. With the towers locked both gave the same accuracy on the
-            all-views evaluation, within noise. Validation always uses all the views.
+        mirror: cache each photo's mirror image too and draw one of the two per photo and epoch;
+            None: True for "photo", False for "room".
+        train_views: "room": "whole" trains on the whole-photo view alone, caching at 1/V of the
+            cost (V = `model.room_views.n_views`); "all" on the mean of all the room views of each
+            photo, as inference scores it. With the towers locked both gave the same accuracy on
+            the all-views evaluation, within noise. Validation always uses all the views.
         seed: seeds the order of the photos and the mirror draws; the same seed gives the same weights.
         image_errors: "skip" leaves unreadable photos out and lists them in the result; "raise" stops.
         num_workers: photo-decoding processes (default: up to 2).
@@ -94,12 +114,18 @@ def train_scenes(model, train_images: Sequence[SceneImage] | str | os.PathLike, 
 
     Raises:
         ValueError: an argument is out of range, a label is not among the model's scene labels,
-            no photo is readable, or the tower cannot be split for `unlocked_image_groups`.
+            no photo is readable, or the tower cannot be split for `unlocked_image_groups`. The
+            model is then left as it was.
     """
     _check_arguments(epochs=epochs, lr=lr, batch_size=batch_size, label_smoothing=label_smoothing,
                      weight_decay=weight_decay, projection_lr=projection_lr,
                      unlocked_image_groups=unlocked_image_groups, tower_lr=tower_lr, seed=seed,
-                     image_errors=image_errors, num_workers=num_workers, train_views=train_views)
+                     image_errors=image_errors, num_workers=num_workers, train_views=train_views,
+                     scene_source=scene_source, scene_image_size=scene_image_size, flip_average=flip_average,
+                     mirror=mirror)
+    photo = scene_source == "photo"
+    if mirror is None:
+        mirror = photo
     train_images = _scene_images(train_images, "train_images")
     val_images = _scene_images(val_images, "val_images") if val_images is not None else []
     _check_labels(model, train_images, "train_images")
@@ -108,12 +134,24 @@ def train_scenes(model, train_images: Sequence[SceneImage] | str | os.PathLike, 
         num_workers = min(2, os.cpu_count() or 1)
 
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    previous_head = (model.config, model.photo_scene_head)
     try:
-        stage, locked_norms = _lock(model, projection_lr > 0, unlocked_image_groups)
+        if photo:
+            model.use_photo_scene_head(image_size=scene_image_size, flip_average=flip_average)
+        elif model.config.scene_source != "room":  # the head trained here becomes the one predict_scene reads
+            model.config = dataclasses.replace(model.config, scene_source="room", scene_image_size=None,
+                                               scene_flip_average=False)
+            model.photo_scene_head = None
+        stage, locked_norms = _lock(model, photo, projection_lr > 0, unlocked_image_groups)
         trained = [name for name, p in model.named_parameters() if p.requires_grad]
         started = time.perf_counter()
         skipped: list[tuple[str, str]] = []
-        train_transform = model.room_views if train_views == "all" else RoomViews(model.config.image_tower, (1,))
+        if photo:  # one view per photo: the whole photo, as `scene_transform` gives it
+            train_transform = val_transform = _OneView(model.scene_transform)
+            val_mirror = model.config.scene_flip_average
+        else:
+            train_transform = model.room_views if train_views == "all" else RoomViews(model.config.image_tower, (1,))
+            val_transform, val_mirror = model.room_views, False
         cache_options = {"skipped": skipped, "image_errors": image_errors, "num_workers": num_workers,
                          "progress": progress}
         # activations inside the tower are large: training keeps them in half precision, validation exact
@@ -122,7 +160,7 @@ def train_scenes(model, train_images: Sequence[SceneImage] | str | os.PathLike, 
                                                   desc="caching training photos", **cache_options)
         val_features, val_kept = (None, [])
         if val_images:
-            val_features, val_kept = _cache_views(model, val_images, stage, model.room_views, mirror=False,
+            val_features, val_kept = _cache_views(model, val_images, stage, val_transform, mirror=val_mirror,
                                                   dtype=torch.float32, desc="caching validation photos",
                                                   **cache_options)
         cache_seconds = time.perf_counter() - started
@@ -135,9 +173,12 @@ def train_scenes(model, train_images: Sequence[SceneImage] | str | os.PathLike, 
                        epochs=epochs, lr=lr, projection_lr=projection_lr, tower_lr=tower_lr, batch_size=batch_size,
                        label_smoothing=label_smoothing, weight_decay=weight_decay, seed=seed, progress=progress)
         train_seconds = time.perf_counter() - started
+    except BaseException:
+        model.config, model.photo_scene_head = previous_head
+        raise
     finally:
         for name, p in model.named_parameters():
-            p.requires_grad = requires_grad[name]
+            p.requires_grad = requires_grad.get(name, True)
         model.eval()
     last = history[-1]
     return SceneTrainResult(
@@ -148,7 +189,8 @@ def train_scenes(model, train_images: Sequence[SceneImage] | str | os.PathLike, 
 
 # -- inputs ----------------------------------------------------------------------------------------
 def _check_arguments(*, epochs, lr, batch_size, label_smoothing, weight_decay, projection_lr, unlocked_image_groups,
-                     tower_lr, seed, image_errors, num_workers, train_views) -> None:
+                     tower_lr, seed, image_errors, num_workers, train_views, scene_source, scene_image_size,
+                     flip_average, mirror) -> None:
     for name, value in (("epochs", epochs), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}={value!r}; expected an int >= 1")
@@ -170,6 +212,19 @@ def _check_arguments(*, epochs, lr, batch_size, label_smoothing, weight_decay, p
         raise ValueError(f"image_errors={image_errors!r}; expected one of {list(IMAGE_ERROR_POLICIES)}")
     if train_views not in TRAIN_VIEWS:
         raise ValueError(f"train_views={train_views!r}; expected one of {list(TRAIN_VIEWS)}")
+    if scene_source not in SCENE_SOURCES:
+        raise ValueError(f"scene_source={scene_source!r}; expected one of {list(SCENE_SOURCES)}")
+    if scene_image_size is not None and (isinstance(scene_image_size, bool) or not isinstance(scene_image_size, int)
+                                         or scene_image_size < 8):
+        raise ValueError(f"scene_image_size={scene_image_size!r}; expected None or an int >= 8")
+    for name, value in (("flip_average", flip_average), ("mirror", mirror)):
+        if not isinstance(value, bool) and not (name == "mirror" and value is None):
+            raise ValueError(f"{name}={value!r}; expected True or False")
+    if scene_source == "photo":
+        for name, value in (("projection_lr", projection_lr), ("unlocked_image_groups", unlocked_image_groups)):
+            if value:
+                raise ValueError(f"{name}={value!r} trains layers the photo scene head does not own (they make "
+                                 "room and product vectors); use scene_source='room' for it, or leave it at 0")
 
 
 def _scene_images(images, name: str) -> list[SceneImage]:
@@ -197,7 +252,7 @@ def _check_labels(model, images: Sequence[SceneImage], name: str) -> None:
 
 
 # -- locking and caching ---------------------------------------------------------------------------
-def _lock(model, train_projection: bool, unlocked_image_groups: int) -> tuple[int | None, list]:
+def _lock(model, photo: bool, train_projection: bool, unlocked_image_groups: int) -> tuple[int | None, list]:
     """Leaves only what scene training changes trainable.
 
     Returns:
@@ -206,8 +261,10 @@ def _lock(model, train_projection: bool, unlocked_image_groups: int) -> tuple[in
     """
     for p in model.parameters():
         p.requires_grad = False
-    for p in model.scene_head.parameters():
+    for p in _head(model).parameters():
         p.requires_grad = True
+    if photo:
+        return None, []
     if train_projection:
         for p in model.image_proj.parameters():
             p.requires_grad = True
@@ -226,16 +283,35 @@ def _lock(model, train_projection: bool, unlocked_image_groups: int) -> tuple[in
     return stage, locked_norms
 
 
+def _head(model):
+    """The scene head that training changes: the photo head when the model reads scenes from photos."""
+    return model.photo_scene_head if model.config.scene_source == "photo" else model.scene_head
+
+
+class _OneView:
+    """A photo -> `transform(photo)` (3, S, S) as a single view (1, 3, S, S)."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, image):
+        return self.transform(image).unsqueeze(0)
+
+
 class _Mirrored:
-    """A photo -> its views and those of its mirror image, stacked (2, V, 3, S, S)."""
+    """A photo -> its views and those of its mirror image, stacked (2, V, 3, S, S).
+
+    The mirror views are the views flipped left to right, exactly what `model.photo_scene_logits`
+    computes for `scene_flip_average`; for room tiles only their order differs from the tiles of
+    the mirrored photo, and the room vector is their mean.
+    """
 
     def __init__(self, views):
         self.views = views
 
     def __call__(self, image):
-        from PIL import Image
-
-        return torch.stack([self.views(image), self.views(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT))])
+        views = self.views(image)  # (V, 3, S, S)
+        return torch.stack([views, views.flip(-1)])
 
 
 @torch.no_grad()
@@ -281,7 +357,10 @@ def _cache_views(model, images: Sequence[SceneImage], stage: int | None, views, 
 
 # -- training --------------------------------------------------------------------------------------
 def _scene_logits(model, features: torch.Tensor, stage: int | None) -> torch.Tensor:
-    """Cached features (B, V, ...) -> scene logits (B, S), as `evaluate_scenes` computes them from photos."""
+    """Cached features (B, V, ...) of one version of each photo -> scene logits (B, S), as
+    `evaluate_scenes` computes them from photos."""
+    if model.config.scene_source == "photo":  # V = 1, the whole photo's pooled tower features
+        return model.photo_scene_head(F.normalize(features[:, 0].to(model.photo_scene_head.weight.dtype), dim=-1))
     batch, n_views = features.shape[:2]
     flat = features.flatten(0, 1).to(model.device, model.scene_head.weight.dtype)  # (B * V, ...)
     pooled = flat if stage is None else model.image_tower(flat, start_stage=stage)  # (B * V, C)
@@ -295,7 +374,10 @@ def _predict(model, features: torch.Tensor, stage: int | None, batch_size: int) 
     model.eval()
     predicted = []
     for start in range(0, len(features), batch_size):
-        logits = _scene_logits(model, features[start:start + batch_size, 0], stage)
+        if model.config.scene_source == "photo":  # (B, A, 1, C): every cached version of the photo
+            logits = model.photo_scene_logits_from_features(features[start:start + batch_size, :, 0].to(model.device))
+        else:
+            logits = _scene_logits(model, features[start:start + batch_size, 0], stage)
         predicted.extend(model.scene_labels[i] for i in logits.argmax(dim=1).tolist())
     return predicted
 
@@ -304,7 +386,7 @@ def _fit(model, stage, locked_norms, train_features, train_labels, val_features,
          projection_lr, tower_lr, batch_size, label_smoothing, weight_decay, seed, progress) -> list[dict[str, float]]:
     from tqdm.auto import tqdm
 
-    groups = [(model.scene_head, lr)]
+    groups = [(_head(model), lr)]
     if projection_lr > 0:
         groups.append((model.image_proj, projection_lr))
     if stage is not None:
