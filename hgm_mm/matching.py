@@ -397,7 +397,10 @@ class Matcher:
         with self._lock, torch.no_grad():
             view_embeds = self._room_views(image) if image is not None else None  # (1, V, D)
             text_embeds = self.model.encode_scene_text([text]).float() if text else None  # (1, D)
-        return self.query_from_embeddings(view_embeds, text_embeds)
+            # a photo scene head (config.scene_source "photo") reads the photo itself, not the room vector
+            scene_logits = (self.model.scene_logits([image], [text]) if image is not None
+                            and self.model.config.scene_source == "photo" else None)  # (1, S)
+        return self.query_from_embeddings(view_embeds, text_embeds, scene_logits=scene_logits)
 
     def _room_views(self, image) -> torch.Tensor:
         """`model.encode_room_views(image)` -> (1, V, D), through the folded tower copy on a CPU."""
@@ -406,16 +409,19 @@ class Matcher:
         views = self.model.preprocess_room_views(image)  # (1, V, 3, S, S)
         return self._photo_encoder(views.flatten(0, 1)).float().view(*views.shape[:2], -1)
 
-    def query_from_embeddings(self, view_embeds: torch.Tensor | None, text_embeds: torch.Tensor | None = None
-                              ) -> RoomQuery:
+    def query_from_embeddings(self, view_embeds: torch.Tensor | None, text_embeds: torch.Tensor | None = None,
+                              *, scene_logits: torch.Tensor | None = None) -> RoomQuery:
         """A `RoomQuery` from ready embeddings: views (1, V, D) of `encode_room_views`, words (1, D)
-        of `encode_scene_text`; for callers that embed many rooms in batches."""
+        of `encode_scene_text`; for callers that embed many rooms in batches. `scene_logits` (1, S)
+        replace the scene head's reading of the room vector (e.g. `model.scene_logits` of the photo)."""
         if view_embeds is None and text_embeds is None:
             raise ValueError("nothing to match: give view embeddings, text embeddings, or both")
         with torch.no_grad():
             mean_view = F.normalize(view_embeds.mean(dim=1), dim=-1) if view_embeds is not None else None  # (1, D)
             room = self.model.room_fusion(mean_view, text_embeds)  # (1, D)
-            probabilities = self.model.scene_head(room).softmax(dim=-1)[0].cpu().tolist()  # (S,)
+            if scene_logits is None:
+                scene_logits = self.model.scene_head(room)
+            probabilities = scene_logits.softmax(dim=-1)[0].cpu().tolist()  # (S,)
         scenes = dict(sorted(zip(self.model.scene_labels, probabilities), key=lambda kv: -kv[1]))
         return RoomQuery(view_embeds, text_embeds, room[0].cpu().numpy().astype(np.float32), scenes)
 

@@ -337,3 +337,19 @@ def test_query_views_equal_the_models_own_room_views(model, vectors, photo):
         expected = model.encode_room_views(photo)  # (1, V, D)
     assert query.view_embeds.shape == expected.shape
     assert torch.allclose(query.view_embeds, expected, rtol=0, atol=1e-4)
+
+
+def test_a_photo_scene_head_decides_the_query_scene(vectors, photo):
+    """A model whose scenes come from its photo scene head (`train_scenes`) is read that way when matching."""
+    model = tiny_model()
+    model.use_photo_scene_head(flip_average=False)
+    with torch.no_grad():
+        model.photo_scene_head.weight.normal_(0, 5.0)  # far from uniform, so the source of the scene shows
+    matcher = Matcher(model, make_index(model, vectors, ["sofa"] * N))
+    query = matcher.encode_query(photo, text="a bright kitchen")
+    expected = model.predict_scene([photo], ["a bright kitchen"])[0]
+    assert list(query.scene_probabilities) == list(expected)
+    assert np.allclose(list(query.scene_probabilities.values()), list(expected.values()), atol=1e-5)
+    with torch.no_grad():
+        room_head = model.scene_head(model.encode_room([photo], ["a bright kitchen"])).softmax(dim=-1)[0]
+    assert not np.allclose(sorted(query.scene_probabilities.values()), sorted(room_head.tolist()), atol=1e-3)
