@@ -165,6 +165,9 @@ class OnnxImageEncoder:
             options = onnxruntime.SessionOptions()
             options.intra_op_num_threads = torch.get_num_threads()
             options.inter_op_num_threads = 1
+            # idle threads sleep instead of spinning: decoding processes share the cores (on the
+            # 2-core AMD EPYC, 90 instead of 72 product photos/s while two workers decoded)
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             self._session = onnxruntime.InferenceSession(self.onnx_model, options,
                                                          providers=["CPUExecutionProvider"])
         return self._session
