@@ -100,6 +100,93 @@ def test_killed_mid_epoch_and_resumed_reaches_the_same_weights(dataset, tmp_path
         assert torch.equal(expected[name], got[name]), name
 
 
+def test_killed_and_resumed_with_a_weight_average_reaches_the_same_weights_and_average(dataset, tmp_path):
+    unbroken = run(tiny_config(ema_decay=0.5), dataset, tmp_path / "unbroken")
+    assert run(tiny_config(ema_decay=0.5, max_steps=4), dataset, tmp_path / "resumed").steps == 4
+    resumed = run(tiny_config(ema_decay=0.5), dataset, tmp_path / "resumed")
+    assert resumed.steps == unbroken.steps == 6
+    for file in ("model.safetensors", training_loop.EMA_FILE):
+        expected = load_file(str(tmp_path / "unbroken" / "checkpoint" / file))
+        got = load_file(str(tmp_path / "resumed" / "checkpoint" / file))
+        assert expected.keys() == got.keys() and "image_proj.weight" in expected
+        for name in expected:
+            assert torch.equal(expected[name], got[name]), (file, name)
+    # the last validation (of the average) matches too; the first run also validated at its max_steps
+    assert {k: v for k, v in resumed.history[-1].items() if k != "seconds"} == \
+        {k: v for k, v in unbroken.history[-1].items() if k != "seconds"}
+
+
+def test_the_weight_average_is_validated_and_saved_while_training_continues_on_the_raw_weights(
+        dataset, tmp_path, monkeypatch):
+    seen = []
+
+    def fake_evaluate(model, state, *args, **kwargs):  # every evaluation is a new best: the last one is saved
+        seen.append(model.image_proj.weight.detach().clone())
+        state.best_metrics, state.best_step = {"recall@10": float(state.step)}, state.step
+        model.save_pretrained(args[5] / training_loop.BEST_MODEL_DIR)
+        return False
+
+    monkeypatch.setattr(training_loop, "_evaluate_and_keep_best", fake_evaluate)
+    run(tiny_config(ema_decay=0.9), dataset, tmp_path / "run")
+    raw = checkpoint_weights(tmp_path / "run")["image_proj.weight"]
+    average = load_file(str(tmp_path / "run" / "checkpoint" / training_loop.EMA_FILE))["image_proj.weight"]
+    saved = load_file(str(tmp_path / "run" / "model" / "model.safetensors"))["image_proj.weight"]
+    assert torch.equal(seen[-1], average) and torch.equal(saved, average)
+    assert not torch.allclose(raw, average)  # the average lags the raw weights, which training kept
+
+
+def test_weight_average_follows_the_decay_schedule_and_applied_restores_the_weights():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    model[0].bias.requires_grad_(False)  # locked: not averaged
+    average = training_loop.WeightAverage(model, 0.5)
+    assert "0.bias" not in average.shadow and {"0.weight", "1.running_mean"} <= set(average.shadow)
+    start = model[0].weight.detach().clone()
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    average.update(model, 0)  # decay min(0.5, 1/10) = 0.1
+    assert torch.allclose(average.shadow["0.weight"], start + 0.9)
+    average.update(model, 20)  # decay 0.5
+    assert torch.allclose(average.shadow["0.weight"], start + 0.95)
+    with average.applied(model):
+        assert torch.allclose(model[0].weight, start + 0.95)
+    assert torch.equal(model[0].weight, start + 1.0)
+    with pytest.raises(ValueError, match="ema_decay=1.0"):
+        TrainConfig(ema_decay=1.0)
+
+
+def test_a_fixed_temperature_sets_and_locks_the_logit_scale(dataset, tmp_path):
+    import math
+
+    learned = run(tiny_config(max_steps=2, lr=0.05), dataset, tmp_path / "learned")
+    fixed = run(tiny_config(max_steps=2, lr=0.05, temperature=0.05), dataset, tmp_path / "fixed")
+    assert learned.steps == fixed.steps == 2
+    assert checkpoint_weights(tmp_path / "learned")["logit_scale"].item() != pytest.approx(2.6592, abs=1e-4)
+    assert checkpoint_weights(tmp_path / "fixed")["logit_scale"].item() == pytest.approx(math.log(20.0), abs=1e-6)
+    for bad in (0.005, 1.5, -0.1):
+        with pytest.raises(ValueError, match="temperature"):
+            TrainConfig(temperature=bad)
+
+
+def test_the_room_loss_can_have_its_own_fixed_temperature():
+    scales = {}
+
+    def recorder(name):
+        def loss(*args, **kwargs):
+            scales[name] = float(args[2])
+            return torch.tensor(1.0)
+        return loss
+
+    inputs = {"product_ids": None, "room_positive_ids": None, "room_labels": None}
+    for room_temperature, expected in ((0.0, 20.0), (0.1, 10.0)):
+        config = TrainConfig(room_temperature=room_temperature, scene_loss_weight=0.0)
+        terms = training_loop._loss_terms(None, None, None, None, None, torch.tensor(20.0).log(), inputs, config,
+                                          recorder("product"), recorder("room"), 1)
+        assert scales == {"product": pytest.approx(20.0), "room": pytest.approx(expected)}
+        assert float(terms["loss"]) == pytest.approx(config.product_loss_weight + config.room_loss_weight)
+    with pytest.raises(ValueError, match="room_temperature"):
+        TrainConfig(room_temperature=0.001)
+
+
 def test_resume_refuses_other_settings(dataset, tmp_path):
     run(tiny_config(max_steps=1), dataset, tmp_path / "run")
     with pytest.raises(ValueError, match=r"other settings \(\['lr'\]\)"):

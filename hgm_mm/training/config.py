@@ -26,6 +26,10 @@ class TrainConfig:
     weight_decay: float = 0.05
     warmup_steps: int = 20
     product_loss_weight: float = 2.0  # product photo <-> product text
+    temperature: float = 0.0  # > 0: contrastive temperature fixed at this value (logit scale log(1 / temperature),
+    # not trained; at least 0.01, CLIP's clamp); 0: the model's learned logit scale
+    room_temperature: float = 0.0  # > 0: the room -> products loss alone uses this fixed temperature (at least
+    # 0.01); 0: the same temperature as the photo <-> text loss
     room_loss_weight: float = 1.0  # room -> its products, several positives
     scene_loss_weight: float = 0.5  # scene cross-entropy from the room
     room_text_probability: float = 0.0  # share of training rooms that also read their caption (0: photo-only
@@ -37,6 +41,8 @@ class TrainConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     wise_alpha: float = 1.0  # WiSE-FT: 1 keeps fine-tuned weights, 0 the starting weights
+    ema_decay: float = 0.0  # > 0: validate and save an exponential moving average of the trained weights
+    # (decay min(ema_decay, (1 + t) / (10 + t)) at step t); 0: the raw weights
     val_fraction: float = 0.2  # rooms held out for validation, by room
     seed: int = 0
     eval_every_epochs: int = 4
@@ -76,6 +82,13 @@ class TrainConfig:
         for name in ("room_text_probability", "wise_alpha", "lora_dropout"):
             if not 0.0 <= float(getattr(self, name)) <= 1.0:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r}; expected a value in [0, 1]")
+        for name in ("temperature", "room_temperature"):
+            value = float(getattr(self, name))
+            if not (value == 0.0 or 0.01 <= value <= 1.0):
+                raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r}; expected 0 (off) or a value in "
+                                 "[0.01, 1]")
+        if not 0.0 <= float(self.ema_decay) < 1.0:
+            raise ValueError(f"TrainConfig.ema_decay={self.ema_decay!r}; expected a value in [0, 1) (0: off)")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"TrainConfig.val_fraction={self.val_fraction!r}; expected a value in (0, 1)")
         if self.precision not in PRECISIONS:

@@ -6,6 +6,7 @@ import math
 import os
 import time
 import warnings
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from .freezing import (keep_frozen_norms_eval, lock_image_tower, lock_text_tower
 
 CHECKPOINT_DIR = "checkpoint"
 BEST_MODEL_DIR = "model"
+EMA_FILE = "ema.safetensors"  # the checkpoint's moving average of the weights (ema_decay > 0)
 HISTORY_FILE = "history.json"  # the finished run: every validation evaluation, best step, wall time
 SCENE_CATEGORIES_FILE = "scene_categories.json"  # category counts per scene of the training pairs
 MAX_CACHE_BYTES = 8 << 30  # larger feature caches are not built: the run recomputes the locked layers
@@ -103,6 +105,10 @@ def train(config: TrainConfig | None = None, *, data: str | os.PathLike, output:
     if config.lora_rank:
         adapted = add_lora(model, rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout)
         accelerator.print(f"LoRA rank {config.lora_rank} on {adapted} linear layers")
+    if config.temperature:  # a fixed contrastive temperature: the logit scale is set and locked
+        with torch.no_grad():
+            model.logit_scale.fill_(math.log(1.0 / config.temperature))
+        model.logit_scale.requires_grad_(False)
     start_state = {k: v.detach().clone() for k, v in model.state_dict().items()
                    if k.startswith(("image_tower.", "text_tower.", "scene_text_tower."))} \
         if config.wise_alpha < 1.0 else {}
@@ -123,9 +129,10 @@ def train(config: TrainConfig | None = None, *, data: str | os.PathLike, output:
                                                              weight_decay=config.weight_decay))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(config.warmup_steps, schedule_steps))
     state = _TrainerState()
+    average = WeightAverage(model, config.ema_decay) if config.ema_decay else None
     checkpoint = output / CHECKPOINT_DIR
     if resume and (checkpoint / "trainer_state.json").is_file():
-        state = _load_checkpoint(checkpoint, model, optimizer, scheduler, config)
+        state = _load_checkpoint(checkpoint, model, optimizer, scheduler, config, average)
         accelerator.print(f"resuming from {checkpoint} at step {state.step}")
     elif main:
         output.mkdir(parents=True, exist_ok=True)
@@ -191,6 +198,8 @@ def train(config: TrainConfig | None = None, *, data: str | os.PathLike, output:
             optimizer.zero_grad(set_to_none=True)
             with torch.no_grad():
                 unwrapped.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+            if average is not None:
+                average.update(unwrapped, step)
         scheduler.step()
         state.step = step + 1
         window_samples += (len(inputs["products"]) + len(inputs["rooms"])) * world
@@ -206,14 +215,15 @@ def train(config: TrainConfig | None = None, *, data: str | os.PathLike, output:
         if (epoch_done and (state.step // plan.steps_per_epoch) % config.eval_every_epochs == 0) \
                 or state.step == last_step:
             state.seconds = seconds_before + time.perf_counter() - started
-            if _evaluate_and_keep_best(unwrapped, state, dataset, train_rooms, val_rooms, train_pairs,
-                                       scene_categories, output, config, start_state, main, progress, cache) \
-                    and state.step < last_step:
+            with average.applied(unwrapped) if average is not None else nullcontext():
+                stop = _evaluate_and_keep_best(unwrapped, state, dataset, train_rooms, val_rooms, train_pairs,
+                                               scene_categories, output, config, start_state, main, progress, cache)
+            if stop and state.step < last_step:
                 accelerator.print(f"stopping early at step {state.step}: no Recall@10 gain in "
                                   f"{config.patience} evaluations")
                 last_step = state.step
         if main and (state.step % config.checkpoint_every_steps == 0 or epoch_done or state.step == last_step):
-            _save_checkpoint(checkpoint, unwrapped, optimizer, scheduler, state, config)
+            _save_checkpoint(checkpoint, unwrapped, optimizer, scheduler, state, config, average)
         accelerator.wait_for_everyone()
         if state.step >= last_step:
             break
@@ -303,7 +313,8 @@ def _loss_terms(packed_rooms, scene_logits, product_image, product_text_, produc
     if config.product_loss_weight:
         terms["product_loss"] = contrastive(product_image, product_text_, scale, ids=inputs["product_ids"])
     if config.room_loss_weight:
-        terms["room_loss"] = room_contrastive(packed_rooms, product_fused, scale,
+        room_scale = 1.0 / config.room_temperature if config.room_temperature else scale
+        terms["room_loss"] = room_contrastive(packed_rooms, product_fused, room_scale,
                                               room_positive_ids=inputs["room_positive_ids"],
                                               product_ids=inputs["product_ids"])
     if config.scene_loss_weight:
@@ -422,8 +433,64 @@ def _save_best_model(model, folder, result, train_pairs, scene_categories, val_r
     atomic_text(folder / "val_rooms.txt", "\n".join(r.room_id for r in val_rooms) + "\n")
 
 
+# -- weight averaging -------------------------------------------------------------------------------
+class WeightAverage:
+    """Exponential moving average of a model's trained parameters and floating buffers (BatchNorm statistics).
+
+    After optimiser step t (0-based) the average moves towards the weights with decay
+    min(decay, (1 + t) / (10 + t)), so early on it follows the weights closely instead of
+    remembering the starting point. Validation and the saved model use the average
+    (`applied`); training continues on the raw weights.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"decay={decay!r}; expected a value in (0, 1)")
+        self.decay = decay
+        state = model.state_dict()
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        names += [n for n, b in model.named_buffers() if b.is_floating_point()]
+        self.shadow = {n: state[n].detach().clone() for n in dict.fromkeys(names) if n in state}
+
+    def decay_at(self, step: int) -> float:
+        return min(self.decay, (1.0 + step) / (10.0 + step))
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        weight = 1.0 - self.decay_at(step)
+        state = model.state_dict()
+        for name, average in self.shadow.items():
+            value = state[name].detach()
+            if average.device != value.device:  # the model moved (accelerate's prepare): follow it once
+                average = self.shadow[name] = average.to(value.device)
+            average.lerp_(value.to(average.dtype), weight)
+
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        missing = sorted(set(self.shadow) - set(tensors))
+        if missing:
+            raise ValueError(f"the checkpoint's weight average lacks {missing[:5]}")
+        for name, average in self.shadow.items():
+            average.copy_(tensors[name])
+
+    @contextmanager
+    def applied(self, model: torch.nn.Module):
+        """The model holds the averaged weights inside the block and its own weights again after it."""
+        state = model.state_dict()
+        own = {name: state[name].detach().clone() for name in self.shadow}
+        with torch.no_grad():
+            for name, average in self.shadow.items():
+                state[name].copy_(average)
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for name, value in own.items():
+                    state[name].copy_(value)
+
+
 # -- checkpoints ------------------------------------------------------------------------------------
-def _save_checkpoint(folder: Path, model, optimizer, scheduler, state: _TrainerState, config: TrainConfig) -> None:
+def _save_checkpoint(folder: Path, model, optimizer, scheduler, state: _TrainerState, config: TrainConfig,
+                     average: WeightAverage | None = None) -> None:
     """Writes the whole training state into a fresh folder, then swaps it in: a kill never leaves half."""
     from safetensors.torch import save_file
 
@@ -431,6 +498,9 @@ def _save_checkpoint(folder: Path, model, optimizer, scheduler, state: _TrainerS
         save_file({k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()},
                   str(tmp / "model.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if average is not None:
+            save_file({k: v.detach().cpu().contiguous().clone() for k, v in average.shadow.items()},
+                      str(tmp / EMA_FILE))
         _write_json(tmp / "scheduler.json", scheduler.state_dict())
         _write_json(tmp / "trainer_state.json", {**state.__dict__, "config": config.to_dict()})
 
@@ -438,7 +508,8 @@ def _save_checkpoint(folder: Path, model, optimizer, scheduler, state: _TrainerS
     atomic_dir(folder, write)
 
 
-def _load_checkpoint(folder: Path, model, optimizer, scheduler, config: TrainConfig) -> _TrainerState:
+def _load_checkpoint(folder: Path, model, optimizer, scheduler, config: TrainConfig,
+                     average: WeightAverage | None = None) -> _TrainerState:
     from safetensors.torch import load_file
 
     saved = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
@@ -451,6 +522,8 @@ def _load_checkpoint(folder: Path, model, optimizer, scheduler, config: TrainCon
     model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
     optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
     scheduler.load_state_dict(json.loads((folder / "scheduler.json").read_text(encoding="utf-8")))
+    if average is not None:
+        average.load(load_file(str(folder / EMA_FILE)))
     return _TrainerState(**saved)
 
 
