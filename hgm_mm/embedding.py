@@ -61,6 +61,7 @@ if TYPE_CHECKING:
 PRECISIONS = ("auto", "fp32", "bf16")
 ENGINES = ("auto", "torch", "onnxruntime")
 ONNX_MIN_PHOTOS = 512  # "auto" uses ONNX Runtime from this many photos on (its export takes seconds)
+ONNX_PREFETCH_PHOTOS = 1024  # decoded photos the workers may hold ahead while the ONNX export runs (~150 MB at 224 px)
 MANIFEST_NAME = "manifest.json"
 SHARD_PATTERN = "shard-{:05d}.safetensors"
 FORMAT_VERSION = 1  # bump when the folder layout or the meaning of a saved key changes
@@ -229,8 +230,8 @@ class _ShardBatches(Sampler):
 
 
 def _photo_loader(model, sources: Sequence, batches: Sampler, *, room_views: bool, jpeg_draft: bool,
-                  num_workers: int | None, encode_in_workers: Callable[[torch.Tensor], torch.Tensor] | None = None
-                  ) -> tuple[DataLoader, Callable[[torch.Tensor], torch.Tensor]]:
+                  num_workers: int | None, encode_in_workers: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                  prefetch_factor: int = 2) -> tuple[DataLoader, Callable[[torch.Tensor], torch.Tensor]]:
     """A DataLoader of `_Batch`es and the function that turns their pixels into model input.
 
     With `encode_in_workers` (and workers), each worker also embeds its batches: `_Batch.vectors`.
@@ -243,7 +244,7 @@ def _photo_loader(model, sources: Sequence, batches: Sampler, *, room_views: boo
     collate = _EmbeddingCollate(finish, encode_in_workers) if encode_in_workers and workers > 0 else _collate
     loader = DataLoader(PhotoFiles(sources, decode), batch_sampler=batches, num_workers=workers,
                         collate_fn=collate, pin_memory=model.device.type == "cuda",
-                        prefetch_factor=2 if workers > 0 else None)
+                        prefetch_factor=prefetch_factor if workers > 0 else None)
     return loader, finish
 
 
@@ -580,21 +581,33 @@ def _embed_shards(model, ids, photos, texts, result: ShardedEmbeddings, pending:
 
     n_photos = sum(photos[i] is not None for k in pending
                    for i in range(k * shard_size, k * shard_size + shard_length(k)))
-    encode, used_engine = _auto_encoder(model, room_views=False, precision=precision, engine=engine,
-                                        n_photos=n_photos, fold_batch_norms=True)
     on_cpu = model.device.type == "cpu"
     if num_workers is None:
         num_workers = _cpu_count() if on_cpu else default_num_workers()
-    loader, finish = _photo_loader(model, photos, _ShardBatches(pending, shard_size, n_items, batch_size),
-                                   room_views=False, jpeg_draft=jpeg_draft, num_workers=num_workers,
-                                   encode_in_workers=encode if on_cpu and used_engine == "torch" else None)
+    batches = _ShardBatches(pending, shard_size, n_items, batch_size)
+    options = {"room_views": False, "jpeg_draft": jpeg_draft, "num_workers": num_workers}
+    if on_cpu and resolve_engine(engine, model, precision, n_photos) == "onnxruntime":
+        # The workers only decode. They start before the encoder is built, so they decode ahead
+        # (up to ONNX_PREFETCH_PHOTOS) while the ONNX export keeps the main process busy, and
+        # they are forked before this process starts ONNX Runtime.
+        prefetch = max(2, ONNX_PREFETCH_PHOTOS // (batch_size * max(1, num_workers)))
+        loader, finish = _photo_loader(model, photos, batches, prefetch_factor=prefetch, **options)
+        batch_iterator = iter(loader)
+        encode, _ = _auto_encoder(model, room_views=False, precision=precision, engine=engine,
+                                  n_photos=n_photos, fold_batch_norms=True)
+    else:
+        encode, _ = _auto_encoder(model, room_views=False, precision=precision, engine="torch",
+                                  n_photos=n_photos, fold_batch_norms=True)
+        loader, finish = _photo_loader(model, photos, batches, encode_in_workers=encode if on_cpu else None,
+                                       **options)
+        batch_iterator = iter(loader)
     from tqdm.auto import tqdm
 
     total = sum(map(shard_length, share))
     done_before = total - sum(map(shard_length, pending))
     rows, row_ids, skipped, seen, current = [], [], [], 0, None
     with tqdm(total=total, initial=done_before, desc="embedding", unit="img", disable=not progress) as bar:
-        for batch in loader:
+        for batch in batch_iterator:
             shard = batch.positions[0] // shard_size
             if current is None:
                 current = shard
