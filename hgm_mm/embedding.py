@@ -317,18 +317,16 @@ def resolve_engine(engine: str, model, precision: str, n_photos: int) -> str:
 
 
 def _auto_encoder(model, *, room_views: bool, precision: str, engine: str, n_photos: int,
-                  fold_batch_norms: bool = False) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
-    """(`_encoder` with `engine` resolved, the engine it uses); "auto" falls back to torch when the
-    ONNX export fails."""
-    resolved = resolve_engine(engine, model, precision, n_photos)
+                  fold_batch_norms: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`_encoder` with `engine` resolved; "auto" falls back to torch when the ONNX export fails."""
     options = {"room_views": room_views, "precision": precision, "fold_batch_norms": fold_batch_norms}
     try:
-        return _encoder(model, engine=resolved, **options), resolved
+        return _encoder(model, engine=resolve_engine(engine, model, precision, n_photos), **options)
     except OnnxExportError as err:
         if engine != "auto":
             raise
         warnings.warn(f"{err}; embedding with torch instead", RuntimeWarning, stacklevel=3)
-        return _encoder(model, engine="torch", **options), "torch"
+        return _encoder(model, engine="torch", **options)
 
 
 # -- in memory ---------------------------------------------------------------------------------
@@ -356,7 +354,7 @@ def embed_images(model, sources: Sequence[str | os.PathLike], *, batch_size: int
         raise ValueError(f"on_error={on_error!r}; expected 'skip' or 'raise'")
     _check_positive(batch_size=batch_size)
     n_photos = len(sources) * (model.room_views.n_views if room_views else 1)
-    encode, _ = _auto_encoder(model, room_views=room_views, precision=precision, engine=engine, n_photos=n_photos)
+    encode = _auto_encoder(model, room_views=room_views, precision=precision, engine=engine, n_photos=n_photos)
     batches = _ShardBatches([0], max(1, len(sources)), len(sources), batch_size)
     loader, finish = _photo_loader(model, sources, batches, room_views=room_views, jpeg_draft=jpeg_draft,
                                    num_workers=num_workers)
@@ -593,11 +591,10 @@ def _embed_shards(model, ids, photos, texts, result: ShardedEmbeddings, pending:
         prefetch = max(2, ONNX_PREFETCH_PHOTOS // (batch_size * max(1, num_workers)))
         loader, finish = _photo_loader(model, photos, batches, prefetch_factor=prefetch, **options)
         batch_iterator = iter(loader)
-        encode, _ = _auto_encoder(model, room_views=False, precision=precision, engine=engine,
-                                  n_photos=n_photos, fold_batch_norms=True)
+        encode = _auto_encoder(model, room_views=False, precision=precision, engine=engine,
+                               n_photos=n_photos, fold_batch_norms=True)
     else:
-        encode, _ = _auto_encoder(model, room_views=False, precision=precision, engine="torch",
-                                  n_photos=n_photos, fold_batch_norms=True)
+        encode = _encoder(model, room_views=False, precision=precision, fold_batch_norms=True)
         loader, finish = _photo_loader(model, photos, batches, encode_in_workers=encode if on_cpu else None,
                                        **options)
         batch_iterator = iter(loader)

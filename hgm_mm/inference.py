@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+
 class FoldedImageEncoder(nn.Module):
     """`model.encode_image` on pixels (B, 3, S, S) -> unit vectors (B, D), through a copy of the
     image tower made for inference.
@@ -136,7 +137,7 @@ class OnnxImageEncoder:
     """
 
     def __init__(self, model):
-        import onnxruntime  # noqa: F401  (fail here, not in a worker)
+        import onnxruntime  # noqa: F401  (missing: fail before the export's seconds)
 
         if model.device.type != "cpu":
             raise ValueError(f"OnnxImageEncoder runs on the CPU; the model is on {model.device}")

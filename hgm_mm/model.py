@@ -17,7 +17,7 @@ from torch import nn
 from .config import ModelConfig
 from .files import atomic_dir, atomic_write
 from .fusion import GatedFusion
-from .preprocess import RoomViews, TextTokenizer, build_image_transform
+from .preprocess import RoomViews, TextTokenizer, WholePhoto, build_image_transform
 from .pretrained import HGM_CONFIG_NAME, OPEN_CLIP_CONFIG_NAME
 from .towers import build_hf_text_tower, build_open_clip_towers
 from .towers.open_clip_tower import save_open_clip_config
@@ -541,19 +541,6 @@ def load_model(folder: str | os.PathLike, *, device: str | torch.device | None =
     model.load_state_dict(state, strict=True)
     model.eval()
     return model.to(device) if device is not None else model
-
-
-class WholePhoto:
-    """A PIL photo -> the whole photo resized to `size` x `size` and normalised (3, S, S), as the
-    whole-photo view of `RoomViews` (no part is cropped away: a scene fills the frame)."""
-
-    def __init__(self, cfg, size: int | None = None):
-        import dataclasses
-
-        self.views = RoomViews(dataclasses.replace(cfg, image_size=size or cfg.image_size), (1,))
-
-    def __call__(self, image) -> torch.Tensor:
-        return self.views(image)[0]
 
 
 def _mean_view(view_embeds: torch.Tensor) -> torch.Tensor:

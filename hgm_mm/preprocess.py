@@ -58,6 +58,19 @@ class RoomViews:
         return torch.stack(views)  # (V, 3, S, S)
 
 
+
+class WholePhoto:
+    """A PIL photo -> the whole photo resized to `size` x `size` and normalised (3, S, S), as the
+    whole-photo view of `RoomViews` (no part is cropped away: a scene fills the frame)."""
+
+    def __init__(self, cfg: ImageTowerConfig, size: int | None = None):
+        import dataclasses
+
+        self.views = RoomViews(dataclasses.replace(cfg, image_size=size or cfg.image_size), (1,))
+
+    def __call__(self, image) -> torch.Tensor:
+        return self.views(image)[0]
+
 class TextTokenizer:
     """Texts -> the tensors a text tower reads: {"input_ids": (B, T), "attention_mask": (B, T)}.
 
