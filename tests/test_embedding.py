@@ -349,3 +349,43 @@ def test_auto_engine_falls_back_to_torch_when_the_export_fails(model, tmp_path, 
     with pytest.raises(inference.OnnxExportError):
         embed_to_shards(model, ids_for(paths), paths, tmp_path / "strict", engine="onnxruntime", num_workers=0,
                         progress=False)
+
+
+def test_folded_copy_fixes_tensorflow_same_padding_for_its_input_size():
+    from timm.layers import Conv2dSame
+
+    torch.manual_seed(0)
+    tower = nn.Sequential(Conv2dSame(3, 8, 3, stride=2), nn.BatchNorm2d(8), nn.ReLU(),
+                          Conv2dSame(8, 8, 5, stride=2, groups=8), nn.BatchNorm2d(8)).eval()
+    for norm in (tower[1], tower[4]):  # statistics that make folding change the numbers
+        norm.running_mean.uniform_(-1, 1)
+        norm.running_var.uniform_(0.5, 2)
+    folded = inference._folded_copy(tower, 63, torch.device("cpu"))  # odd size: pads differ on each side
+    assert not any(isinstance(m, (Conv2dSame, nn.BatchNorm2d)) for m in folded.modules())
+    pixels = torch.randn(4, 3, 63, 63)
+    with torch.inference_mode():
+        assert torch.allclose(folded(pixels.contiguous(memory_format=torch.channels_last)), tower(pixels),
+                              atol=1e-5)
+
+
+def test_folded_encoder_refuses_another_image_size(model):
+    encoder = inference.FoldedImageEncoder(model)
+    size = model.config.image_tower.image_size
+    with pytest.raises(ValueError, match=f"takes {size}x{size}"):
+        encoder(torch.randn(1, 3, size + 8, size + 8))
+
+
+@needs_onnxruntime
+def test_onnx_export_falls_back_to_the_torch_export_exporter(model, monkeypatch):
+    def unavailable(encoder, probe):
+        raise RuntimeError("the TorchScript-based exporter is gone")
+
+    monkeypatch.setattr(inference, "_export_torchscript", unavailable)
+    encoder = inference.OnnxImageEncoder(model)  # built through torch.export and checked on its probe
+    size = model.config.image_tower.image_size
+    pixels = torch.randn(5, 3, size, size)
+    with torch.inference_mode():
+        assert torch.allclose(encoder(pixels), model.encode_image(pixels), rtol=0, atol=1e-4)
+    monkeypatch.setattr(inference, "_export_torch_export", unavailable)
+    with pytest.raises(inference.OnnxExportError, match="TorchScript exporter: RuntimeError.*torch.export exporter: RuntimeError"):
+        inference.OnnxImageEncoder(model)
