@@ -162,8 +162,9 @@ def main(argv: list[str] | None = None) -> int:
                "recall_at_10": float(np.mean(recalls))}
         results.append(row)
         approx_total, exact_total = row["photo_to_top10_approximate"], row["photo_to_top10_exact"]
-        line = (f"| photo → top-10 (`Matcher.match`), {n:,} products near the IKEA catalogue's vectors ({kind}; {args.model}, {len(photos)} IKEA "
-                f"room photos) | p50 {approx_total['p50_ms']:.0f} ms, p95 {approx_total['p95_ms']:.0f} ms "
+        line = (f"| photo → top-10 (`Matcher.match`), {n:,} products near the IKEA catalogue's vectors "
+                f"({kind}; {args.model}, {len(photos)} IKEA room photos) "
+                f"| p50 {approx_total['p50_ms']:.0f} ms, p95 {approx_total['p95_ms']:.0f} ms "
                 f"(encoding p50 {row['encode']['p50_ms']:.0f} ms, ranking p50 {row['rank_approximate']['p50_ms']:.1f} ms), "
                 f"recall@10 {row['recall_at_10']:.4f} | exact search: p50 {exact_total['p50_ms']:.0f} ms, "
                 f"p95 {exact_total['p95_ms']:.0f} ms (ranking p50 {row['rank_exact']['p50_ms']:.1f} ms) "

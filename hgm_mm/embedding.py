@@ -60,7 +60,9 @@ if TYPE_CHECKING:
 
 PRECISIONS = ("auto", "fp32", "bf16")
 ENGINES = ("auto", "torch", "onnxruntime")
-ONNX_MIN_PHOTOS = 512  # "auto" uses ONNX Runtime from this many photos on (below, its ~1 s export and session start cost more than they save: 144 IKEA room photos embed faster with torch)
+# "auto" uses ONNX Runtime from this many photos on; below, its ~1 s export and session start cost
+# more than they save (144 IKEA room photos embedded faster with torch)
+ONNX_MIN_PHOTOS = 512
 ONNX_PREFETCH_PHOTOS = 1024  # decoded photos the workers may hold ahead while the ONNX export runs (~150 MB at 224 px)
 MANIFEST_NAME = "manifest.json"
 SHARD_PATTERN = "shard-{:05d}.safetensors"

@@ -65,7 +65,8 @@ def _folded_copy(tower: nn.Module, image_size: int, device: torch.device) -> nn.
     return copy_of
 
 
-def _conv_batch_norm_pairs(tower: nn.Module, probe: torch.Tensor) -> tuple[list[tuple[str, str]], dict[str, tuple[int, int]]]:
+def _conv_batch_norm_pairs(tower: nn.Module, probe: torch.Tensor
+                           ) -> tuple[list[tuple[str, str]], dict[str, tuple[int, int]]]:
     """(conv name, norm name) for each eval-mode BatchNorm2d whose input is a Conv2d's output, seen
     on a probe forward, modules called more than once left out; and each conv's input (H, W)."""
     names = {module: name for name, module in tower.named_modules()}
@@ -105,7 +106,7 @@ def _static_same_padding(conv: nn.Conv2d, input_size: tuple[int, int]) -> nn.Mod
     """timm's Conv2dSame (TensorFlow "SAME" padding, worked out from the input size on every call)
     as a fixed zero padding and a plain convolution, for inputs of `input_size`: the exported graph
     then holds constant pads that ONNX Runtime folds into the convolution, instead of shape
-    arithmetic (with them the EfficientNet-Lite0 graph ran about 30% slower)."""
+    arithmetic (with that arithmetic, the exported EfficientNet-Lite0 graph ran about 30% slower)."""
     pads = []
     for size, kernel, stride, dilation in zip(input_size, conv.kernel_size, conv.stride, conv.dilation):
         total = max((math.ceil(size / stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)

@@ -387,5 +387,6 @@ def test_onnx_export_falls_back_to_the_torch_export_exporter(model, monkeypatch)
     with torch.inference_mode():
         assert torch.allclose(encoder(pixels), model.encode_image(pixels), rtol=0, atol=1e-4)
     monkeypatch.setattr(inference, "_export_torch_export", unavailable)
-    with pytest.raises(inference.OnnxExportError, match="TorchScript exporter: RuntimeError.*torch.export exporter: RuntimeError"):
+    both_failed = "TorchScript exporter: RuntimeError.*torch.export exporter: RuntimeError"
+    with pytest.raises(inference.OnnxExportError, match=both_failed):
         inference.OnnxImageEncoder(model)
