@@ -46,7 +46,7 @@ def _folded_copy(tower: nn.Module, image_size: int, device: torch.device) -> nn.
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
     probe = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0)).to(device)
-    pairs, input_sizes = _conv_batch_norm_pairs(tower, probe)
+    pairs, input_sizes = _probe_convolutions(tower, probe)
     if not pairs:
         return tower
     copy_of = copy.deepcopy(tower).eval()
@@ -65,7 +65,7 @@ def _folded_copy(tower: nn.Module, image_size: int, device: torch.device) -> nn.
     return copy_of
 
 
-def _conv_batch_norm_pairs(tower: nn.Module, probe: torch.Tensor
+def _probe_convolutions(tower: nn.Module, probe: torch.Tensor
                            ) -> tuple[list[tuple[str, str]], dict[str, tuple[int, int]]]:
     """(conv name, norm name) for each eval-mode BatchNorm2d whose input is a Conv2d's output, seen
     on a probe forward, modules called more than once left out; and each conv's input (H, W)."""
