@@ -31,7 +31,7 @@ class FoldedImageEncoder(nn.Module):
         super().__init__()
         self.project = model.image_proj
         self.image_size = model.config.image_tower.image_size
-        self.tower = _folded_copy(model.image_tower, self.image_size, model.device)
+        self.tower = folded_copy(model.image_tower, self.image_size, model.device)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         if tuple(pixels.shape[-2:]) != (self.image_size, self.image_size):  # fixed paddings fit this size only
@@ -41,8 +41,10 @@ class FoldedImageEncoder(nn.Module):
         return F.normalize(self.project(features), dim=-1)  # (B, D)
 
 
-def _folded_copy(tower: nn.Module, image_size: int, device: torch.device) -> nn.Module:
-    """A channels-last copy of `tower` with conv -> BatchNorm pairs folded; `tower` when none fold."""
+def folded_copy(tower: nn.Module, image_size: int, device: torch.device) -> nn.Module:
+    """A channels-last copy of `tower` in eval mode with conv -> BatchNorm pairs folded, for inputs of
+    `image_size`; `tower` itself when none fold. It computes what the eval-mode tower computes (to
+    float rounding); `TimmImageTower.prefix_features` on it gives the locked layers' outputs."""
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
     probe = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0)).to(device)

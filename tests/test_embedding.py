@@ -235,12 +235,12 @@ def test_batch_norm_folding_keeps_outputs_and_refuses_a_conv_output_used_twice()
     for module in (plain, shared):  # statistics far from the identity, so a wrong fold shows
         module.norm.running_mean.uniform_(-1, 1)
         module.norm.running_var.uniform_(0.5, 2)
-    folded = inference._folded_copy(plain, 16, torch.device("cpu"))
+    folded = inference.folded_copy(plain, 16, torch.device("cpu"))
     assert folded is not plain and isinstance(folded.norm, nn.Identity)
     x = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
         assert torch.allclose(folded(x), plain(x), atol=1e-5)
-    assert inference._folded_copy(shared, 16, torch.device("cpu")) is shared  # the probe check refused it
+    assert inference.folded_copy(shared, 16, torch.device("cpu")) is shared  # the probe check refused it
 
 
 @pytest.mark.slow
@@ -360,7 +360,7 @@ def test_folded_copy_fixes_tensorflow_same_padding_for_its_input_size():
     for norm in (tower[1], tower[4]):  # statistics that make folding change the numbers
         norm.running_mean.uniform_(-1, 1)
         norm.running_var.uniform_(0.5, 2)
-    folded = inference._folded_copy(tower, 63, torch.device("cpu"))  # odd size: pads differ on each side
+    folded = inference.folded_copy(tower, 63, torch.device("cpu"))  # odd size: pads differ on each side
     assert not any(isinstance(m, (Conv2dSame, nn.BatchNorm2d)) for m in folded.modules())
     pixels = torch.randn(4, 3, 63, 63)
     with torch.inference_mode():

@@ -16,7 +16,7 @@ class TrainConfig:
     """A fine-tuning run. The defaults follow the measurements in docs/training.md."""
 
     model: str = "hgm-lite-en"  # starting model: any name create_model takes
-    epochs: int = 20  # passes over the catalogue's products
+    epochs: int = 33  # passes over the catalogue's products
     max_steps: int | None = None  # stop after this many optimiser steps, whatever the epoch
     batch_size: int = 384  # catalogue products per step (photo <-> text contrastive)
     rooms_per_batch: int = 16  # training rooms per step (room -> products contrastive)

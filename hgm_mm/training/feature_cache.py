@@ -5,8 +5,9 @@ it runs in eval mode. When the image tower is locked below its top stages, the a
 enters the first unlocked stage depends only on the photo, and when a text tower is fully locked
 its pooled output depends only on the text. Training then runs the unlocked stages alone, which
 on a CPU is what turns an hour of recomputation into minutes. Photos are preprocessed
-deterministically (no augmentation), so a step on cached features computes exactly what the step
-on pixels would (tested), and validation uses the same cache.
+deterministically (no augmentation), so a step on cached features computes what the step on
+pixels would, to float rounding (tested to 1e-5), and validation uses the same cache. The cache
+is computed through the tower's folded inference copy, which is faster and agrees to that rounding.
 """
 from __future__ import annotations
 
@@ -83,13 +84,19 @@ def fully_locked(tower) -> bool:
     return tower is not None and not any(p.requires_grad for p in tower.parameters())
 
 
+FORWARD_CHUNK = 16  # photos per forward pass: on the 2-core CPU, 55 room views in one pass ran 1.5x slower
+
+
 @torch.no_grad()
-def _prefix_features(model, sources, transform, stage: int, *, batch_size: int, num_workers: int, desc: str,
-                     progress: bool, image_errors: str, skipped: list) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, ...) activations entering `stage` for each photo, and which photos were readable."""
+def _prefix_features(model, tower, sources, transform, stage: int, *, batch_size: int, num_workers: int,
+                     desc: str, progress: bool, image_errors: str, skipped: list
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, ...) activations entering `stage` for each photo, and which photos were readable.
+
+    `tower` is the model's image tower or its folded inference copy (`inference.folded_copy`).
+    """
     from tqdm.auto import tqdm
 
-    tower = model.image_tower
     loader = DataLoader(PhotoFiles(sources, PhotoDecoder(transform)), batch_size=batch_size, num_workers=num_workers,
                         collate_fn=lambda items: items)
     features: torch.Tensor | None = None
@@ -104,7 +111,10 @@ def _prefix_features(model, sources, transform, stage: int, *, batch_size: int, 
                     skipped.append(problem)
             if kept:
                 pixels = torch.stack([p for _, p in kept]).to(model.device)  # (B, 3, S, S) or (B, V, 3, S, S)
-                flat = tower.prefix_features(pixels.flatten(0, pixels.dim() - 4), stage).float().cpu()
+                flat = pixels.flatten(0, pixels.dim() - 4)  # (B or B * V, 3, S, S)
+                flat = torch.cat([
+                    tower.prefix_features(chunk.contiguous(memory_format=torch.channels_last), stage)
+                    .float().cpu().contiguous() for chunk in flat.split(FORWARD_CHUNK)])
                 out = flat.view(*pixels.shape[:pixels.dim() - 3], *flat.shape[1:])
                 if features is None:
                     features = torch.zeros(len(sources), *out.shape[1:])
@@ -135,16 +145,21 @@ def build_feature_cache(model, products: Sequence[Product], rooms: Sequence[Room
     """
     if image_stage < 1:
         raise ValueError("image_stage must be >= 1: the image tower has no locked prefix to cache")
+    from ..inference import folded_copy
+
     was_training = model.training
     model.eval()  # locked layers compute as pretrained
     try:
         skipped: list = []
+        # BatchNorms folded into their convolutions, channels-last: the 141 IKEA rooms x 55 views
+        # cached in 3 min instead of 10.5 through the training tower, outputs equal to float rounding
+        tower = folded_copy(model.image_tower, model.config.image_tower.image_size, model.device)
         product_images, product_readable = _prefix_features(
-            model, [p.image for p in products], model.image_transform, image_stage, batch_size=batch_size,
+            model, tower, [p.image for p in products], model.image_transform, image_stage, batch_size=batch_size,
             num_workers=num_workers, desc="caching product photos", progress=progress, image_errors=image_errors,
             skipped=skipped)
         room_views, room_readable = _prefix_features(
-            model, [r.image for r in rooms], model.room_views, image_stage, batch_size=max(1, batch_size // 8),
+            model, tower, [r.image for r in rooms], model.room_views, image_stage, batch_size=max(1, batch_size // 8),
             num_workers=num_workers, desc="caching room views", progress=progress, image_errors=image_errors,
             skipped=skipped)
         product_text_cache = None
