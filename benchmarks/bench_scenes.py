@@ -29,6 +29,9 @@ from machine import describe_machine, record_result  # noqa: E402
 
 TARGET_ACCURACY = 0.88  # issue 3
 DEFAULT_SCENE_IMAGE_SIZE = 384  # measured best of 224 / 288 / 384 in docs/training.md
+DEFAULT_BRANCH_STAGES = 0
+DEFAULT_RANDOM_CROPS = 0
+DEFAULT_TOWER_LR = 2e-4
 
 
 def default_data() -> Path:
@@ -51,6 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flip-average", action=argparse.BooleanOptionalAction, default=True,
                         help="photo head: average each photo's scene with its mirror image's")
     parser.add_argument("--train-views", choices=("all", "whole"), default="whole", help="room head only")
+    parser.add_argument("--branch-stages", type=int, default=DEFAULT_BRANCH_STAGES,
+                        help="photo head: top image-tower stages it tunes in its own copy (0: the head alone)")
+    parser.add_argument("--random-crops", type=int, default=DEFAULT_RANDOM_CROPS,
+                        help="photo head: random crops cached per training photo besides the photo and its mirror")
+    parser.add_argument("--crop-scale", type=float, default=0.4, help="smallest crop area, a fraction of the photo")
+    parser.add_argument("--tower-lr", type=float, default=DEFAULT_TOWER_LR, help="learning rate of the branch")
     parser.add_argument("--mirror", action=argparse.BooleanOptionalAction, default=None,
                         help="also train on mirror images (default: on for the photo head, off for the room head)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
@@ -90,12 +99,14 @@ def main(argv: list[str] | None = None) -> int:
         model = hgm_mm.create_model(args.model)
     photo_options = {}
     if args.scene_source == "photo":
-        photo_options = {"scene_image_size": args.scene_image_size or None, "flip_average": args.flip_average}
+        photo_options = {"scene_image_size": args.scene_image_size or None, "flip_average": args.flip_average,
+                         "branch_stages": args.branch_stages, "random_crops": args.random_crops,
+                         "crop_scale": args.crop_scale}
     started = time.perf_counter()
     trained = train_scenes(model, train_images, scene_source=args.scene_source, epochs=args.epochs, lr=args.lr,
                            projection_lr=args.projection_lr, unlocked_image_groups=args.unlocked_image_groups,
-                           train_views=args.train_views, mirror=args.mirror, num_workers=args.num_workers,
-                           **photo_options)
+                           tower_lr=args.tower_lr, train_views=args.train_views, mirror=args.mirror,
+                           num_workers=args.num_workers, **photo_options)
     train_seconds = time.perf_counter() - started
     with tempfile.TemporaryDirectory() as scratch:  # measure what a user loads, not the object in memory
         folder = args.save if args.save is not None else Path(scratch) / "model"
@@ -108,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "scenes", "model": args.model, "data": str(data), "n_train": trained.n_train,
         "n_val": measured.n_images, "recipe": {
-            "epochs": args.epochs, "lr": args.lr, "projection_lr": args.projection_lr,
+            "epochs": args.epochs, "lr": args.lr, "projection_lr": args.projection_lr, "tower_lr": args.tower_lr,
             "unlocked_image_groups": args.unlocked_image_groups, "train_views": args.train_views,
             "mirror": args.mirror, "threads": args.threads, "scene_source": args.scene_source, **photo_options},
         "val_accuracy": measured.accuracy, "val_macro_f1": measured.macro_f1, "confusion": measured.confusion,
@@ -119,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         "skipped": [list(s) for s in trained.skipped + measured.skipped], "machine": describe_machine(),
     }
     recipe = (f"photo head, whole photo at {args.scene_image_size or 'tower size'}"
+              + (f", its own copy of the top {args.branch_stages} tower stages tuned" if args.branch_stages else "")
+              + (f", {args.random_crops} random crops per photo" if args.random_crops else "")
               + (", flip-averaged" if args.flip_average else "") if args.scene_source == "photo"
               else f"room head, {args.train_views} views")
     line = (f"| scene head on Places365 rooms ({args.model}, {trained.n_train} train photos, {recipe}, "

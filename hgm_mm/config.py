@@ -130,6 +130,9 @@ class ModelConfig:
     scene_source: str = "room"
     scene_image_size: int | None = None  # "photo": side the whole photo is resized to; None: image_tower.image_size
     scene_flip_average: bool = False  # "photo": average the scene log-probabilities of the photo and its mirror image
+    # "photo": the head reads the photo through its own tuned copy of the image tower's top N
+    # `feature_stages()` (the tower's lower stages are shared); 0 reads the image tower itself
+    scene_branch_stages: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.embed_dim, int) or self.embed_dim < 1:
@@ -151,6 +154,12 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.scene_image_size={self.scene_image_size!r}; expected None or an int >= 8")
         if not isinstance(self.scene_flip_average, bool):
             raise ValueError(f"ModelConfig.scene_flip_average={self.scene_flip_average!r}; expected true or false")
+        if isinstance(self.scene_branch_stages, bool) or not isinstance(self.scene_branch_stages, int) \
+                or self.scene_branch_stages < 0:
+            raise ValueError(f"ModelConfig.scene_branch_stages={self.scene_branch_stages!r}; expected an int >= 0")
+        if self.scene_branch_stages and self.scene_source != "photo":
+            raise ValueError(f"ModelConfig.scene_branch_stages={self.scene_branch_stages} belongs to the photo scene "
+                             f"head; scene_source is {self.scene_source!r}: set it to 'photo' or the stages to 0")
         if self.image_tower.source == "open_clip" and self.text_tower.source == "open_clip":
             if self.image_tower.name != self.text_tower.name:
                 raise ValueError("open_clip image and text towers must come from the same open_clip model; got "

@@ -41,10 +41,11 @@ class FoldedImageEncoder(nn.Module):
         return F.normalize(self.project(features), dim=-1)  # (B, D)
 
 
-def folded_copy(tower: nn.Module, image_size: int, device: torch.device) -> nn.Module:
+def folded_copy(tower: nn.Module, image_size: int, device: torch.device, *, prefix_stage: int = 0) -> nn.Module:
     """A channels-last copy of `tower` in eval mode with conv -> BatchNorm pairs folded, for inputs of
     `image_size`; `tower` itself when none fold. It computes what the eval-mode tower computes (to
-    float rounding); `TimmImageTower.prefix_features` on it gives the locked layers' outputs."""
+    float rounding). With `prefix_stage` > 0 its `prefix_features(pixels, prefix_stage)` is checked
+    too (a BatchNorm folded into a convolution of an earlier stage would move across the cut)."""
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
     probe = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0)).to(device)
@@ -60,10 +61,15 @@ def folded_copy(tower: nn.Module, image_size: int, device: torch.device) -> nn.M
         if type(module).__name__ == "Conv2dSame" and name in input_sizes:
             _set_submodule(copy_of, name, _static_same_padding(module, input_sizes[name]))
     copy_of = copy_of.to(memory_format=torch.channels_last)
+    probe_cl = probe.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
-        expected, got = tower(probe), copy_of(probe.contiguous(memory_format=torch.channels_last))
-    if not torch.allclose(got, expected, rtol=1e-3, atol=1e-3 * float(expected.abs().max())):
-        return tower  # a pair the data flow did not allow folding (e.g. a conv output also used elsewhere)
+        checks = [(tower(probe), copy_of(probe_cl))]
+        if prefix_stage:
+            checks.append((tower.prefix_features(probe, prefix_stage), copy_of.prefix_features(probe_cl, prefix_stage)))
+    for expected, got in checks:
+        if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-3,
+                                                             atol=1e-3 * float(expected.abs().max())):
+            return tower  # a pair the data flow did not allow folding (e.g. a conv output also used elsewhere)
     return copy_of
 
 

@@ -114,6 +114,7 @@ class HGMModel(nn.Module):
         self.scene_head = nn.Linear(embed_dim, len(config.scene_labels))
         self.photo_scene_head = (nn.Linear(self.image_tower.output_dim, len(config.scene_labels))
                                  if config.scene_source == "photo" else None)
+        self.photo_scene_branch = _scene_branch(self.image_tower, config.scene_branch_stages)
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
         self.image_transform = build_image_transform(config.image_tower)
         self.room_views = RoomViews(config.image_tower, config.room_grids)
@@ -354,10 +355,26 @@ class HGMModel(nn.Module):
             pixels = pixels.to(self.device)
         else:
             pixels = self._transform_photos(images, self.scene_transform)  # (B, 3, S, S)
-        features = [self.image_tower(pixels)]  # (B, C)
+        features = [self.photo_scene_features(pixels)]  # (B, C)
         if self.config.scene_flip_average:
-            features.append(self.image_tower(pixels.flip(-1)))
+            features.append(self.photo_scene_features(pixels.flip(-1)))
         return self.photo_scene_logits_from_features(torch.stack(features, dim=1))
+
+    def photo_scene_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Whole-photo pixels (B, 3, S, S) -> the pooled features (B, C) `photo_scene_head` reads:
+        the image tower's, or with a scene branch, the tower's lower stages and then the branch."""
+        if self.photo_scene_branch is None:
+            return self.image_tower(pixels)
+        start = len(self.image_tower.feature_stages()) - len(self.photo_scene_branch)
+        return self.scene_branch_features(self.image_tower.prefix_features(pixels, start))
+
+    def scene_branch_features(self, activations: torch.Tensor) -> torch.Tensor:
+        """The activation entering the scene branch (B, C', H, W) -> pooled features (B, C), through
+        the branch's stages and the image tower's pooling."""
+        x = activations
+        for stage in self.photo_scene_branch:
+            x = stage(x)
+        return self.image_tower.trunk.forward_head(x, pre_logits=True)
 
     def photo_scene_logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
         """Pooled image-tower features (B, A, C) of A versions of each photo (the photo, its mirror
@@ -368,7 +385,8 @@ class HGMModel(nn.Module):
         logits = self.photo_scene_head(F.normalize(features.to(self.photo_scene_head.weight.dtype), dim=-1))
         return logits.log_softmax(dim=-1).mean(dim=1)  # (B, S)
 
-    def use_photo_scene_head(self, *, image_size: int | None = None, flip_average: bool = True) -> None:
+    def use_photo_scene_head(self, *, image_size: int | None = None, flip_average: bool = True,
+                             branch_stages: int = 0) -> None:
         """Switches scene recognition to a new, untrained `photo_scene_head` (all scenes equally
         likely) reading the whole photo (`config.scene_source = "photo"`);
         `train_scenes(..., scene_source="photo")` does this itself.
@@ -379,11 +397,17 @@ class HGMModel(nn.Module):
         Args:
             image_size: side the whole photo is resized to; None keeps `config.image_tower.image_size`.
             flip_average: average the scene log-probabilities of each photo and its mirror image.
+            branch_stages: > 0 gives the head its own copy of the image tower's top `branch_stages`
+                `feature_stages()`, starting from the tower's weights, for `train_scenes` to tune
+                (a timm tower with known stages); 0 reads the image tower itself.
         """
         config = copy.deepcopy(self.config)
         config.scene_source, config.scene_image_size, config.scene_flip_average = "photo", image_size, flip_average
+        config.scene_branch_stages = branch_stages
         config.__post_init__()  # validates the new values before anything changes
+        branch = _scene_branch(self.image_tower, branch_stages)
         self.config = config
+        self.photo_scene_branch = branch.to(self.device) if branch is not None else None
         head = nn.Linear(self.image_tower.output_dim, len(config.scene_labels))
         nn.init.zeros_(head.weight)  # uniform scenes until trained; training a linear head is convex, so
         nn.init.zeros_(head.bias)  # a fixed start costs nothing and makes runs independent of the RNG
@@ -541,6 +565,20 @@ def load_model(folder: str | os.PathLike, *, device: str | torch.device | None =
     model.load_state_dict(state, strict=True)
     model.eval()
     return model.to(device) if device is not None else model
+
+
+def _scene_branch(image_tower: nn.Module, n_stages: int) -> nn.ModuleList | None:
+    """A trainable copy of the image tower's top `n_stages` feature stages, for the photo scene head."""
+    if not n_stages:
+        return None
+    stages = image_tower.feature_stages() if hasattr(image_tower, "feature_stages") else None
+    if not stages:
+        raise ValueError(f"scene_branch_stages={n_stages} needs a timm image tower whose stages hgm_mm knows "
+                         f"(EfficientNet or ResNet families); this model's is {type(image_tower).__name__}: use 0")
+    if n_stages >= len(stages):
+        raise ValueError(f"scene_branch_stages={n_stages}: the image tower has {len(stages)} stages and the branch "
+                         f"must leave at least one shared; use 1..{len(stages) - 1}")
+    return nn.ModuleList(copy.deepcopy(stage) for stage in stages[-n_stages:])
 
 
 def _mean_view(view_embeds: torch.Tensor) -> torch.Tensor:

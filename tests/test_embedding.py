@@ -390,3 +390,24 @@ def test_onnx_export_falls_back_to_the_torch_export_exporter(model, monkeypatch)
     both_failed = "TorchScript exporter: RuntimeError.*torch.export exporter: RuntimeError"
     with pytest.raises(inference.OnnxExportError, match=both_failed):
         inference.OnnxImageEncoder(model)
+
+
+def test_folded_copy_gives_the_locked_prefix_only_where_no_fold_crosses_the_cut():
+    """A cut between a convolution and its BatchNorm would hand out the folded (normalised) output."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = hgm_mm.create_model("hgm-tiny")
+    tower, side = model.image_tower.eval(), model.config.image_tower.image_size
+    stages = tower.feature_stages()
+    with torch.no_grad():  # statistics far from the identity, so a fold across the cut shows
+        stages[-1].running_mean.uniform_(-1, 1)
+        stages[-1].running_var.uniform_(0.5, 2)
+    pixels = torch.randn(2, 3, side, side)
+    between = len(stages) - 1  # after the head convolution, before its BatchNorm
+    assert inference.folded_copy(tower, side, torch.device("cpu"), prefix_stage=between) is tower
+    folded = inference.folded_copy(tower, side, torch.device("cpu"), prefix_stage=between - 1)
+    assert folded is not tower
+    with torch.no_grad():
+        expected = tower.prefix_features(pixels, between - 1)
+        got = folded.prefix_features(pixels.contiguous(memory_format=torch.channels_last), between - 1)
+    assert torch.allclose(got, expected, atol=1e-4 * float(expected.abs().max()))

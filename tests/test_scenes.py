@@ -61,7 +61,9 @@ def toy(tmp_path):
                                     {"scene_source": "room", "train_views": "whole"},
                                     {"scene_source": "photo"},
                                     {"scene_source": "photo", "flip_average": False, "mirror": False,
-                                     "scene_image_size": 24}])
+                                     "scene_image_size": 24},
+                                    {"scene_source": "photo", "branch_stages": 2, "random_crops": 2,
+                                     "tower_lr": 1e-2}])
 def test_training_learns_a_separable_set_and_reports_what_evaluate_scenes_measures(toy, recipe):
     train_images, val_images = toy
     model = tiny_model()
@@ -257,15 +259,16 @@ def _top_group_modules(model) -> set[str]:
     return {name.rsplit(".", 1)[0] for name in groups[max(groups)]}
 
 
-@pytest.mark.parametrize("scene_source", ["photo", "room"])
-def test_same_seed_same_weights_other_seed_other_weights(toy, scene_source):
+@pytest.mark.parametrize("scene_source, options", [("photo", {}), ("room", {}),
+                                                    ("photo", {"branch_stages": 1, "random_crops": 2})])
+def test_same_seed_same_weights_other_seed_other_weights(toy, scene_source, options):
     train_images, _ = toy
     heads = []
     for seed, global_seed in ((0, 7), (0, 123), (1, 7)):  # torch's global RNG does not matter, the seed does
         model = tiny_model()
         torch.manual_seed(global_seed)
         train_scenes(model, train_images, scene_source=scene_source, epochs=2, batch_size=4, seed=seed, mirror=True,
-                     num_workers=0, progress=False)
+                     num_workers=2 if options and global_seed == 123 else 0, progress=False, **options)
         head = model.photo_scene_head if scene_source == "photo" else model.scene_head
         heads.append(head.weight.detach().clone())
     assert torch.equal(heads[0], heads[1])
@@ -322,6 +325,12 @@ def test_reads_an_images_jsonl_path_and_refuses_bad_rows(toy, tmp_path):
     ({"mirror": "yes"}, r"mirror='yes'; expected True or False"),
     ({"image_errors": "ignore"}, r"image_errors='ignore'; expected one of \['skip', 'raise'\]"),
     ({"train_views": "tiles"}, r"train_views='tiles'; expected one of \['all', 'whole'\]"),
+    ({"branch_stages": -1}, r"branch_stages=-1; expected an int >= 0"),
+    ({"branch_stages": 9}, r"scene_branch_stages=9: the image tower has 9 stages"),
+    ({"branch_stages": 1, "scene_source": "room"}, r"branch_stages=1 is for the photo scene head"),
+    ({"random_crops": 2, "scene_source": "room"}, r"random_crops=2 is for the photo scene head"),
+    ({"random_crops": 1.5}, r"random_crops=1.5; expected an int >= 0"),
+    ({"crop_scale": 0.0}, r"crop_scale=0.0; expected a fraction"),
 ])
 def test_invalid_arguments_are_refused_with_the_value_and_the_fix(toy, kwargs, message):
     train_images, _ = toy
@@ -344,3 +353,39 @@ def test_invalid_photo_lists_are_refused(toy):
         train_scenes(model, [{"image": "a.png", "scene": "bedroom"}], num_workers=0, progress=False)
     with pytest.raises(TypeError, match="train_images is int"):
         train_scenes(model, 3, num_workers=0, progress=False)
+
+
+def test_a_scene_branch_tunes_its_own_copy_of_the_top_stages_and_survives_save_and_load(toy, tmp_path):
+    train_images, val_images = toy
+    model = tiny_model()
+    model.text_tower.requires_grad_(False)
+    start, vectors = copy.deepcopy(model.state_dict()), retrieval_outputs(model)
+    result = train_scenes(model, train_images, val_images=val_images, branch_stages=2, random_crops=2, epochs=3,
+                          tower_lr=1e-2, batch_size=8, num_workers=0, progress=False)
+    assert model.config.scene_branch_stages == 2 and len(model.photo_scene_branch) == 2
+    trained = set(result.trained_parameters)
+    assert {"photo_scene_head.weight", "photo_scene_head.bias"} < trained
+    assert {name.split(".")[0] for name in trained} == {"photo_scene_head", "photo_scene_branch"}
+    # the branch started as the tower's top stages; its convolutions moved, its norms did not
+    tower_stages = model.image_tower.feature_stages()[-2:]
+    branch_start = {f"{i}.{k}": v for i, stage in enumerate(tower_stages) for k, v in stage.state_dict().items()}
+    branch_now = {k.removeprefix("photo_scene_branch."): v for k, v in model.state_dict().items()
+                  if k.startswith("photo_scene_branch.")}
+    assert branch_now.keys() == branch_start.keys()
+    norms = {f"{name}.{key}" for name, module in model.photo_scene_branch.named_modules()
+             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) for key in module.state_dict()}
+    assert norms and any(not torch.equal(branch_now[k], branch_start[k]) for k in branch_now if k not in norms)
+    assert all(torch.equal(branch_now[k], branch_start[k]) for k in norms)
+    # everything retrieval reads is as it was
+    assert all(torch.equal(start[name], value) for name, value in model.state_dict().items() if name in start)
+    for key, value in retrieval_outputs(model).items():
+        assert torch.equal(value, vectors[key]), key
+    assert result.val_accuracy == pytest.approx(evaluate_scenes(model, val_images, progress=False,
+                                                                num_workers=0).accuracy)
+    model.save_pretrained(tmp_path / "branch")
+    loaded = hgm_mm.load_model(tmp_path / "branch")
+    paths = [item.image for item in val_images]
+    with torch.no_grad():
+        assert torch.equal(loaded.scene_logits(paths), model.scene_logits(paths))
+    with pytest.raises(ValueError, match="scene_branch_stages=1 belongs to the photo scene head"):
+        hgm_mm.ModelConfig(scene_branch_stages=1)

@@ -153,7 +153,8 @@ def build_feature_cache(model, products: Sequence[Product], rooms: Sequence[Room
         skipped: list = []
         # BatchNorms folded into their convolutions, channels-last: the 141 IKEA rooms x 55 views
         # cached in 3 min instead of 10.5 through the training tower, outputs equal to float rounding
-        tower = folded_copy(model.image_tower, model.config.image_tower.image_size, model.device)
+        tower = folded_copy(model.image_tower, model.config.image_tower.image_size, model.device,
+                            prefix_stage=image_stage)
         product_images, product_readable = _prefix_features(
             model, tower, [p.image for p in products], model.image_transform, image_stage, batch_size=batch_size,
             num_workers=num_workers, desc="caching product photos", progress=progress, image_errors=image_errors,

@@ -4,9 +4,11 @@ Two heads can be trained, as `model.config.scene_source` reads them:
 
 - "photo" (the default of `train_scenes`): `photo_scene_head`, a linear head on the image tower's
   L2-normalised pooled features of the whole photo, optionally averaged with the mirror image at
-  inference. The tower and projection stay locked, so room and product vectors do not change.
-  On Places365 rooms it is the more accurate (docs/training.md): room tiles dilute the scene, and
-  the 1,280 tower features keep more of it than the 384-d projected room vector.
+  inference. With `branch_stages` the head reads the photo through its own copy of the tower's
+  top stages, tuned with it on the photos and random crops of them. The tower and projection
+  stay locked, so room and product vectors do not change. On Places365 rooms it is the more
+  accurate (docs/training.md): room tiles dilute the scene, and the 1,280 tower features keep
+  more of it than the 384-d projected room vector.
 - "room": `scene_head` on the room vector, the normalised mean of the photo's view embeddings
   (`model.room_views`) through the room fusion. Validation scores the mean of all the views, as
   `model.predict_scene` does; training may read the whole-photo view alone (`train_views="whole"`),
@@ -31,6 +33,7 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import DataLoader
 
 from ..data.images import ImageError
@@ -72,6 +75,7 @@ def train_scenes(model, train_images: Sequence[SceneImage] | str | os.PathLike, 
                  scene_image_size: int | None = None, flip_average: bool = True, epochs: int = 30,
                  lr: float = 1e-2, batch_size: int = 64, label_smoothing: float = 0.1, weight_decay: float = 1e-4,
                  projection_lr: float = 0.0, unlocked_image_groups: int = 0, tower_lr: float = 1e-4,
+                 branch_stages: int = 0, random_crops: int = 0, crop_scale: float = 0.4,
                  mirror: bool | None = None, train_views: str = "whole", seed: int = 0, image_errors: str = "skip",
                  num_workers: int | None = None, progress: bool = True) -> SceneTrainResult:
     """Trains a scene head of the model on scene-labelled photos, in place.
@@ -97,7 +101,16 @@ def train_scenes(model, train_images: Sequence[SceneImage] | str | os.PathLike, 
             shared with products and rooms, so this changes retrieval embeddings too.
         unlocked_image_groups: "room": top layer groups of the image tower trained too (timm groups,
             as `TrainConfig.unlocked_image_groups`); 0 keeps the tower and retrieval as they are.
-        tower_lr: learning rate of the unlocked tower groups.
+        tower_lr: learning rate of the unlocked tower groups, or of the scene branch.
+        branch_stages: "photo": > 0 gives the head its own copy of the image tower's top
+            `branch_stages` feature stages and tunes it with the head (its BatchNorms keep their
+            statistics); the image tower itself, and with it retrieval, stays as it was. For
+            EfficientNet-Lite0, 4 copies the last two block stages and the head convolution.
+        random_crops: "photo": cache this many random crops of each training photo besides the
+            photo itself (each mirrored at random; a crop covers `crop_scale` to all of the photo's
+            area, aspect 3/4 to 4/3, as `RandomResizedCrop`), and draw one version per photo and
+            epoch. The crops are a function of `seed` and the photo's path.
+        crop_scale: smallest area of a random crop, as a fraction of the photo.
         mirror: cache each photo's mirror image too and draw one of the two per photo and epoch;
             None: True for "photo", False for "room".
         train_views: "room": "whole" trains on the whole-photo view alone, caching at 1/V of the
@@ -122,7 +135,7 @@ def train_scenes(model, train_images: Sequence[SceneImage] | str | os.PathLike, 
                      unlocked_image_groups=unlocked_image_groups, tower_lr=tower_lr, seed=seed,
                      image_errors=image_errors, num_workers=num_workers, train_views=train_views,
                      scene_source=scene_source, scene_image_size=scene_image_size, flip_average=flip_average,
-                     mirror=mirror)
+                     mirror=mirror, branch_stages=branch_stages, random_crops=random_crops, crop_scale=crop_scale)
     photo = scene_source == "photo"
     if mirror is None:
         mirror = photo
@@ -134,14 +147,15 @@ def train_scenes(model, train_images: Sequence[SceneImage] | str | os.PathLike, 
         num_workers = min(2, os.cpu_count() or 1)
 
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-    previous_head = (model.config, model.photo_scene_head)
+    previous_head = (model.config, model.photo_scene_head, model.photo_scene_branch)
     try:
         if photo:
-            model.use_photo_scene_head(image_size=scene_image_size, flip_average=flip_average)
+            model.use_photo_scene_head(image_size=scene_image_size, flip_average=flip_average,
+                                       branch_stages=branch_stages)
         elif model.config.scene_source != "room":  # the head trained here becomes the one predict_scene reads
             model.config = dataclasses.replace(model.config, scene_source="room", scene_image_size=None,
-                                               scene_flip_average=False)
-            model.photo_scene_head = None
+                                               scene_flip_average=False, scene_branch_stages=0)
+            model.photo_scene_head = model.photo_scene_branch = None
         stage, locked_norms = _lock(model, photo, projection_lr > 0, unlocked_image_groups)
         trained = [name for name, p in model.named_parameters() if p.requires_grad]
         started = time.perf_counter()
@@ -149,6 +163,8 @@ def train_scenes(model, train_images: Sequence[SceneImage] | str | os.PathLike, 
         if photo:  # one view per photo: the whole photo, as `scene_transform` gives it
             train_transform = val_transform = _OneView(model.scene_transform)
             val_mirror = model.config.scene_flip_average
+            if random_crops:
+                train_transform = _RandomCrops(model.scene_transform, random_crops, crop_scale, seed)
         else:
             train_transform = model.room_views if train_views == "all" else RoomViews(model.config.image_tower, (1,))
             val_transform, val_mirror = model.room_views, False
@@ -174,7 +190,7 @@ def train_scenes(model, train_images: Sequence[SceneImage] | str | os.PathLike, 
                        label_smoothing=label_smoothing, weight_decay=weight_decay, seed=seed, progress=progress)
         train_seconds = time.perf_counter() - started
     except BaseException:
-        model.config, model.photo_scene_head = previous_head
+        model.config, model.photo_scene_head, model.photo_scene_branch = previous_head
         raise
     finally:
         for name, p in model.named_parameters():
@@ -190,11 +206,12 @@ def train_scenes(model, train_images: Sequence[SceneImage] | str | os.PathLike, 
 # -- inputs ----------------------------------------------------------------------------------------
 def _check_arguments(*, epochs, lr, batch_size, label_smoothing, weight_decay, projection_lr, unlocked_image_groups,
                      tower_lr, seed, image_errors, num_workers, train_views, scene_source, scene_image_size,
-                     flip_average, mirror) -> None:
+                     flip_average, mirror, branch_stages, random_crops, crop_scale) -> None:
     for name, value in (("epochs", epochs), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}={value!r}; expected an int >= 1")
-    for name, value in (("unlocked_image_groups", unlocked_image_groups), ("seed", seed)):
+    for name, value in (("unlocked_image_groups", unlocked_image_groups), ("seed", seed),
+                        ("branch_stages", branch_stages), ("random_crops", random_crops)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{name}={value!r}; expected an int >= 0")
     if num_workers is not None and (isinstance(num_workers, bool) or not isinstance(num_workers, int)
@@ -206,6 +223,8 @@ def _check_arguments(*, epochs, lr, batch_size, label_smoothing, weight_decay, p
     for name, value in (("projection_lr", projection_lr), ("weight_decay", weight_decay)):
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
             raise ValueError(f"{name}={value!r}; expected a finite number >= 0")
+    if isinstance(crop_scale, bool) or not (isinstance(crop_scale, (int, float)) and 0.0 < crop_scale <= 1.0):
+        raise ValueError(f"crop_scale={crop_scale!r}; expected a fraction of the photo's area in (0, 1]")
     if not (isinstance(label_smoothing, (int, float)) and 0.0 <= label_smoothing < 1.0):
         raise ValueError(f"label_smoothing={label_smoothing!r}; expected a value in [0, 1)")
     if image_errors not in IMAGE_ERROR_POLICIES:
@@ -224,7 +243,13 @@ def _check_arguments(*, epochs, lr, batch_size, label_smoothing, weight_decay, p
         for name, value in (("projection_lr", projection_lr), ("unlocked_image_groups", unlocked_image_groups)):
             if value:
                 raise ValueError(f"{name}={value!r} trains layers the photo scene head does not own (they make "
-                                 "room and product vectors); use scene_source='room' for it, or leave it at 0")
+                                 "room and product vectors); use scene_source='room' for it, or leave it at 0; "
+                                 "branch_stages tunes a copy of the top stages that the scene head owns")
+    else:
+        for name, value in (("branch_stages", branch_stages), ("random_crops", random_crops)):
+            if value:
+                raise ValueError(f"{name}={value!r} is for the photo scene head; use scene_source='photo' "
+                                 "or leave it at 0")
 
 
 def _scene_images(images, name: str) -> list[SceneImage]:
@@ -264,7 +289,16 @@ def _lock(model, photo: bool, train_projection: bool, unlocked_image_groups: int
     for p in _head(model).parameters():
         p.requires_grad = True
     if photo:
-        return None, []
+        branch = model.photo_scene_branch
+        if branch is None:
+            return None, []
+        norms = [m for m in branch.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        for p in branch.parameters():
+            p.requires_grad = True
+        for norm in norms:  # statistics and affine kept, as locked towers keep theirs
+            for p in norm.parameters():
+                p.requires_grad = False
+        return len(model.image_tower.feature_stages()) - len(branch), norms
     if train_projection:
         for p in model.image_proj.parameters():
             p.requires_grad = True
@@ -298,38 +332,84 @@ class _OneView:
         return self.transform(image).unsqueeze(0)
 
 
-class _Mirrored:
-    """A photo -> its views and those of its mirror image, stacked (2, V, 3, S, S).
+class _Versions:
+    """A photo -> its views (1, V, 3, S, S), or with `mirror` those and the mirror image's (2, V, 3, S, S).
 
     The mirror views are the views flipped left to right, exactly what `model.photo_scene_logits`
     computes for `scene_flip_average`; for room tiles only their order differs from the tiles of
     the mirrored photo, and the room vector is their mean.
     """
 
-    def __init__(self, views):
+    def __init__(self, views, mirror: bool):
         self.views = views
+        self.mirror = mirror
 
     def __call__(self, image):
         views = self.views(image)  # (V, 3, S, S)
-        return torch.stack([views, views.flip(-1)])
+        return torch.stack([views, views.flip(-1)] if self.mirror else [views])
+
+
+class _RandomCrops:
+    """A photo's path -> (2 + n, 1, 3, S, S): the whole photo, its mirror image and `n` random crops
+    (each mirrored with probability 1/2), each through `transform` (the whole-photo transform).
+
+    The crops depend on `seed` and the path alone, so the cache is the same in any worker and run.
+    """
+
+    def __init__(self, transform, n: int, min_scale: float, seed: int):
+        self.transform, self.n, self.min_scale, self.seed = transform, n, min_scale, seed
+
+    def __call__(self, source) -> torch.Tensor:
+        import random
+
+        from ..data.images import load_image
+
+        image = load_image(source)
+        rng = random.Random(f"{self.seed}:{source}")
+        whole = self.transform(image)
+        versions = [whole, whole.flip(-1)]
+        for _ in range(self.n):
+            crop = self.transform(image.crop(_crop_box(image.size, self.min_scale, rng)))
+            versions.append(crop.flip(-1) if rng.random() < 0.5 else crop)
+        return torch.stack(versions).unsqueeze(1)
+
+
+def _crop_box(size: tuple[int, int], min_scale: float, rng) -> tuple[int, int, int, int]:
+    """A random box of `min_scale`..1 of the area and aspect 3/4..4/3 inside (W, H), as
+    torchvision's `RandomResizedCrop.get_params` draws it; the whole photo when no draw fits."""
+    width, height = size
+    for _ in range(10):
+        area = width * height * rng.uniform(min_scale, 1.0)
+        aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            left, top = rng.randint(0, width - w), rng.randint(0, height - h)
+            return left, top, left + w, top + h
+    return 0, 0, width, height
 
 
 @torch.no_grad()
 def _cache_views(model, images: Sequence[SceneImage], stage: int | None, views, *, mirror: bool, dtype: torch.dtype,
                  skipped: list, image_errors: str, num_workers: int, progress: bool, desc: str
                  ) -> tuple[torch.Tensor, list[int]]:
-    """Locked-layer outputs of every view (`views`: a photo -> (V, 3, S, S)) of every readable photo.
+    """Locked-layer outputs of every view of every readable photo.
+
+    `views` is a photo -> (V, 3, S, S), or `_RandomCrops`, which reads each photo into its versions.
+    The layers run through the tower's folded inference copy (`inference.folded_copy`), which
+    computes what the tower computes, to float rounding, in about half the time.
 
     Returns:
-        (features, kept): features (N', A, V, ...) with A = 2 when `mirror` (the photo, its mirror
-        image) else 1, and the input positions of its rows.
+        (features, kept): features (N', A, V, ...) with A versions of each photo (1; 2 with `mirror`:
+        the photo, its mirror image; 2 + n for n random crops), and the input positions of its rows.
     """
     from tqdm.auto import tqdm
 
-    tower = model.image_tower
-    transform = _Mirrored(views) if mirror else views
-    loader = DataLoader(PhotoFiles([item.image for item in images], PhotoDecoder(transform)), batch_size=4,
+    from ..inference import folded_copy
+
+    decode = views if isinstance(views, _RandomCrops) else PhotoDecoder(_Versions(views, mirror))
+    loader = DataLoader(PhotoFiles([item.image for item in images], decode), batch_size=4,
                         num_workers=num_workers, collate_fn=list)
+    tower = None  # the folded copy, made for the photos' side when the first batch arrives
     chunks, kept = [], []
     model.eval()
     with tqdm(total=len(images), desc=desc, unit="photo", disable=not progress) as bar:
@@ -341,11 +421,13 @@ def _cache_views(model, images: Sequence[SceneImage], stage: int | None, views, 
                     skipped.append(problem)
             readable = [(i, pixels) for i, pixels, _ in items if pixels is not None]
             if readable:
-                pixels = torch.stack([p for _, p in readable]).to(model.device)
-                if not mirror:
-                    pixels = pixels.unsqueeze(1)  # (B, 1, V, 3, S, S)
+                pixels = torch.stack([p for _, p in readable]).to(model.device)  # (B, A, V, 3, S, S)
                 flat = pixels.flatten(0, 2)  # (B * A * V, 3, S, S)
-                features = tower(flat) if stage is None else tower.prefix_features(flat, stage)
+                if tower is None:
+                    tower = folded_copy(model.image_tower, flat.shape[-1], model.device, prefix_stage=stage or 0)
+                features = torch.cat([
+                    (tower(chunk) if stage is None else tower.prefix_features(chunk, stage)).contiguous()
+                    for chunk in flat.contiguous(memory_format=torch.channels_last).split(16)])
                 chunks.append(features.to("cpu", dtype).view(*pixels.shape[:3], *features.shape[1:]))
                 kept.extend(i for i, _ in readable)
             bar.update(len(items))
@@ -360,7 +442,10 @@ def _scene_logits(model, features: torch.Tensor, stage: int | None) -> torch.Ten
     """Cached features (B, V, ...) of one version of each photo -> scene logits (B, S), as
     `evaluate_scenes` computes them from photos."""
     if model.config.scene_source == "photo":  # V = 1, the whole photo's pooled tower features
-        return model.photo_scene_head(F.normalize(features[:, 0].to(model.photo_scene_head.weight.dtype), dim=-1))
+        features = features[:, 0].to(model.device, model.photo_scene_head.weight.dtype)
+        if model.photo_scene_branch is not None:  # the activation entering the branch
+            features = model.scene_branch_features(features)
+        return model.photo_scene_head(F.normalize(features, dim=-1))
     batch, n_views = features.shape[:2]
     flat = features.flatten(0, 1).to(model.device, model.scene_head.weight.dtype)  # (B * V, ...)
     pooled = flat if stage is None else model.image_tower(flat, start_stage=stage)  # (B * V, C)
@@ -374,8 +459,12 @@ def _predict(model, features: torch.Tensor, stage: int | None, batch_size: int) 
     model.eval()
     predicted = []
     for start in range(0, len(features), batch_size):
-        if model.config.scene_source == "photo":  # (B, A, 1, C): every cached version of the photo
-            logits = model.photo_scene_logits_from_features(features[start:start + batch_size, :, 0].to(model.device))
+        if model.config.scene_source == "photo":  # (B, A, 1, ...): every cached version of the photo
+            versions = features[start:start + batch_size, :, 0].to(model.device)
+            if model.photo_scene_branch is not None:
+                pooled = model.scene_branch_features(versions.flatten(0, 1).float())  # (B * A, C)
+                versions = pooled.view(*versions.shape[:2], -1)
+            logits = model.photo_scene_logits_from_features(versions)
         else:
             logits = _scene_logits(model, features[start:start + batch_size, 0], stage)
         predicted.extend(model.scene_labels[i] for i in logits.argmax(dim=1).tolist())
@@ -389,7 +478,9 @@ def _fit(model, stage, locked_norms, train_features, train_labels, val_features,
     groups = [(_head(model), lr)]
     if projection_lr > 0:
         groups.append((model.image_proj, projection_lr))
-    if stage is not None:
+    if model.config.scene_source == "photo" and model.photo_scene_branch is not None:
+        groups.append((model.photo_scene_branch, tower_lr))
+    elif stage is not None:
         groups.append((model.image_tower, tower_lr))
     param_groups = []
     for module, group_lr in groups:
