@@ -411,3 +411,31 @@ def test_folded_copy_gives_the_locked_prefix_only_where_no_fold_crosses_the_cut(
         expected = tower.prefix_features(pixels, between - 1)
         got = folded.prefix_features(pixels.contiguous(memory_format=torch.channels_last), between - 1)
     assert torch.allclose(got, expected, atol=1e-4 * float(expected.abs().max()))
+
+
+def test_room_views_run_in_bounded_passes_and_give_the_one_pass_vectors(model, tmp_path, monkeypatch):
+    import hgm_mm.embedding as embedding_module
+    import hgm_mm.model as model_module
+
+    paths = make_photos(tmp_path / "img", 3)
+    rooms = [load_image(p) for p in paths]
+    with torch.no_grad():
+        one_pass = model.encode_room_views(rooms)  # hgm-tiny's views fit in one pass of 64
+    widths = []
+    original = model_module.HGMModel._image_features
+
+    def recorded(self, pixels):
+        widths.append(len(pixels))
+        return original(self, pixels)
+
+    monkeypatch.setattr(model_module.HGMModel, "_image_features", recorded)
+    monkeypatch.setattr(model_module, "VIEW_PASS_IMAGES", 4)
+    monkeypatch.setattr(embedding_module, "VIEW_PASS_IMAGES", 4)
+    with torch.no_grad():
+        chunked = model.encode_room_views(rooms)
+    assert max(widths) == 4 and sum(widths) == len(rooms) * model.room_views.n_views
+    assert torch.allclose(chunked, one_pass, atol=1e-6)
+    widths.clear()
+    views = embed_images(model, paths, batch_size=3, num_workers=0, progress=False, room_views=True, engine="torch")
+    assert max(widths) == 4
+    assert torch.allclose(views.embeddings, one_pass, atol=1e-6)

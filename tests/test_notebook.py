@@ -1,5 +1,4 @@
 """The quickstart notebook runs top to bottom, so it can never rot."""
-from pathlib import Path
 
 import pytest
 
