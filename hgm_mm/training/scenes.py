@@ -107,7 +107,7 @@ def train_scenes(model, train_images: Sequence[SceneImage] | str | os.PathLike, 
             statistics); the image tower itself, and with it retrieval, stays as it was. For
             EfficientNet-Lite0, 4 copies the last two block stages and the head convolution.
         random_crops: "photo": cache this many random crops of each training photo besides the
-            photo itself (each mirrored at random; a crop covers `crop_scale` to all of the photo's
+            photo and its mirror image (each crop mirrored at random; a crop covers `crop_scale` to all of the photo's
             area, aspect 3/4 to 4/3, as `RandomResizedCrop`), and draw one version per photo and
             epoch. The crops are a function of `seed` and the photo's path.
         crop_scale: smallest area of a random crop, as a fraction of the photo.
@@ -396,7 +396,7 @@ def _cache_views(model, images: Sequence[SceneImage], stage: int | None, views, 
 
     `views` is a photo -> (V, 3, S, S), or `_RandomCrops`, which reads each photo into its versions.
     The layers run through the tower's folded inference copy (`inference.folded_copy`), which
-    computes what the tower computes, to float rounding, in about half the time.
+    computes what the tower computes, to float rounding, faster.
 
     Returns:
         (features, kept): features (N', A, V, ...) with A versions of each photo (1; 2 with `mirror`:
