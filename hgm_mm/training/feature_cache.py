@@ -22,6 +22,7 @@ from ..data.records import Product, Room
 from ..data.text import product_text, room_text
 from ..evaluation.evaluate import RetrievalEvaluation, relevance, retrieval_metrics
 from ..embedding import PhotoDecoder, PhotoFiles
+from ..inference import folded_copy, locked_outputs
 from ..towers import TimmImageTower
 
 
@@ -84,9 +85,6 @@ def fully_locked(tower) -> bool:
     return tower is not None and not any(p.requires_grad for p in tower.parameters())
 
 
-FORWARD_CHUNK = 16  # photos per forward pass: on the 2-core CPU, 55 room views in one pass ran 1.5x slower
-
-
 @torch.no_grad()
 def _prefix_features(model, tower, sources, transform, stage: int, *, batch_size: int, num_workers: int,
                      desc: str, progress: bool, image_errors: str, skipped: list
@@ -111,10 +109,7 @@ def _prefix_features(model, tower, sources, transform, stage: int, *, batch_size
                     skipped.append(problem)
             if kept:
                 pixels = torch.stack([p for _, p in kept]).to(model.device)  # (B, 3, S, S) or (B, V, 3, S, S)
-                flat = pixels.flatten(0, pixels.dim() - 4)  # (B or B * V, 3, S, S)
-                flat = torch.cat([
-                    tower.prefix_features(chunk.contiguous(memory_format=torch.channels_last), stage)
-                    .float().cpu().contiguous() for chunk in flat.split(FORWARD_CHUNK)])
+                flat = locked_outputs(tower, pixels.flatten(0, pixels.dim() - 4), stage).float().cpu()
                 out = flat.view(*pixels.shape[:pixels.dim() - 3], *flat.shape[1:])
                 if features is None:
                     features = torch.zeros(len(sources), *out.shape[1:])
@@ -145,8 +140,6 @@ def build_feature_cache(model, products: Sequence[Product], rooms: Sequence[Room
     """
     if image_stage < 1:
         raise ValueError("image_stage must be >= 1: the image tower has no locked prefix to cache")
-    from ..inference import folded_copy
-
     was_training = model.training
     model.eval()  # locked layers compute as pretrained
     try:

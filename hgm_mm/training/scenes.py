@@ -40,6 +40,7 @@ from ..data.images import ImageError
 from ..data.records import SceneImage, read_scene_images
 from ..evaluation import metrics
 from ..embedding import PhotoDecoder, PhotoFiles
+from ..inference import folded_copy, locked_outputs
 from ..preprocess import RoomViews
 from ..towers import TimmImageTower
 from .freezing import keep_frozen_norms_eval, lock_image_tower
@@ -404,8 +405,6 @@ def _cache_views(model, images: Sequence[SceneImage], stage: int | None, views, 
     """
     from tqdm.auto import tqdm
 
-    from ..inference import folded_copy
-
     decode = views if isinstance(views, _RandomCrops) else PhotoDecoder(_Versions(views, mirror))
     loader = DataLoader(PhotoFiles([item.image for item in images], decode), batch_size=4,
                         num_workers=num_workers, collate_fn=list)
@@ -425,9 +424,7 @@ def _cache_views(model, images: Sequence[SceneImage], stage: int | None, views, 
                 flat = pixels.flatten(0, 2)  # (B * A * V, 3, S, S)
                 if tower is None:
                     tower = folded_copy(model.image_tower, flat.shape[-1], model.device, prefix_stage=stage or 0)
-                features = torch.cat([
-                    (tower(chunk) if stage is None else tower.prefix_features(chunk, stage)).contiguous()
-                    for chunk in flat.contiguous(memory_format=torch.channels_last).split(16)])
+                features = locked_outputs(tower, flat, stage)
                 chunks.append(features.to("cpu", dtype).view(*pixels.shape[:3], *features.shape[1:]))
                 kept.extend(i for i, _ in readable)
             bar.update(len(items))
