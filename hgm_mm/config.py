@@ -12,28 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .scenes import DEFAULT_SCENE_LABELS  # the scene vocabulary, re-exported here as before
+
 IMAGE_TOWER_SOURCES = ("timm", "open_clip")
 TEXT_TOWER_SOURCES = ("hf", "open_clip")
 POOLING_MODES = ("mean", "cls")
 VIEW_POOLINGS = ("lse", "max", "mean")
 PROJECTIONS = ("linear", "none")
 SCENE_SOURCES = ("room", "photo")
-
-# Scene labels of the built-in models: the union of the IKEA room scenes and the
-# Places365 room classes that ship with the project's data format.
-DEFAULT_SCENE_LABELS = (
-    "bathroom",
-    "bedroom",
-    "children_room",
-    "dining_room",
-    "entrance_hall",
-    "hallway",
-    "home_office",
-    "kitchen",
-    "laundry",
-    "living_room",
-    "outdoor",
-)
 
 
 def _check_choice(owner: str, name: str, value: Any, allowed: tuple) -> None:
@@ -133,6 +119,12 @@ class ModelConfig:
     # "photo": the head reads the photo through its own tuned copy of the image tower's top N
     # `feature_stages()` (the tower's lower stages are shared); 0 reads the image tower itself
     scene_branch_stages: int = 0
+    # Scene from words: a `SceneTextClassifier` with its own copy of the scene-text tower's top N
+    # layers (0: a head on the tower's output); None reads words through `scene_head` on the room vector.
+    scene_text_layers: int | None = None
+    # Calibration: scene logits are divided by these before the softmax (fitted on validation data).
+    photo_scene_temperature: float = 1.0  # the photo reading (photo scene head, or scene_head on the room)
+    text_scene_temperature: float = 1.0  # the words reading (the scene-text classifier, or scene_head)
 
     def __post_init__(self) -> None:
         if not isinstance(self.embed_dim, int) or self.embed_dim < 1:
@@ -160,6 +152,18 @@ class ModelConfig:
         if self.scene_branch_stages and self.scene_source != "photo":
             raise ValueError(f"ModelConfig.scene_branch_stages={self.scene_branch_stages} belongs to the photo scene "
                              f"head; scene_source is {self.scene_source!r}: set it to 'photo' or the stages to 0")
+        if self.scene_text_layers is not None:
+            if isinstance(self.scene_text_layers, bool) or not isinstance(self.scene_text_layers, int) \
+                    or self.scene_text_layers < 0:
+                raise ValueError(f"ModelConfig.scene_text_layers={self.scene_text_layers!r}; expected null or an "
+                                 "int >= 0")
+            if (self.scene_text_tower or self.text_tower).source != "hf":
+                raise ValueError("ModelConfig.scene_text_layers needs a transformers ('hf') scene-text tower; "
+                                 "set it to null for an open_clip text tower")
+        for name in ("photo_scene_temperature", "text_scene_temperature"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise ValueError(f"ModelConfig.{name}={value!r}; expected a finite number > 0")
         if self.image_tower.source == "open_clip" and self.text_tower.source == "open_clip":
             if self.image_tower.name != self.text_tower.name:
                 raise ValueError("open_clip image and text towers must come from the same open_clip model; got "

@@ -71,6 +71,7 @@ from .files import atomic_dir, atomic_text
 from .index import ProductIndex, model_fingerprint
 from .inference import FoldedImageEncoder
 from .profile import UserProfile
+from .scenes import combine_scene_probabilities, scene_words
 from .version import __version__
 
 FORMAT_VERSION = 1
@@ -79,6 +80,7 @@ INDEX_DIR = "index"
 MODEL_DIR = "model"
 SCENE_CATEGORIES_FILE = "scene_categories.json"
 DEFAULT_SET_SIZE = 6
+SCENE_CONFIDENCE = 0.5  # below this top-scene probability the guide says it is not sure of the scene
 SET_CANDIDATES = 20  # hits per query vector when searching one category for the product set
 
 
@@ -253,24 +255,27 @@ class RankedProduct:
     score: float
     reasons: dict[str, float]  # similarity, scene_fit, profile, diversity (<= 0)
     metadata: dict[str, Any] = field(default_factory=dict)  # title, category, image, price ...
+    why: str = ""  # for a shopper: why the product is there ("a sofa: 41% of living-room products")
 
     def to_dict(self) -> dict[str, Any]:
         return {"product_id": self.product_id, "score": float(self.score),
-                "reasons": {k: float(v) for k, v in self.reasons.items()}, "metadata": dict(self.metadata)}
+                "reasons": {k: float(v) for k, v in self.reasons.items()}, "metadata": dict(self.metadata),
+                "why": self.why}
 
 
 @dataclass
 class MatchResult:
     """What the guide shows for one room: its scene, ranked products and a product set."""
 
-    scene: str
+    scene: str  # the most likely scene, whether or not the guide is sure of it
     scene_probabilities: dict[str, float]  # every scene label, most likely first
     products: list[RankedProduct]
-    product_set: list[RankedProduct]  # one product per category that fits the scene
+    product_set: list[RankedProduct]  # one product per category that fits the scene, best score first
+    scene_confident: bool = True  # the top scene's probability reaches SCENE_CONFIDENCE: say it, else "not sure"
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
-        return {"scene": self.scene,
+        return {"scene": self.scene, "scene_confident": self.scene_confident,
                 "scene_probabilities": {k: float(v) for k, v in self.scene_probabilities.items()},
                 "products": [p.to_dict() for p in self.products],
                 "product_set": [p.to_dict() for p in self.product_set]}
@@ -283,7 +288,9 @@ class RoomQuery:
     view_embeds: torch.Tensor | None  # (1, V, D) the photo's views, or None for words only
     text_embeds: torch.Tensor | None  # (1, D) the words through the scene-text tower, or None
     room_vector: np.ndarray  # (D,) fused unit room vector
-    scene_probabilities: dict[str, float]  # most likely first
+    scene_probabilities: dict[str, float]  # most likely first: photo and words combined when both are given
+    photo_scene_probabilities: dict[str, float] | None = None  # from the photo alone; None without a photo
+    text_scene_probabilities: dict[str, float] | None = None  # from the words alone; None without words
 
 
 # -- ranking --------------------------------------------------------------------------------------
@@ -397,10 +404,18 @@ class Matcher:
         with self._lock, torch.no_grad():
             view_embeds = self._room_views(image) if image is not None else None  # (1, V, D)
             text_embeds = self.model.encode_scene_text([text]).float() if text else None  # (1, D)
-            # a photo scene head (config.scene_source "photo") reads the photo itself, not the room vector
-            scene_logits = (self.model.scene_logits([image], [text]) if image is not None
-                            and self.model.config.scene_source == "photo" else None)  # (1, S)
-        return self.query_from_embeddings(view_embeds, text_embeds, scene_logits=scene_logits)
+            photo_scenes = self._scene_dict(self.model.photo_scene_log_probs(
+                [image] if not isinstance(image, torch.Tensor) else image)) if image is not None else None
+            text_scenes = self._scene_dict(self.model.text_scene_log_probs([text])) if text else None
+        query = self.query_from_embeddings(view_embeds, text_embeds,
+                                           scene_probabilities=combine_scene_probabilities(photo_scenes, text_scenes))
+        query.photo_scene_probabilities, query.text_scene_probabilities = photo_scenes, text_scenes
+        return query
+
+    def _scene_dict(self, log_probs: torch.Tensor) -> dict[str, float]:
+        """(1, S) scene log-probabilities -> {label: probability}, most likely first."""
+        probabilities = log_probs[0].exp().float().cpu().tolist()
+        return dict(sorted(zip(self.model.scene_labels, probabilities), key=lambda kv: -kv[1]))
 
     def _room_views(self, image) -> torch.Tensor:
         """`model.encode_room_views(image)` -> (1, V, D), through the folded tower copy on a CPU."""
@@ -410,19 +425,19 @@ class Matcher:
         return self._photo_encoder(views.flatten(0, 1)).float().view(*views.shape[:2], -1)
 
     def query_from_embeddings(self, view_embeds: torch.Tensor | None, text_embeds: torch.Tensor | None = None,
-                              *, scene_logits: torch.Tensor | None = None) -> RoomQuery:
+                              *, scene_probabilities: Mapping[str, float] | None = None) -> RoomQuery:
         """A `RoomQuery` from ready embeddings: views (1, V, D) of `encode_room_views`, words (1, D)
-        of `encode_scene_text`; for callers that embed many rooms in batches. `scene_logits` (1, S)
-        replace the scene head's reading of the room vector (e.g. `model.scene_logits` of the photo)."""
+        of `encode_scene_text`; for callers that embed many rooms in batches. `scene_probabilities`
+        (label -> probability, e.g. from `model.predict_scene`) replace the scene head's reading of
+        the room vector."""
         if view_embeds is None and text_embeds is None:
             raise ValueError("nothing to match: give view embeddings, text embeddings, or both")
         with torch.no_grad():
             mean_view = F.normalize(view_embeds.mean(dim=1), dim=-1) if view_embeds is not None else None  # (1, D)
             room = self.model.room_fusion(mean_view, text_embeds)  # (1, D)
-            if scene_logits is None:
-                scene_logits = self.model.scene_head(room)
-            probabilities = scene_logits.softmax(dim=-1)[0].cpu().tolist()  # (S,)
-        scenes = dict(sorted(zip(self.model.scene_labels, probabilities), key=lambda kv: -kv[1]))
+            if scene_probabilities is None:
+                scene_probabilities = self._scene_dict(self.model.scene_head(room).log_softmax(dim=-1))
+        scenes = dict(sorted(((k, float(v)) for k, v in scene_probabilities.items()), key=lambda kv: -kv[1]))
         return RoomQuery(view_embeds, text_embeds, room[0].cpu().numpy().astype(np.float32), scenes)
 
     # -- ranking -------------------------------------------------------------------------------
@@ -450,6 +465,7 @@ class Matcher:
             raise ValueError(f"set_size={set_size!r}; expected a non-negative int")
         weights = weights if weights is not None else self.weights
         scene = next(iter(query.scene_probabilities))
+        confident = query.scene_probabilities[scene] >= SCENE_CONFIDENCE
         category_fit = self._category_fit(query.scene_probabilities)
         queries = self._search_vectors(query)  # (Q, D)
         hits = self.index.search(queries, k=weights.candidates, filter=filter)
@@ -458,15 +474,18 @@ class Matcher:
             for product_id, meta in zip(hit.ids, hit.metadata):
                 candidates.setdefault(product_id, meta)
         if not candidates:
-            return MatchResult(scene, query.scene_probabilities, [], [])
+            return MatchResult(scene, query.scene_probabilities, [], [], scene_confident=confident)
         ids, metas = list(candidates), list(candidates.values())
         vectors, terms = self._terms(query, ids, metas, category_fit, profile, weights)
         base = terms.sum(axis=1)  # (N,)
         order, penalties = diverse_order(base, vectors, weights.diversity, k)
-        products = [self._ranked(ids[i], metas[i], terms[i], penalty) for i, penalty in zip(order, penalties)]
+        explain = _Explainer(query, confident, self.prior.mixture(query.scene_probabilities) if self.prior else {},
+                             has_photo=query.view_embeds is not None)
+        products = [self._ranked(ids[i], metas[i], terms[i], penalty, explain.product(metas[i], terms[i]))
+                    for i, penalty in zip(order, penalties)]
         product_set = self._product_set(query, ids, metas, base, terms, category_fit, profile, weights, filter,
-                                        set_size) if set_size else []
-        return MatchResult(scene, query.scene_probabilities, products, product_set)
+                                        set_size, explain) if set_size else []
+        return MatchResult(scene, query.scene_probabilities, products, product_set, scene_confident=confident)
 
     def _search_vectors(self, query: RoomQuery) -> np.ndarray:
         rows = [query.room_vector[None, :]]
@@ -503,13 +522,17 @@ class Matcher:
         return fit
 
     @staticmethod
-    def _ranked(product_id: str, meta: dict, terms: np.ndarray, penalty: float) -> RankedProduct:
+    def _ranked(product_id: str, meta: dict, terms: np.ndarray, penalty: float, why: str = "") -> RankedProduct:
         reasons = {"similarity": float(terms[0]), "scene_fit": float(terms[1]), "profile": float(terms[2]),
                    "diversity": float(penalty)}
-        return RankedProduct(product_id, float(sum(reasons.values())), reasons, meta)
+        return RankedProduct(product_id, float(sum(reasons.values())), reasons, meta, why)
 
-    def _product_set(self, query, ids, metas, base, terms, category_fit, profile, weights, filter, set_size):
-        """The best product of each category that fits the scene, most expected category first."""
+    def _product_set(self, query, ids, metas, base, terms, category_fit, profile, weights, filter, set_size,
+                     explain: "_Explainer"):
+        """The best product of each category that fits the scene, best score first.
+
+        The categories are those the scene makes more likely than the catalogue does (lift above 1
+        under the scene probabilities, so an unsure scene asks less of each), most expected first."""
         best: dict[str, int] = {}  # category -> candidate position with the best base score
         for i in np.argsort(-base, kind="stable").tolist():
             category = metas[i].get("category")
@@ -541,8 +564,38 @@ class Matcher:
                 contenders += [(float(t.sum()), pid, meta, t) for pid, meta, t in zip(new_ids, new_metas, new_terms)]
             if contenders:
                 _, product_id, meta, product_terms = max(contenders, key=lambda c: (c[0], c[1]))
-                chosen.append(self._ranked(product_id, meta, product_terms, 0.0))
-        return chosen
+                chosen.append(self._ranked(product_id, meta, product_terms, 0.0, explain.set_item(meta)))
+        return sorted(chosen, key=lambda p: -p.score)
+
+
+class _Explainer:
+    """The `why` sentence of each product, in the shopper's words, from the terms that placed it."""
+
+    def __init__(self, query: RoomQuery, confident: bool, expected: Mapping[str, float], *, has_photo: bool):
+        self.scene = next(iter(query.scene_probabilities))
+        self.confident = confident
+        self.expected = expected  # P(category) under the scene probabilities
+        self.source = "your photo" if has_photo else "your words"
+        if query.view_embeds is not None and query.text_embeds is not None:
+            self.source = "your photo and words"
+
+    def _place(self) -> str:
+        return f"{scene_words(self.scene)}s" if self.confident else "rooms like this one"
+
+    def product(self, meta: Mapping[str, Any], terms: np.ndarray) -> str:
+        parts = [f"Matches {self.source}"]
+        if terms[1] > 0 and isinstance(meta.get("category"), str):
+            parts.append(f"{meta['category']} items suit {self._place()}")
+        if terms[2] > 0:
+            parts.append("close to what you have browsed and bought")
+        return "; ".join(parts) + "."
+
+    def set_item(self, meta: Mapping[str, Any]) -> str:
+        category = meta.get("category")
+        share = self.expected.get(category)
+        if share is None:
+            return f"The best {category} match for {self.source}."
+        return f"The best {category} for {self.source}: {share:.0%} of the products in {self._place()} are {category}."
 
 
 def _category_allowed(filter: Mapping[str, Any] | None, category: str) -> bool:

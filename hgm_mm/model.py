@@ -19,6 +19,7 @@ from .files import atomic_dir, atomic_write
 from .fusion import GatedFusion
 from .preprocess import RoomViews, TextTokenizer, WholePhoto, build_image_transform
 from .pretrained import HGM_CONFIG_NAME, OPEN_CLIP_CONFIG_NAME
+from .scene_text import SceneTextClassifier, transformer_layers
 from .towers import build_hf_text_tower, build_open_clip_towers
 from .towers.open_clip_tower import save_open_clip_config
 from .towers.timm_tower import TimmImageTower
@@ -116,11 +117,19 @@ class HGMModel(nn.Module):
         self.photo_scene_head = (nn.Linear(self.image_tower.output_dim, len(config.scene_labels))
                                  if config.scene_source == "photo" else None)
         self.photo_scene_branch = _scene_branch(self.image_tower, config.scene_branch_stages)
+        self.scene_text_classifier = None
+        if config.scene_text_layers is not None:
+            # a swapped-in shallower scene-text tower keeps at least one shared layer
+            config.scene_text_layers = min(config.scene_text_layers, len(transformer_layers(scene_tower.encoder)) - 1)
+            self.scene_text_classifier = SceneTextClassifier(scene_tower, len(config.scene_labels),
+                                                             config.scene_text_layers)
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
         self.image_transform = build_image_transform(config.image_tower)
         self.room_views = RoomViews(config.image_tower, config.room_grids)
         self.image_input_stage = 0  # > 0 inside `image_inputs_from_stage`
         self.eval()
+        if self.scene_text_classifier is not None and load_weights:  # a new model: start from the descriptions
+            self.scene_text_classifier.init_from_descriptions(scene_tower, self.scene_tokenizer, config.scene_labels)
 
     # -- inputs --------------------------------------------------------------------------------
     @property
@@ -311,21 +320,23 @@ class HGMModel(nn.Module):
 
     def scene_logits(self, images: ImageInput | None = None, texts: Sequence[str | None] | str | None = None
                      ) -> torch.Tensor:
-        """Scene logits (B, S) from a room photo, scene text, or both.
+        """Calibrated scene log-probabilities (B, S) from a room photo, scene text, or both.
 
-        With `config.scene_source == "room"`, `scene_head` reads the fused room vector. With
-        "photo", `photo_scene_head` reads the photo (`photo_scene_logits`),
-        and the scene text of a room that has some adds the room head's log-probabilities of its
-        text; without a photo the text alone decides, as in "room".
+        The photo (`photo_scene_log_probs`) and the words (`text_scene_log_probs`) are read
+        separately; for a room with both, the result is their normalised product
+        (`hgm_mm.scenes.combine_scene_probabilities` computes the same on dicts), so readings that
+        agree grow surer and a confident one outweighs an unsure one.
 
         Args:
             images: photos (PIL images or paths), or pixels from `scene_transform`: (B, 3, S, S)
                 whole photos for "photo", room views (B, V, 3, S, S) or (B, 3, S, S) for "room".
             texts: scene texts, one per photo (an entry may be None), or None.
         """
-        if self.config.scene_source == "room" or images is None:
-            return self.scene_head(self.encode_room(images, texts))
-        logits = self.photo_scene_logits(images)  # (B, S)
+        if images is None:
+            if texts is None:
+                raise ValueError("give images, texts or both")
+            return self.text_scene_log_probs(texts)
+        logits = self.photo_scene_log_probs(images)  # (B, S)
         if texts is None:
             return logits
         if isinstance(texts, str):
@@ -337,8 +348,30 @@ class HGMModel(nn.Module):
         if not rows:
             return logits
         present = texts if isinstance(texts, dict) else [texts[i] for i in rows]
-        text_logits = self.scene_head(self.encode_room(texts=present)).log_softmax(dim=-1)  # (B', S)
-        return logits.index_add(0, torch.tensor(rows, device=logits.device), text_logits.to(logits.dtype))
+        text_logits = self.text_scene_log_probs(present)  # (B', S)
+        combined = logits.index_add(0, torch.tensor(rows, device=logits.device), text_logits.to(logits.dtype))
+        return combined.log_softmax(dim=-1)
+
+    def photo_scene_log_probs(self, images: ImageInput) -> torch.Tensor:
+        """Calibrated scene log-probabilities (B, S) read from room photos alone: the photo scene
+        head (`config.scene_source` "photo") or `scene_head` on the room vector ("room"), divided
+        by `config.photo_scene_temperature`."""
+        if self.config.scene_source == "photo":
+            logits = self.photo_scene_logits(images)
+        else:
+            logits = self.scene_head(self.encode_room(images))
+        return (logits / self.config.photo_scene_temperature).log_softmax(dim=-1)
+
+    def text_scene_log_probs(self, texts: TextInput) -> torch.Tensor:
+        """Calibrated scene log-probabilities (B, S) read from scene texts alone: the scene-text
+        classifier when the model has one, else `scene_head` on the words' room vector; divided by
+        `config.text_scene_temperature`."""
+        if self.scene_text_classifier is not None:
+            tokens = self._tokens(texts, self.scene_tokenizer)
+            return self.scene_text_classifier.log_probabilities(
+                self.scene_text_tower or self.text_tower, tokens, self.config.text_scene_temperature)
+        logits = self.scene_head(self.encode_room(texts=texts))
+        return (logits / self.config.text_scene_temperature).log_softmax(dim=-1)
 
     def photo_scene_logits(self, images: ImageInput) -> torch.Tensor:
         """Scene logits (B, S) of whole photos: the log-probabilities of `photo_scene_head` (a model
@@ -420,7 +453,8 @@ class HGMModel(nn.Module):
 
     def predict_scene(self, images: ImageInput | None = None, texts: Sequence[str | None] | str | None = None
                       ) -> list[dict[str, float]]:
-        """Scene probabilities per room, as {label: probability} sorted from most likely."""
+        """Calibrated scene probabilities per room (photo and words combined, see `scene_logits`),
+        as {label: probability} sorted from most likely."""
         with torch.no_grad():
             probs = self.scene_logits(images, texts).softmax(dim=-1).cpu()  # (B, S)
         return [dict(sorted(zip(self.scene_labels, row.tolist()), key=lambda kv: -kv[1])) for row in probs]

@@ -1,11 +1,14 @@
 """The upload-a-room-photo example app (examples/app): its own script serves a small IKEA index and a
-real headless Chromium (Debian's, driven by Playwright) uploads photos to it; the upload checks and
-the product-photo route are also tested in process with Flask's test client."""
+real headless Chromium (Debian's, driven by Playwright) uploads photos to it; the upload checks, the
+product-photo route and the words the page shows (headline, prices, no model scores) are also
+tested in process with Flask's test client and hand-made results."""
+import html
 import importlib.util
 import io
 import json
 import os
 import queue
+import re
 import shutil
 import subprocess
 import sys
@@ -14,6 +17,7 @@ import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from PIL import Image
@@ -30,6 +34,10 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 N_PRODUCTS = 40
 CONCURRENT_UPLOADS = 20
 SERVER_START_TIMEOUT_S = 180  # importing torch and loading the model on a busy 2-core runner
+ROOM_WISH = "a bright room with a soft rug"
+# what a shopper must never read: term names, and numbers with 3 or more decimals (0.734, +0.012)
+RAW_SCORE = re.compile(r"similarity|scene[ _]fit|diversity|\bscores?\b|\d\.\d{3}", re.IGNORECASE)
+DATA_URI = re.compile(r'"data:[^"]*"')  # the inline preview: base64, not words
 
 
 def chromium_path() -> str | None:
@@ -173,19 +181,54 @@ def submit_photo(page, server: str, photo: Path, text: str = ""):
     return navigation.value
 
 
+def expected_result(app_module, matcher, photo: Path, text: str):
+    """What `Matcher.match` says of the photo as the app reads it (same decoding, same k)."""
+    return matcher.match(image=app_module.read_room_photo(photo.read_bytes()), text=text,
+                         k=app_module.DEFAULT_RESULTS)
+
+
+def assert_headline_is_honest(headline: str, confident: str, result, app_module) -> None:
+    """The scene in words when the result is confident of it; "not sure" and the two likeliest otherwise."""
+    assert confident == ("true" if result.scene_confident else "false")
+    if result.scene_confident:
+        assert headline == app_module.scene_words(result.scene).capitalize()
+        assert "not sure" not in headline.lower()
+    else:
+        assert headline.startswith("Not sure which room this is")
+        for label in list(result.scene_probabilities)[:2]:
+            assert app_module.scene_words(label) in headline
+
+
+def assert_no_raw_scores(page_html: str, product_ids=()) -> None:
+    """No term name and no 3-decimal number anywhere in the HTML, its attributes included; product
+    ids ("001.660.95") and the inline preview are left out first, being no scores."""
+    page_html = DATA_URI.sub('""', page_html)
+    for product_id in sorted(product_ids, key=len, reverse=True):
+        page_html = page_html.replace(product_id, "")
+    found = RAW_SCORE.findall(page_html)
+    assert not found, f"the page shows raw scores: {found[:5]}"
+
+
 # -- in a real browser ------------------------------------------------------------------------------
 # `browser` comes first in each test so that, without Chromium, the test skips before the server starts.
 def test_room_photo_shows_scene_products_and_set(browser, page, server, room_photos, catalogue, scene_labels,
-                                                 tmp_path):
-    response = submit_photo(page, server, room_photos[0], text="a bright room with a soft rug")
+                                                 app_module, matcher, tmp_path):
+    response = submit_photo(page, server, room_photos[0], text=ROOM_WISH)
     assert response.status == 200
 
+    expected = expected_result(app_module, matcher, room_photos[0], ROOM_WISH)
     scene = page.get_attribute("#scene-label", "data-scene")
-    assert scene in scene_labels
+    assert scene in scene_labels and scene == expected.scene
+    assert_headline_is_honest(page.inner_text("#scene-label"), page.get_attribute("#scene-label", "data-confident"),
+                              expected, app_module)
     shown_scenes = page.eval_on_selector_all(".scene-probability", "els => els.map(e => e.dataset.scene)")
-    probabilities = page.eval_on_selector_all(".scene-probability meter", "els => els.map(e => e.value)")
-    assert shown_scenes[0] == scene and set(shown_scenes) <= scene_labels
-    assert probabilities == sorted(probabilities, reverse=True) and 0 < sum(probabilities) <= 1.0001
+    percents = page.eval_on_selector_all(".scene-probability meter", "els => els.map(e => e.value)")
+    assert shown_scenes == list(expected.scene_probabilities)[:app_module.SHOWN_SCENES]
+    assert percents == sorted(percents, reverse=True) and all(p == int(p) for p in percents)
+    assert 0 < sum(percents) <= 100 + len(percents)  # whole percents, each rounded
+    names = page.eval_on_selector_all(".scene-probability span:first-child", "els => els.map(e => e.textContent)")
+    assert names == [app_module.scene_words(label).capitalize() for label in shown_scenes]
+    assert not any("_" in name for name in names)  # words, not labels
 
     page.wait_for_function("[...document.images].every(img => img.complete)")
     for section in ("#products", "#product-set"):
@@ -195,10 +238,13 @@ def test_room_photo_shows_scene_products_and_set(browser, page, server, room_pho
             product_id = card.get_attribute("data-product-id")
             assert product_id in catalogue
             assert card.query_selector(".title").inner_text() == catalogue[product_id].title
+            assert card.query_selector(".category").inner_text() == catalogue[product_id].category.capitalize()
             photo = card.query_selector("img")
             assert photo.evaluate("img => img.naturalWidth") > 0
-            reasons = [term.text_content() for term in card.query_selector_all(".reasons dt")]
-            assert "similarity" in reasons and "scene fit" in reasons
+            assert card.query_selector(".reasons") is None
+    set_ids = page.eval_on_selector_all("#product-set .product", "els => els.map(e => e.dataset.productId)")
+    assert set_ids == [p.product_id for p in expected.product_set]  # the library's order, best first
+    assert_no_raw_scores(page.content(), catalogue)
     assert len(page.query_selector_all("#products .product")) == 12
     assert page.evaluate("document.querySelector('img.preview').naturalWidth") > 0
 
@@ -259,13 +305,16 @@ def test_twenty_concurrent_uploads_all_succeed(browser, page, server, room_photo
 
     assert navigation.value.status == 200
     assert page.get_attribute("#scene-label", "data-scene") in scene_labels
+    assert page.get_attribute("#scene-label", "data-confident") in ("true", "false")
     assert len(page.query_selector_all("#products .product")) == 12
     for status, document in answers:
         assert status == 200, document
         assert document["scene"] in scene_labels and document["scene"] == next(iter(document["scene_probabilities"]))
+        assert isinstance(document["scene_confident"], bool)
         assert len(document["products"]) == 12 and document["product_set"]
         for product in document["products"]:
             assert product["photo_url"] == f"/products/{product['product_id']}/photo"
+            assert {"score", "reasons", "why"} <= set(product)  # the JSON is for programs: scores stay
             assert "image" not in product["metadata"]  # no server path leaves the server
 
 
@@ -374,3 +423,91 @@ def test_script_refuses_a_folder_that_is_not_an_index(app_module, tmp_path, caps
     (tmp_path / "not-an-index").mkdir()
     assert app_module.main(["--index", str(tmp_path / "not-an-index")]) == 2
     assert "not a finished index folder" in capsys.readouterr().err
+
+
+# -- the words a shopper reads ----------------------------------------------------------------------
+def test_results_page_names_the_scene_only_when_confident_and_shows_no_scores(client, app_module, matcher,
+                                                                              room_photos):
+    photo = room_photos[2]
+    answer = client.post("/match", data={"photo": (io.BytesIO(photo.read_bytes()), "room.jpg"), "text": ROOM_WISH},
+                         content_type="multipart/form-data")
+    assert answer.status_code == 200
+    text = answer.get_data(as_text=True)
+    expected = expected_result(app_module, matcher, photo, ROOM_WISH)
+    label = re.search(r'<span id="scene-label" data-scene="([^"]+)"\s+data-confident="(true|false)">([^<]*)</span>',
+                      text)
+    assert label is not None and label.group(1) == expected.scene
+    assert_headline_is_honest(html.unescape(label.group(3)), label.group(2), expected, app_module)
+    assert_no_raw_scores(text, [p.product_id for p in [*expected.products, *expected.product_set]])
+    assert text.count('class="product"') == len(expected.products) + len(expected.product_set)
+
+    document = post_photo(client, photo.read_bytes(), text=ROOM_WISH).get_json()
+    assert document["scene_confident"] == expected.scene_confident
+    assert RAW_SCORE.search(json.dumps(document))  # the JSON keeps the scores for programs
+
+
+def hand_made_result(app_module, probabilities: dict, confident: bool):
+    from hgm_mm.matching import MatchResult, RankedProduct
+
+    sofa = RankedProduct("s1", 0.734, {"similarity": 0.7, "scene_fit": 0.034}, {
+        "title": "KIVIK", "category": "sofa", "product_type": "3-seat sofa", "color": "Grey", "price": 1299,
+        "currency": "SEK", "image": "/srv/photos/s1.jpg"}, why="A sofa: most living rooms in the catalogue have one.")
+    lamp = RankedProduct("l1", 0.512, {"similarity": 0.5, "scene_fit": 0.012}, {"title": "MELODI", "category": "lamp"})
+    return MatchResult(next(iter(probabilities)), probabilities, [sofa, lamp], [sofa, lamp], scene_confident=confident)
+
+
+def test_headline_says_the_scene_or_that_it_is_not_sure(app_module):
+    sure = hand_made_result(app_module, {"living_room": 0.81, "bedroom": 0.12, "kitchen": 0.066, "laundry": 0.004},
+                            confident=True)
+    assert app_module.scene_headline(sure) == "Living room"
+    assert app_module.scene_percentages(sure) == [("living_room", "Living room", 81, "81%"),
+                                                  ("bedroom", "Bedroom", 12, "12%"), ("kitchen", "Kitchen", 7, "7%")]
+    assert app_module.scene_percentages(sure, count=4)[-1] == ("laundry", "Laundry room", 0, "<1%")
+
+    unsure = hand_made_result(app_module, {"living_room": 0.36, "bedroom": 0.34, "kitchen": 0.30},
+                              confident=False)
+    assert app_module.scene_headline(unsure) == "Not sure which room this is — maybe a living room or a bedroom"
+    unsure_outside = hand_made_result(app_module, {"outdoor": 0.4, "children_room": 0.3, "bathroom": 0.3},
+                                      confident=False)
+    assert app_module.scene_headline(unsure_outside) == ("Not sure which room this is — maybe an outdoor space or "
+                                                         "a children's room")
+    only_one = hand_made_result(app_module, {"hallway": 0.2}, confident=False)
+    assert app_module.scene_headline(only_one) == "Not sure which room this is — maybe a hallway"
+
+
+@pytest.mark.parametrize("metadata, shown", [
+    ({"price": 1299}, "1,299.00"),
+    ({"price": 19.5, "currency": "EUR"}, "19.50 EUR"),
+    ({"price": 7, "currency": "$"}, "$7.00"),
+    ({"price": "from 49 kr", "currency": "kr"}, "from 49 kr"),  # as the catalogue gives it, currency once
+    ({"price": " 12,95 € "}, "12,95 €"),
+    ({}, None),
+    ({"price": None, "currency": "SEK"}, None),
+    ({"price": ""}, None),
+    ({"price": float("nan")}, None),
+    ({"price": True}, None),
+])
+def test_prices_are_formatted_for_people(app_module, metadata, shown):
+    assert app_module.format_price(metadata) == shown
+
+
+def test_product_tiles_show_words_price_and_why_but_no_scores(client, app_module):
+    from flask import render_template
+
+    result = hand_made_result(app_module, {"living_room": 0.9, "bedroom": 0.1}, confident=True)
+    sofa, lamp = result.products
+    old = SimpleNamespace(product_id="o1", score=0.25, reasons={"similarity": 0.25},
+                          metadata={"title": "RIBBA", "category": "decor", "size": "23x23 cm"})  # no `why` at all
+    with client.application.test_request_context():
+        tiles = {p.product_id: render_template("product.html", card=app_module.product_card(p))
+                 for p in (sofa, lamp, old)}
+        cards = {p.product_id: app_module.product_card(p) for p in (sofa, lamp, old)}
+    assert cards["s1"].category == "Sofa" and cards["s1"].details == ["3-seat sofa", "Grey"]
+    assert '<p class="price">1,299.00 SEK</p>' in tiles["s1"]
+    assert "most living rooms in the catalogue have one" in tiles["s1"] and 'class="why"' in tiles["s1"]
+    assert 'class="price"' not in tiles["l1"] and 'class="why"' not in tiles["l1"]
+    assert cards["o1"].why == "" and 'class="why"' not in tiles["o1"] and "23x23 cm" in tiles["o1"]
+    assert '<p class="category">Decor</p>' in tiles["o1"]
+    for tile in tiles.values():
+        assert_no_raw_scores(tile, ["s1", "l1", "o1"])
+        assert "/srv/photos" not in tile  # a server path never reaches the page

@@ -51,7 +51,7 @@ def test_places365_loads_scene_images(shared_data):
     assert len(ds.scene_images) == 3600
     assert ds.products == [] and ds.rooms == [] and ds.pairs == []
     scenes = {s.scene for s in ds.scene_images}
-    assert scenes == {"bathroom", "bedroom", "dining_room", "entrance_hall", "kitchen", "living_room"}
+    assert scenes == {"bathroom", "bedroom", "dining_room", "hallway", "kitchen", "living_room"}  # entrance_hall is read as hallway
     splits = [s.image.relative_to(ds.root).parts[0] for s in ds.scene_images]
     assert (splits.count("train"), splits.count("val")) == (3000, 600)
 

@@ -138,21 +138,22 @@ def test_photo_scene_logits_average_the_mirror_image_and_add_the_scene_text(toy)
                               for item in train_images[:3]])
         single = F.normalize(model.image_tower(pixels), dim=-1)
         mirrored = F.normalize(model.image_tower(pixels.flip(-1)), dim=-1)
-        expected = (model.photo_scene_head(single).log_softmax(-1)
-                    + model.photo_scene_head(mirrored).log_softmax(-1)) / 2
+        expected = ((model.photo_scene_head(single).log_softmax(-1)
+                     + model.photo_scene_head(mirrored).log_softmax(-1)) / 2).log_softmax(-1)
         assert torch.allclose(model.scene_logits(pixels), expected, atol=1e-6)
         assert not torch.allclose(expected, model.photo_scene_head(single).log_softmax(-1), atol=1e-4)
         # paths read as the tensors of scene_transform
         assert torch.allclose(model.scene_logits([item.image for item in train_images[:3]]), expected, atol=1e-6)
-        # scene text adds the room head's log-probabilities of the text, only where a room has text
-        model.scene_head.weight.normal_()
+        # scene text: the scene-text classifier's log-probabilities are added, only where a room has
+        # text, and the sum renormalised (the normalised product of the two readings)
+        model.scene_text_classifier.head.weight.normal_()
         with_text = model.scene_logits(pixels, ["a kitchen", None, "a bedroom"])
-        text = model.scene_head(model.encode_room(texts=["a kitchen", "a bedroom"])).log_softmax(-1)
-        assert torch.allclose(with_text[[0, 2]], expected[[0, 2]] + text, atol=1e-5)
+        text = model.text_scene_log_probs(["a kitchen", "a bedroom"])
+        assert not torch.allclose(text[0], text[1], atol=1e-3)
+        assert torch.allclose(with_text[[0, 2]], (expected[[0, 2]] + text).log_softmax(-1), atol=1e-5)
         assert torch.allclose(with_text[1], expected[1], atol=1e-6)
-        # without a photo the text alone decides, through the room head
-        assert torch.allclose(model.scene_logits(texts=["a kitchen"]), model.scene_head(model.encode_room(
-            texts=["a kitchen"])), atol=1e-6)
+        # without a photo the words alone decide, through the classifier
+        assert torch.allclose(model.scene_logits(texts=["a kitchen"]), text[:1], atol=1e-6)
     (probabilities,) = model.predict_scene(pixels[:1])
     assert list(probabilities) != [] and sum(probabilities.values()) == pytest.approx(1.0)
     assert [probabilities[label] for label in LABELS] == pytest.approx(expected[0].softmax(-1).tolist(), abs=1e-6)
@@ -185,7 +186,7 @@ def test_photo_head_survives_save_and_load_and_old_folders_keep_the_room_head(to
     assert old.config.scene_source == "room" and old.photo_scene_head is None
     with torch.no_grad():
         assert torch.equal(old.scene_logits(paths), room.scene_logits(paths))
-        assert torch.equal(old.scene_logits(paths), old.scene_head(old.encode_room(paths)))
+        assert torch.equal(old.scene_logits(paths), old.scene_head(old.encode_room(paths)).log_softmax(-1))
     with pytest.raises(ValueError, match="no photo scene head; train one with"):
         old.photo_scene_logits(paths)
 

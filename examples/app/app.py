@@ -1,8 +1,10 @@
 """Upload-a-room-photo shopping guide: a small Flask app over an hgm_mm catalogue index.
 
-A person uploads a photo of a room and may say in words what they want; the page shows the
-predicted scene with its probabilities, the ranked products with their photos and titles, and a
-suggested product set (the best product per category).
+A person uploads a photo of a room and may say in words what they want; the page names the
+room in words when the model is confident of it (`MatchResult.scene_confident`) and says it is not
+sure otherwise, then shows the ranked products and a suggested product set (the best product per
+category) with their photos, titles, categories, prices and why each is there. The page shows no
+model scores: those are for programs, in the JSON of ``POST /api/match``.
 
     python examples/app/app.py --index DIR [--host 127.0.0.1] [--port 8000]
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import base64
 import io
+import math
 import sys
 import warnings
 from dataclasses import dataclass
@@ -31,7 +34,8 @@ from PIL import Image, UnidentifiedImageError
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from hgm_mm.data import ImageError, load_image
-from hgm_mm.matching import Matcher, MatchResult
+from hgm_mm.matching import Matcher, MatchResult, RankedProduct
+from hgm_mm.scenes import scene_words
 
 APP_DIR = Path(__file__).resolve().parent
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP")
@@ -41,7 +45,9 @@ DEFAULT_RESULTS = 12
 MAX_TEXT_CHARS = 300
 WORKING_SIDE = 1024  # the model sees views of a few hundred pixels; a larger photo only costs time
 PREVIEW_SIDE = 480
-SHOWN_SCENES = 5
+SHOWN_SCENES = 3  # the top few scenes, as plain percentages
+# scene labels whose plain spelling ("children room", "outdoor") does not read as a room
+CARD_DETAILS = ("product_type", "color", "size")  # catalogue words shown under a product's title
 
 
 class UploadRefused(Exception):
@@ -124,35 +130,103 @@ def preview_data_uri(photo: Image.Image) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def _capitalised(words: str) -> str:
+    return words[:1].upper() + words[1:]
+
+
+def _with_article(words: str) -> str:
+    return ("an " if words[:1].lower() in ("a", "e", "i", "o", "u") else "a ") + words
+
+
+def scene_headline(result: MatchResult) -> str:
+    """The headline for a result: the scene in words when the model is confident of it ("Living
+    room"), else that it is not sure, naming the two likeliest scenes ("Not sure which room this is
+    — maybe a living room or a bedroom")."""
+    if result.scene_confident:
+        return _capitalised(scene_words(result.scene))
+    likeliest = [_with_article(scene_words(label)) for label in list(result.scene_probabilities)[:2]]
+    if not likeliest:
+        return "Not sure which room this is"
+    return "Not sure which room this is — maybe " + " or ".join(likeliest)
+
+
+def scene_percentages(result: MatchResult, count: int = SHOWN_SCENES) -> list[tuple[str, str, int, str]]:
+    """The ``count`` likeliest scenes as (label, words, whole percent, percent text), likeliest first;
+    a scene under half a percent reads "<1%" rather than a misleading "0%"."""
+    rows = []
+    for label, probability in list(result.scene_probabilities.items())[:count]:
+        percent = round(float(probability) * 100)
+        text = f"{percent}%" if percent >= 1 or probability <= 0 else "<1%"
+        rows.append((label, _capitalised(scene_words(label)), percent, text))
+    return rows
+
+
+def category_words(category: Any) -> str:
+    """A catalogue category in words ("tableware" -> "Tableware"); empty when there is none."""
+    if not isinstance(category, str) or not category.strip():
+        return ""
+    return _capitalised(category.strip().replace("_", " "))
+
+
+def format_price(metadata: dict[str, Any]) -> str | None:
+    """A product's price for people, or None when the catalogue gives none.
+
+    A number is shown with 2 decimals ("1,299.00"), text as the catalogue gives it ("from 49 kr").
+    A ``currency`` field is added: a one-character symbol before the number ("$12.50"), a code or
+    word after it ("12.50 SEK"), and not at all when the price text already holds it.
+    """
+    price = metadata.get("price")
+    if isinstance(price, bool):  # JSON true/false is not a price
+        return None
+    if isinstance(price, (int, float)):
+        if not math.isfinite(price):
+            return None
+        text = f"{price:,.2f}"
+    elif isinstance(price, str) and price.strip():
+        text = price.strip()
+    else:
+        return None
+    currency = metadata.get("currency")
+    if not isinstance(currency, str) or not currency.strip() or currency.strip() in text:
+        return text
+    currency = currency.strip()
+    if len(currency) == 1 and not currency.isalnum():
+        return currency + text
+    return f"{text} {currency}"
+
+
 @dataclass
 class ProductCard:
-    """What a product tile shows."""
+    """What a product tile shows: words and a photo, no model scores."""
 
     product_id: str
     title: str
-    category: str
+    category: str  # in words, "" when the catalogue has none
     photo_url: str
-    score: float
-    reasons: dict[str, float]
-    details: dict[str, Any]
+    details: list[str]  # the product type, colour and size the catalogue gives
+    price: str | None  # formatted by `format_price`
+    why: str  # why the product is there, "" when the result does not say
 
 
-def _card(product: Any) -> ProductCard:
+def product_card(product: RankedProduct) -> ProductCard:
+    """The tile for one ranked product; needs a Flask request context (for the photo's URL).
+
+    A result from before `RankedProduct.why` existed, or one that leaves it empty, gives a tile
+    without that sentence.
+    """
     meta = product.metadata or {}
-    details = {key: meta[key] for key in ("product_type", "color", "size", "price") if meta.get(key) not in (None, "")}
+    details = [str(meta[key]).strip() for key in CARD_DETAILS
+               if isinstance(meta.get(key), (str, int)) and not isinstance(meta.get(key), bool)
+               and str(meta[key]).strip()]
     return ProductCard(
         product_id=product.product_id,
         title=str(meta.get("title") or product.product_id),
-        category=str(meta.get("category") or ""),
+        category=category_words(meta.get("category")),
         photo_url=url_for("product_photo", product_id=product.product_id),
-        score=float(product.score),
-        reasons={name: float(value) for name, value in product.reasons.items()},
         details=details,
+        price=format_price(meta),
+        why=str(getattr(product, "why", "") or "").strip(),
     )
-
-
-def _scene_name(label: str) -> str:
-    return label.replace("_", " ").capitalize()
 
 
 def create_app(matcher: Matcher, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
@@ -168,9 +242,9 @@ def create_app(matcher: Matcher, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_B
 
     Routes:
         ``GET /``: the upload form.
-        ``POST /match``: the form's results page (fields ``photo`` and ``text``).
-        ``POST /api/match``: the same as JSON, ``MatchResult.to_dict()`` with each product's
-        image path replaced by its ``photo_url``.
+        ``POST /match``: the form's results page (fields ``photo`` and ``text``), in words only.
+        ``POST /api/match``: the same for programs as JSON, ``MatchResult.to_dict()`` (scores,
+        reasons and ``why`` included) with each product's image path replaced by its ``photo_url``.
         ``GET /products/<product_id>/photo``: a product photo named by the index's metadata.
     """
     for name, value in (("max_upload_bytes", max_upload_bytes), ("max_pixels", max_pixels), ("results", results)):
@@ -190,7 +264,7 @@ def create_app(matcher: Matcher, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_B
         return matcher.match(image=photo, text=wish, k=results), photo, wish
 
     def page(status: int = 200, **context: Any):
-        return render_template("index.html", limits=limits, scene_name=_scene_name, **context), status
+        return render_template("index.html", limits=limits, **context), status
 
     @app.get("/")
     def home():
@@ -202,10 +276,10 @@ def create_app(matcher: Matcher, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_B
             result, photo, wish = run_match()
         except UploadRefused as refusal:
             return page(refusal.status, error=refusal.message, wish=request.form.get("text", ""))
-        scenes = list(result.scene_probabilities.items())[:SHOWN_SCENES]
-        return page(result=result, scenes=scenes, wish=wish or "", preview=preview_data_uri(photo),
-                    products=[_card(p) for p in result.products],
-                    product_set=[_card(p) for p in result.product_set])
+        return page(result=result, headline=scene_headline(result), scenes=scene_percentages(result),
+                    wish=wish or "", preview=preview_data_uri(photo),
+                    products=[product_card(p) for p in result.products],
+                    product_set=[product_card(p) for p in result.product_set])
 
     @app.post("/api/match")
     def match_api():

@@ -9,11 +9,13 @@ from .records import Dataset as Dataset
 from .records import Product as Product
 from .records import Room as Room
 from .records import SceneImage as SceneImage
+from .records import SceneText as SceneText
 from .records import load_dataset as load_dataset
 from .records import read_pairs as read_pairs
 from .records import read_products as read_products
 from .records import read_rooms as read_rooms
 from .records import read_scene_images as read_scene_images
+from .records import read_scene_texts as read_scene_texts
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -23,6 +25,7 @@ __all__ = [
     "Product",
     "Room",
     "SceneImage",
+    "SceneText",
     "SkipCounter",
     "load_dataset",
     "load_image",
@@ -31,4 +34,5 @@ __all__ = [
     "read_products",
     "read_rooms",
     "read_scene_images",
+    "read_scene_texts",
 ]

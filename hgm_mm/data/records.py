@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..scenes import canonical_scene
+
 PRODUCTS_FILE = "products.jsonl"
 ROOMS_FILE = "rooms.jsonl"
 PAIRS_FILE = "pairs.csv"
@@ -98,6 +100,19 @@ class SceneImage:
     """
 
     image: Path
+    scene: str
+
+
+@dataclass(frozen=True)
+class SceneText:
+    """One phrase labelled with the scene it describes, for scene recognition from words.
+
+    Attributes:
+        text: What a person might type ("a calm bedroom where I can sleep well").
+        scene: Canonical scene label (e.g. ``"bedroom"``).
+    """
+
+    text: str
     scene: str
 
 
@@ -319,6 +334,7 @@ def read_rooms(path: str | Path, *, check_images: bool = True) -> list[Room]:
         room_id = _required_str(path, lineno, obj, "room_id", is_id=True)
         image = _required_str(path, lineno, obj, "image", is_id=False)
         scene = _optional_str(path, lineno, obj, "scene")
+        scene = canonical_scene(scene) if scene else scene
         title = _optional_str(path, lineno, obj, "title")
         _check_unique(path, lineno, "room_id", room_id, seen, "room ids")
         known = {"room_id", "image", "scene", "title"}
@@ -361,7 +377,33 @@ def read_scene_images(path: str | Path, *, check_images: bool = True) -> list[Sc
                                           f"{path.name} lines hold only 'image' and 'scene'")
         resolved = _resolve_image(path, lineno, image, check_images)
         _check_unique(path, lineno, "image", str(resolved), seen, "images")
-        items.append(SceneImage(image=resolved, scene=scene))
+        items.append(SceneImage(image=resolved, scene=canonical_scene(scene)))
+    return items
+
+
+def read_scene_texts(path: str | Path) -> list[SceneText]:
+    """Reads and validates a ``texts.jsonl`` file of scene-labelled phrases.
+
+    Each line holds exactly ``text`` (what a person might type: "a cosy living room", "北欧风格的客厅")
+    and ``scene``; the scene is mapped to its canonical label (`hgm_mm.scenes.canonical_scene`).
+
+    Returns:
+        The phrases in file order.
+
+    Raises:
+        DataError: At the first invalid line: malformed JSON, missing/empty/non-string ``text`` or
+            ``scene``, or an unknown field.
+    """
+    path = Path(path)
+    items: list[SceneText] = []
+    for lineno, obj in _iter_json_objects(path):
+        text = _required_str(path, lineno, obj, "text", is_id=False)
+        scene = _required_str(path, lineno, obj, "scene", is_id=False)
+        extra = sorted(set(obj) - {"text", "scene"})
+        if extra:
+            raise DataError(path, lineno, f"unknown field(s) {', '.join(map(repr, extra))}; "
+                                          f"{path.name} lines hold only 'text' and 'scene'")
+        items.append(SceneText(text=text.strip(), scene=canonical_scene(scene)))
     return items
 
 

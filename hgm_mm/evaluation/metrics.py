@@ -36,6 +36,7 @@ __all__ = [
     "average_precision",
     "breakdown",
     "confusion_matrix",
+    "expected_calibration_error",
     "expected_random_average_precision",
     "expected_random_hit_rate_at_k",
     "expected_random_ndcg_at_k",
@@ -44,10 +45,12 @@ __all__ = [
     "macro_f1",
     "mean_average_precision",
     "ndcg_at_k",
+    "ndcg_at_k_ranked",
     "per_category_hit_rate",
     "random_baseline_report",
     "recall_at_k",
     "recall_at_k_by_category",
+    "recall_at_k_ranked",
     "relevance_matrix",
     "relevant_ranks",
     "retrieval_report",
@@ -569,3 +572,98 @@ def macro_f1(y_true, y_pred, labels=None) -> float:
     denominator = cm.sum(axis=0) + cm.sum(axis=1)  # 2TP + FP + FN
     present = denominator > 0
     return float(np.mean(2.0 * tp[present] / denominator[present]))
+
+
+# ------------------------------------------------------------------ ranked id lists
+
+
+def _check_ranked(ranked: Sequence[Hashable], relevant: Iterable[Hashable]) -> tuple[list, set]:
+    ranked = list(ranked)
+    seen: set = set()
+    for item in ranked:
+        if item in seen:
+            raise ValueError(f"ranked holds {item!r} more than once; a ranking lists each item once")
+        seen.add(item)
+    relevant = set(relevant)
+    if not relevant:
+        raise ValueError("relevant is empty; recall and NDCG are undefined for a query with no relevant item")
+    return ranked, relevant
+
+
+def recall_at_k_ranked(ranked: Sequence[Hashable], relevant: Iterable[Hashable], k: int) -> float:
+    """Recall@k of one ranked list of ids: |relevant ∩ ranked[:k]| / |relevant|.
+
+    The list-of-ids counterpart of :meth:`RelevantRanks.recall_at_k`, for rankings that come as
+    ids (e.g. ``Matcher.rank``) rather than a score for every catalogue item. A list shorter
+    than k is its own top k; relevant items missing from the list count as misses.
+
+    Args:
+        ranked: item ids, best first, each at most once.
+        relevant: the query's relevant ids (non-empty).
+        k: cut-off, an integer >= 1.
+    """
+    k = _check_k(k)
+    ranked, relevant = _check_ranked(ranked, relevant)
+    return sum(item in relevant for item in ranked[:k]) / len(relevant)
+
+
+def ndcg_at_k_ranked(ranked: Sequence[Hashable], relevant: Iterable[Hashable], k: int) -> float:
+    """Binary-gain NDCG@k of one ranked list of ids, as :meth:`RelevantRanks.ndcg_at_k` defines it.
+
+    DCG@k = sum over relevant items at rank i <= k of 1/log2(i+1); the ideal DCG puts
+    min(|relevant|, k) relevant items at ranks 1, 2, ... (relevant items missing from the list
+    still count in the ideal, so a short list cannot score 1 by leaving them out).
+
+    Args:
+        ranked: item ids, best first, each at most once.
+        relevant: the query's relevant ids (non-empty).
+        k: cut-off, an integer >= 1.
+    """
+    k = _check_k(k)
+    ranked, relevant = _check_ranked(ranked, relevant)
+    dcg = sum(1.0 / np.log2(rank + 1.0) for rank, item in enumerate(ranked[:k], start=1) if item in relevant)
+    return float(dcg / _discounts(min(len(relevant), k))[-1])
+
+
+# ------------------------------------------------------------------------ calibration
+
+
+def expected_calibration_error(confidences, correct, n_bins: int = 10) -> float:
+    """Expected calibration error of top-class confidences, over equal-width bins.
+
+    The interval [0, 1] is cut into ``n_bins`` bins (i/n, (i+1)/n] (a confidence of exactly 0
+    falls in the first). For the predictions B_b in bin b,
+    ECE = sum_b |B_b| / N * |accuracy(B_b) - mean confidence(B_b)|; empty bins add nothing.
+    0 means that, bin by bin, predictions made with confidence p are right a share p of the time.
+
+    Args:
+        confidences: (N,) probability given to each predicted class, in [0, 1].
+        correct: (N,) whether each prediction was right (booleans, or 0/1).
+        n_bins: number of bins, an integer >= 1.
+
+    Returns:
+        The ECE, in [0, 1].
+    """
+    if isinstance(n_bins, (bool, np.bool_)) or not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
+        raise ValueError(f"n_bins must be an integer >= 1, got {n_bins!r}")
+    confidences = np.asarray(confidences, dtype=np.float64)
+    correct = np.asarray(correct)
+    if confidences.ndim != 1 or correct.shape != confidences.shape:
+        raise ValueError(f"confidences and correct must be 1-D of equal length, got {confidences.shape} "
+                         f"and {correct.shape}")
+    if confidences.size == 0:
+        raise ValueError("confidences and correct are empty; calibration needs at least one prediction")
+    if not np.all((confidences >= 0) & (confidences <= 1)):  # also refuses NaN
+        bad = int(np.flatnonzero(~((confidences >= 0) & (confidences <= 1)))[0])
+        raise ValueError(f"confidences must lie in [0, 1]; position {bad} is {confidences[bad]!r}")
+    if correct.dtype != np.bool_:
+        if not np.isin(correct, (0, 1)).all():
+            raise ValueError("correct must hold booleans or 0/1")
+        correct = correct.astype(bool)
+    edges = np.linspace(0.0, 1.0, int(n_bins) + 1)
+    # side="left" on the inner edges puts a confidence equal to an edge in the bin it closes
+    bins = np.searchsorted(edges[1:-1], confidences, side="left")  # (N,) in [0, n_bins)
+    count = np.bincount(bins, minlength=n_bins)  # (B,)
+    confidence_sum = np.bincount(bins, weights=confidences, minlength=n_bins)  # (B,)
+    correct_sum = np.bincount(bins, weights=correct.astype(np.float64), minlength=n_bins)  # (B,)
+    return float(np.abs(correct_sum - confidence_sum).sum() / confidences.size)
