@@ -29,7 +29,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     demo.add_argument("-k", "--top-k", type=int, default=5, help="products shown per room")
 
     evaluate = sub.add_parser("evaluate", help="room -> product retrieval metrics over a whole catalogue")
-    evaluate.add_argument("--model", required=True, help="model name or local-dir:PATH of a saved model")
+    evaluate.add_argument("--model", help="model name or local-dir:PATH of a saved model (with --guide: the trained "
+                                           "model folder, whose recorded training rooms are left out)")
     evaluate.add_argument("--catalog", type=Path, help="products.jsonl of the gallery")
     evaluate.add_argument("--rooms", type=Path, help="rooms.jsonl of the query rooms")
     evaluate.add_argument("--pairs", type=Path, help="pairs.csv: the products in each room")
@@ -45,6 +46,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                       "their top products, hits marked, the scene confusion matrix")
     evaluate.add_argument("--all-rooms", action="store_true",
                           help="also score the rooms a trained model was trained on (left out by default)")
+    evaluate.add_argument("--guide", type=Path, metavar="INDEX_DIR",
+                          help="measure what `hgm-mm match` returns with this index folder: scene accuracy from "
+                               "photo, words and both (confusion matrix, ECE), its ranking beside similarity "
+                               "alone, product-set precision and coverage; needs --rooms and --pairs")
+    evaluate.add_argument("--texts", type=Path, help="with --guide: texts.jsonl phrases whose scene is measured")
 
     train = sub.add_parser("train", help="fine-tune a model on a dataset folder (also under accelerate launch)")
     train.add_argument("--data", type=Path, required=True, help="dataset folder: products.jsonl, rooms.jsonl, pairs.csv")
@@ -58,6 +64,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--lr", type=float, help="learning rate of projections and heads")
     train.add_argument("--seed", type=int)
     train.add_argument("--no-resume", action="store_true", help="start afresh even if a checkpoint exists")
+    train.add_argument("--scene-data", type=Path, help="images.jsonl scene set (or its folder, e.g. places365-rooms) "
+                                                       "the photo scene head also learns from")
+    train.add_argument("--scene-texts", type=Path, help="texts.jsonl of scene-labelled phrases the scene-text "
+                                                        "classifier also learns from")
+    train.add_argument("--no-scene-heads", action="store_true",
+                       help="skip training the photo scene head and the scene-text classifier after retrieval")
+
+    scenes = sub.add_parser("train-scenes", help="train a model's scene heads alone (photo scene head by the "
+                                                 "measured recipe, scene-text classifier), calibrated",
+                            epilog="example: hgm-mm train-scenes --data ../shared/data/places365-rooms "
+                                   "--model hgm-lite-en --output runs/scenes")
+    scenes.add_argument("--data", type=Path, help="images.jsonl scene set or its folder (train/ and val/ folders "
+                                                  "keep their split)")
+    scenes.add_argument("--texts", type=Path, help="texts.jsonl of scene-labelled phrases")
+    scenes.add_argument("--model", required=True, help="model name or the folder of a trained model")
+    scenes.add_argument("--output", type=Path, required=True, help="folder to save the model with its scene heads")
+    scenes.add_argument("--epochs", type=int, help="photo scene head epochs (default: the measured recipe's)")
+    scenes.add_argument("--branch-stages", type=int, help="top image-tower stages the head tunes in its own copy "
+                                                          "(default 4; 0: the linear head alone, much faster)")
+    scenes.add_argument("--random-crops", type=int, help="random crops per training photo (default 2)")
+    scenes.add_argument("--scene-image-size", type=int, help="side the whole photo is resized to (default 384)")
+    scenes.add_argument("--seed", type=int, default=0)
 
     index = sub.add_parser("index", help="embed a catalogue into a folder that `hgm-mm match` searches")
     index.add_argument("--model", required=True, help="model name, or the folder of a trained model")
@@ -99,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
             return _evaluate(args)
         if args.command == "train":
             return _train(args)
+        if args.command == "train-scenes":
+            return _train_scenes(args)
         if args.command == "index":
             return _index(args)
         if args.command == "match":
@@ -150,7 +180,10 @@ def _train(args: argparse.Namespace) -> int:
                                        origin="command line")
     output = args.output or Path("runs") / config.model.replace(":", "-").replace("/", "-")
     print(f"run folder: {output}")
-    result = train(config, data=find_dataset(args.data), output=output, resume=not args.no_resume)
+    if args.no_scene_heads:
+        config.scene_heads = False
+    result = train(config, data=find_dataset(args.data), output=output, resume=not args.no_resume,
+                   scene_data=args.scene_data, scene_texts=args.scene_texts)
     metrics = result.best_metrics
     print(f"best model: {result.model_dir} (step {result.best_step} of {result.steps}); validation "
           f"Recall@10 {metrics.get('recall@10', float('nan')):.4f}, NDCG@10 {metrics.get('ndcg@10', float('nan')):.4f}, "
@@ -159,11 +192,45 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_scenes(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    from .training.guide_heads import SCENE_REPORT_FILE, read_scene_data, train_guide_heads
+
+    if args.data is None and args.texts is None:
+        raise ValueError("nothing to train on: give --data (an images.jsonl scene set) and/or --texts")
+    options = {name: value for name, value in (("epochs", args.epochs), ("branch_stages", args.branch_stages),
+                                               ("random_crops", args.random_crops),
+                                               ("scene_image_size", args.scene_image_size)) if value is not None}
+    model = _create_model(args.model)
+    data = read_scene_data(args.data, args.texts, labels=model.scene_labels)  # checked before the long work
+    started = time.perf_counter()
+    report = train_guide_heads(model, [], [], data, seed=args.seed, **options)
+    model.save_pretrained(args.output)
+    report["seconds"] = time.perf_counter() - started
+    (args.output / SCENE_REPORT_FILE).write_text(json.dumps(report, indent=2), encoding="utf-8")
+    if "photo" in report:
+        photo = report["photo"]
+        print(f"photo scene head: {photo['n_train']} training photos; validation accuracy "
+              f"{photo['val_accuracy'] if photo['val_accuracy'] is not None else float('nan'):.4f}, "
+              f"macro-F1 {photo['val_macro_f1'] if photo['val_macro_f1'] is not None else float('nan'):.4f} on "
+              f"{photo['n_val']} photos; ECE {photo['calibration'].get('val_ece', float('nan')):.3f}")
+    if "text" in report:
+        print(f"scene-text classifier: {report['text']['n_train']} texts")
+    print(f"saved {args.output} in {report['seconds'] / 60:.1f} min")
+    return 0
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from .data import read_pairs, read_products, read_rooms, read_scene_images
     from .evaluation import baseline_evaluations, check_report_folder, evaluate, evaluate_scenes, write_report
     from .factory import create_model
 
+    if args.guide is not None:
+        return _evaluate_guide(args)
+    if args.model is None:
+        raise ValueError("give --model (or --guide INDEX_DIR to measure a catalogue index)")
     retrieval_args = [args.catalog, args.rooms, args.pairs]
     if any(a is not None for a in retrieval_args) and not all(a is not None for a in retrieval_args):
         raise ValueError("room -> product evaluation needs --catalog, --rooms and --pairs together")
@@ -232,6 +299,36 @@ def _evaluate(args: argparse.Namespace) -> int:
                              title=f"hgm-mm evaluate: {args.model}")
         print(f"wrote {index}")
     _write_document(args.json, document)
+    return 0
+
+
+def _evaluate_guide(args: argparse.Namespace) -> int:
+    import json
+
+    from .data import read_pairs, read_rooms, read_scene_texts
+    from .evaluation import evaluate_guide, format_guide_report
+    from .matching import Matcher
+
+    if args.rooms is None or args.pairs is None:
+        raise ValueError("--guide needs --rooms and --pairs (the rooms to match and the products in them)")
+    rooms = read_rooms(args.rooms)
+    pairs = read_pairs(args.pairs, room_ids={r.room_id for r in rooms})
+    texts = read_scene_texts(args.texts) if args.texts is not None else None
+    matcher = Matcher.load(args.guide, model=_create_model(args.model) if args.model else None)
+    model_dir = _saved_model_folder(args.model) if args.model else None
+    recorded = model_dir / "train_pairs.csv" if model_dir is not None else None
+    if recorded is not None and recorded.is_file() and not args.all_rooms:
+        trained_on = {room for room, _ in read_pairs(recorded)}
+        rooms = [r for r in rooms if r.room_id not in trained_on]
+        print(f"matching the {len(rooms)} rooms the model was not trained on (--all-rooms keeps the others)")
+        if not rooms:
+            raise ValueError(f"{args.rooms}: every room is one the model was trained on; give other rooms or "
+                             "--all-rooms")
+    result = evaluate_guide(matcher, rooms, pairs, texts=texts)
+    print(format_guide_report(result))
+    if args.json is not None:
+        args.json.write_text(json.dumps(result.to_dict(), indent=2), encoding="utf-8")
+        print(f"wrote {args.json}")
     return 0
 
 

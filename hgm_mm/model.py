@@ -442,6 +442,7 @@ class HGMModel(nn.Module):
         config = copy.deepcopy(self.config)
         config.scene_source, config.scene_image_size, config.scene_flip_average = "photo", image_size, flip_average
         config.scene_branch_stages = branch_stages
+        config.photo_scene_temperature = 1.0  # a new head: calibrated again once trained
         config.__post_init__()  # validates the new values before anything changes
         branch = _scene_branch(self.image_tower, branch_stages)
         self.config = config

@@ -16,6 +16,7 @@ from hgm_mm.evaluation import evaluate_scenes
 from hgm_mm.training.scenes import train_scenes
 
 LABELS = ["bedroom", "kitchen"]
+HEAD_ONLY = {"branch_stages": 0, "random_crops": 0, "scene_image_size": None}  # the linear head alone, fast
 
 
 @pytest.fixture(autouse=True)
@@ -70,7 +71,7 @@ def test_training_learns_a_separable_set_and_reports_what_evaluate_scenes_measur
     before = evaluate_scenes(model, val_images, progress=False, num_workers=0)
     assert before.accuracy == pytest.approx(0.5)  # all "bedroom"
     result = train_scenes(model, train_images, val_images=val_images, epochs=15, lr=3e-2, batch_size=8,
-                          num_workers=0, progress=False, **recipe)
+                          num_workers=0, progress=False, **{**HEAD_ONLY, **recipe})
     assert model.config.scene_source == recipe["scene_source"]
     after = evaluate_scenes(model, val_images, progress=False, num_workers=0)
     assert after.accuracy >= 0.9 > before.accuracy
@@ -117,7 +118,7 @@ def test_default_training_adds_a_photo_head_and_leaves_every_other_weight_and_ve
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     start, vectors = copy.deepcopy(model.state_dict()), retrieval_outputs(model)
     result = train_scenes(model, train_images, val_images=val_images, epochs=3, batch_size=8, num_workers=0,
-                          progress=False)
+                          progress=False, **HEAD_ONLY)
     assert model.config.scene_source == "photo" and model.config.scene_flip_average
     assert set(result.trained_parameters) == {"photo_scene_head.weight", "photo_scene_head.bias"}
     assert {name for name in model.state_dict() if name not in start} == set(result.trained_parameters)
@@ -131,7 +132,7 @@ def test_default_training_adds_a_photo_head_and_leaves_every_other_weight_and_ve
 def test_photo_scene_logits_average_the_mirror_image_and_add_the_scene_text(toy):
     train_images, _ = toy
     model = tiny_model()
-    train_scenes(model, train_images, epochs=3, batch_size=8, num_workers=0, progress=False)
+    train_scenes(model, train_images, epochs=3, batch_size=8, num_workers=0, progress=False, **HEAD_ONLY)
     with torch.no_grad():
         model.photo_scene_head.bias.copy_(torch.tensor([0.3, -0.2]))  # a scene the mirror cannot undo
         pixels = torch.stack([model.scene_transform(Image.open(item.image).convert("RGB"))
@@ -162,7 +163,8 @@ def test_photo_scene_logits_average_the_mirror_image_and_add_the_scene_text(toy)
 def test_photo_head_survives_save_and_load_and_old_folders_keep_the_room_head(toy, tmp_path):
     train_images, val_images = toy
     model = tiny_model()
-    train_scenes(model, train_images, scene_image_size=24, epochs=3, batch_size=8, num_workers=0, progress=False)
+    train_scenes(model, train_images, scene_image_size=24, epochs=3, batch_size=8, num_workers=0, branch_stages=0, random_crops=0,
+                 progress=False)
     model.save_pretrained(tmp_path / "photo")
     loaded = hgm_mm.load_model(tmp_path / "photo")
     assert (loaded.config.scene_source, loaded.config.scene_image_size, loaded.config.scene_flip_average) == \
@@ -194,7 +196,7 @@ def test_photo_head_survives_save_and_load_and_old_folders_keep_the_room_head(to
 def test_the_last_training_decides_which_head_predict_scene_reads(toy):
     train_images, val_images = toy
     model = tiny_model()
-    train_scenes(model, train_images, epochs=2, batch_size=8, num_workers=0, progress=False)
+    train_scenes(model, train_images, epochs=2, batch_size=8, num_workers=0, progress=False, **HEAD_ONLY)
     assert model.config.scene_source == "photo"
     result = train_scenes(model, train_images, val_images=val_images, scene_source="room", epochs=2, batch_size=8,
                           num_workers=0, progress=False)
@@ -209,7 +211,7 @@ def test_a_failed_photo_training_leaves_the_model_as_it_was(toy, tmp_path):
     broken.write_bytes(b"not a png")
     model = tiny_model()
     with pytest.raises(ValueError, match="none of the 1 photos could be read"):
-        train_scenes(model, [SceneImage(image=broken, scene="kitchen")], epochs=1, num_workers=0, progress=False)
+        train_scenes(model, [SceneImage(image=broken, scene="kitchen")], epochs=1, num_workers=0, progress=False, **HEAD_ONLY)
     assert model.config.scene_source == "room" and model.photo_scene_head is None
     assert "photo_scene_head.weight" not in model.state_dict()
 
@@ -217,7 +219,7 @@ def test_a_failed_photo_training_leaves_the_model_as_it_was(toy, tmp_path):
 def test_photo_head_inputs_and_config_values_are_checked(toy):
     train_images, _ = toy
     model = tiny_model()
-    train_scenes(model, train_images, epochs=1, batch_size=8, num_workers=0, progress=False)
+    train_scenes(model, train_images, epochs=1, batch_size=8, num_workers=0, progress=False, **HEAD_ONLY)
     side = model.config.image_tower.image_size
     with pytest.raises(ValueError, match=rf"shape \(2, 5, 3, {side}, {side}\); the photo scene head reads whole"):
         model.scene_logits(torch.zeros(2, 5, 3, side, side))
@@ -269,7 +271,8 @@ def test_same_seed_same_weights_other_seed_other_weights(toy, scene_source, opti
         model = tiny_model()
         torch.manual_seed(global_seed)
         train_scenes(model, train_images, scene_source=scene_source, epochs=2, batch_size=4, seed=seed, mirror=True,
-                     num_workers=2 if options and global_seed == 123 else 0, progress=False, **options)
+                     num_workers=2 if options and global_seed == 123 else 0, progress=False,
+                     **{**HEAD_ONLY, **options})
         head = model.photo_scene_head if scene_source == "photo" else model.scene_head
         heads.append(head.weight.detach().clone())
     assert torch.equal(heads[0], heads[1])
@@ -285,15 +288,15 @@ def test_unreadable_photos_are_skipped_and_counted_or_raise(toy, tmp_path):
     model = tiny_model()
     result = train_scenes(model, train_images + [SceneImage(image=broken, scene="kitchen")],
                           val_images=val_images + [SceneImage(image=text, scene="bedroom")], epochs=1,
-                          batch_size=8, num_workers=0, progress=False)
+                          batch_size=8, num_workers=0, progress=False, **HEAD_ONLY)
     assert result.n_train == len(train_images) and result.n_val == len(val_images)
     assert sorted(source for source, _ in result.skipped) == sorted([str(broken), str(text)])
     with pytest.raises(ImageError, match="broken.png"):
         train_scenes(tiny_model(), [SceneImage(image=broken, scene="kitchen")] + train_images, epochs=1,
-                     image_errors="raise", num_workers=0, progress=False)
+                     image_errors="raise", num_workers=0, progress=False, **HEAD_ONLY)
     with pytest.raises(ValueError, match="none of the 1 photos could be read"):
         train_scenes(tiny_model(), [SceneImage(image=broken, scene="kitchen")], epochs=1, num_workers=0,
-                     progress=False)
+                     progress=False, **HEAD_ONLY)
 
 
 def test_reads_an_images_jsonl_path_and_refuses_bad_rows(toy, tmp_path):
@@ -301,12 +304,12 @@ def test_reads_an_images_jsonl_path_and_refuses_bad_rows(toy, tmp_path):
     good = tmp_path / "images.jsonl"
     good.write_text("".join(json.dumps({"image": str(item.image.relative_to(tmp_path)), "scene": item.scene}) + "\n"
                             for item in train_images), encoding="utf-8")
-    result = train_scenes(tiny_model(), good, epochs=1, batch_size=8, num_workers=0, progress=False)
+    result = train_scenes(tiny_model(), good, epochs=1, batch_size=8, num_workers=0, progress=False, **HEAD_ONLY)
     assert result.n_train == len(train_images)
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"image": "train/bedroom_0.png", "label": "bedroom"}) + "\n", encoding="utf-8")
     with pytest.raises(DataError, match=r"bad.jsonl line 1"):
-        train_scenes(tiny_model(), bad, epochs=1, num_workers=0, progress=False)
+        train_scenes(tiny_model(), bad, epochs=1, num_workers=0, progress=False, **HEAD_ONLY)
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -344,16 +347,16 @@ def test_invalid_photo_lists_are_refused(toy):
     model = tiny_model()
     with pytest.raises(ValueError, match=r"\['laundry'\] are not among the model's scene labels"):
         train_scenes(model, train_images + [SceneImage(image=train_images[0].image, scene="laundry")],
-                     num_workers=0, progress=False)
+                     num_workers=0, progress=False, **HEAD_ONLY)
     with pytest.raises(ValueError, match=r"val_images: scene label\(s\) \['garage'\]"):
         train_scenes(model, train_images, val_images=[SceneImage(image=train_images[0].image, scene="garage")],
-                     num_workers=0, progress=False)
+                     num_workers=0, progress=False, **HEAD_ONLY)
     with pytest.raises(ValueError, match="train_images is empty"):
-        train_scenes(model, [], num_workers=0, progress=False)
+        train_scenes(model, [], num_workers=0, progress=False, **HEAD_ONLY)
     with pytest.raises(TypeError, match=r"train_images\[0\] is dict; expected hgm_mm.data.SceneImage"):
-        train_scenes(model, [{"image": "a.png", "scene": "bedroom"}], num_workers=0, progress=False)
+        train_scenes(model, [{"image": "a.png", "scene": "bedroom"}], num_workers=0, progress=False, **HEAD_ONLY)
     with pytest.raises(TypeError, match="train_images is int"):
-        train_scenes(model, 3, num_workers=0, progress=False)
+        train_scenes(model, 3, num_workers=0, progress=False, **HEAD_ONLY)
 
 
 def test_a_scene_branch_tunes_its_own_copy_of_the_top_stages_and_survives_save_and_load(toy, tmp_path):

@@ -144,9 +144,12 @@ class SceneEvaluation:
     confusion: list[list[int]]  # confusion[true][predicted]
     n_images: int
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    ece: float | None = None  # expected calibration error of the top scene's probability (10 bins)
+    mean_confidence: float | None = None  # mean probability of the predicted scene
 
     def to_dict(self) -> dict:
-        return {"accuracy": self.accuracy, "macro_f1": self.macro_f1, "labels": self.labels,
+        return {"accuracy": self.accuracy, "macro_f1": self.macro_f1, "ece": self.ece,
+                "mean_confidence": self.mean_confidence, "labels": self.labels,
                 "confusion": self.confusion, "n_images": self.n_images, "skipped": [list(s) for s in self.skipped]}
 
 
@@ -182,7 +185,7 @@ def evaluate_scenes(model, scene_images: Sequence, *, progress: bool = True, num
     loader = DataLoader(PhotoFiles([item.image for item in scene_images], PhotoDecoder(model.scene_transform)),
                         batch_size=batch_size, num_workers=num_workers, collate_fn=list)
     model.eval()
-    kept, skipped, predicted = [], [], []
+    kept, skipped, predicted, confidences = [], [], [], []
     with torch.no_grad(), tqdm(total=len(scene_images), desc="scene photos", unit="img",
                                disable=not progress) as bar:
         for items in loader:
@@ -191,6 +194,7 @@ def evaluate_scenes(model, scene_images: Sequence, *, progress: bool = True, num
             if readable:
                 logits = model.scene_logits(torch.stack([pixels for _, pixels in readable]))  # (B, S)
                 predicted.extend(model.scene_labels[j] for j in logits.argmax(dim=1).tolist())
+                confidences.extend(logits.softmax(dim=1).max(dim=1).values.tolist())
                 kept.extend(i for i, _ in readable)
             bar.update(len(items))
     if not kept:
@@ -201,7 +205,9 @@ def evaluate_scenes(model, scene_images: Sequence, *, progress: bool = True, num
     return SceneEvaluation(
         accuracy=metrics.scene_accuracy(truth, predicted), macro_f1=metrics.macro_f1(truth, predicted),
         labels=labels, confusion=metrics.confusion_matrix(truth, predicted, labels).tolist(),
-        n_images=len(truth), skipped=skipped)
+        n_images=len(truth), skipped=skipped,
+        ece=metrics.expected_calibration_error(confidences, [t == p for t, p in zip(truth, predicted)]),
+        mean_confidence=float(np.mean(confidences)))
 
 
 # -- baselines ------------------------------------------------------------------------------------

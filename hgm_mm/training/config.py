@@ -32,6 +32,9 @@ class TrainConfig:
     # 0.01); 0: the same temperature as the photo <-> text loss
     room_loss_weight: float = 1.0  # room -> its products, several positives
     scene_loss_weight: float = 0.5  # scene cross-entropy from the room
+    scene_heads: bool = True  # after retrieval, train the photo scene head and the scene-text classifier
+    scene_image_size: int = 288  # side the photo scene head reads; train_scenes' 384 gained 0.014 on Places365
+    # rooms (docs/training.md) for about 1.8x the pixels, too slow for the 40-minute budget of the default run
     room_text_probability: float = 0.0  # share of training rooms that also read their caption (0: photo-only
     # rooms measured better for photo queries, docs/training.md)
     unlocked_image_groups: int = 1  # top layer groups of the image tower left trainable (timm groups)
@@ -66,7 +69,7 @@ class TrainConfig:
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"TrainConfig.{name}={value!r}; expected an int >= 1")
         for name in ("unlocked_image_groups", "unlocked_text_layers", "lora_rank", "warmup_steps", "grad_cache_chunk",
-                     "num_workers", "seed"):
+                     "num_workers", "seed", "scene_image_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"TrainConfig.{name}={value!r}; expected an int >= 0")

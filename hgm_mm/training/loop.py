@@ -23,6 +23,7 @@ from .batches import StepPlan, StepPhotos
 from .config import TrainConfig
 from .lora import add_lora, merged_copy
 from .feature_cache import FeatureCache, build_feature_cache, cacheable_image_stage, evaluate_cached
+from .guide_heads import SCENE_REPORT_FILE, read_scene_data, train_guide_heads
 from .freezing import (keep_frozen_norms_eval, lock_image_tower, lock_text_tower, trainable_parameter_groups,
                        wise_ft)
 
@@ -54,12 +55,16 @@ class TrainResult:
 
 
 def train(config: TrainConfig | None = None, *, data: str | os.PathLike, output: str | os.PathLike,
-          resume: bool = True, progress: bool = True) -> TrainResult:
-    """Fine-tunes a model on a dataset folder and keeps the best one by validation Recall@10.
+          resume: bool = True, progress: bool = True, scene_data: str | os.PathLike | None = None,
+          scene_texts: str | os.PathLike | None = None) -> TrainResult:
+    """Fine-tunes a model on a dataset folder and keeps the best one by validation Recall@10; then
+    trains the scene heads the guide reads (`config.scene_heads`, `guide_heads.train_guide_heads`).
 
     Args:
         config: the run's settings (defaults: the measured recipe).
         data: a dataset folder with products.jsonl, rooms.jsonl and pairs.csv.
+        scene_data: an `images.jsonl` scene set (or its folder) the photo scene head also learns from.
+        scene_texts: a `texts.jsonl` of scene-labelled phrases the scene-text classifier also learns from.
         output: the run folder: `model/` (best model, save format, with metrics and the training
             pairs beside it), `checkpoint/` (the last state, for resuming) and `train_config.json`.
         resume: continue from `output/checkpoint` when it exists (the same config is required).
@@ -95,6 +100,8 @@ def train(config: TrainConfig | None = None, *, data: str | os.PathLike, output:
         if not main:  # one warning per run, not one per process
             warnings.simplefilter("ignore", RandomInitWarning)
         model = create_model(config.model)
+    extra_scenes = read_scene_data(scene_data, scene_texts, labels=model.scene_labels) \
+        if config.scene_heads else None  # read and checked before the long work
     scene_index = {label: i for i, label in enumerate(model.scene_labels)}
     room_labels = torch.tensor([scene_index.get(r.scene, -100) for r in train_rooms])
     frozen_norms = lock_image_tower(model.image_tower, config.unlocked_image_groups,
@@ -231,6 +238,10 @@ def train(config: TrainConfig | None = None, *, data: str | os.PathLike, output:
     accelerator.end_training()
     if state.skipped_images:
         accelerator.print(f"{state.skipped_images} unreadable photos were skipped")
+    if config.scene_heads and main and (output / BEST_MODEL_DIR / "hgm_config.json").is_file():
+        _train_scene_heads(output / BEST_MODEL_DIR, train_rooms, val_rooms, extra_scenes, config, progress,
+                           accelerator.print)
+    accelerator.wait_for_everyone()
     result = TrainResult(model_dir=output / BEST_MODEL_DIR, best_metrics=state.best_metrics, best_step=state.best_step,
                          steps=state.step, wall_seconds=seconds_before + time.perf_counter() - started,
                          history=state.history, skipped_images=state.skipped_images,
@@ -238,6 +249,31 @@ def train(config: TrainConfig | None = None, *, data: str | os.PathLike, output:
     if main:
         _write_json(output / HISTORY_FILE, {k: v for k, v in result.__dict__.items() if k != "model_dir"})
     return result
+
+
+def _train_scene_heads(folder: Path, train_rooms, val_rooms, extra_scenes, config: TrainConfig, progress: bool,
+                       say) -> None:
+    """Trains the best model's scene heads and saves it in place, with what they measured."""
+    from ..model import load_model
+
+    started = time.perf_counter()
+    model = load_model(folder)
+    report = train_guide_heads(model, train_rooms, val_rooms, extra_scenes, seed=config.seed,
+                               num_workers=config.num_workers, progress=progress,
+                               scene_image_size=config.scene_image_size)
+    model.save_pretrained(folder)
+    report["seconds"] = time.perf_counter() - started
+    _write_json(folder / SCENE_REPORT_FILE, report)
+    photo, text = report.get("photo", {}), report.get("text", {})
+    if photo:
+        calibration = photo.get("calibration", {})
+        say(f"photo scene head: {photo['n_train']} photos; validation accuracy {photo['val_accuracy']:.4f} on "
+            f"{photo['n_val']} photos, ECE {calibration.get('val_ece', float('nan')):.3f} at temperature "
+            f"{calibration.get('temperature', float('nan')):.2f}")
+    if text:
+        say(f"scene-text classifier: {text['n_train']} texts; validation captions accuracy "
+            f"{text['start_val_accuracy'] or float('nan'):.4f} untrained -> {text['val_accuracy'] or float('nan'):.4f}")
+    say(f"scene heads trained in {report['seconds'] / 60:.1f} min; saved to {folder}")
 
 
 # -- feature cache --------------------------------------------------------------------------------
