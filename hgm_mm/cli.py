@@ -411,13 +411,17 @@ def _match(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
         return 0
-    print("scene: " + ", ".join(f"{scene} {p:.2f}" for scene, p in list(result.scene_probabilities.items())[:3]))
+    top = ", ".join(f"{scene} {p:.2f}" for scene, p in list(result.scene_probabilities.items())[:3])
+    print(f"scene: {result.scene} ({top})" if result.scene_confident else
+          f"scene: not sure (maybe {top})")
     print(f"products{f' for user {args.user}' if profile is not None else ''}:")
     for rank, product in enumerate(result.products, 1):
         print(f"  {rank:>2}. {product.score:.3f}  {_describe_product(product)}")
     print("product set:")
     for product in result.product_set:
         print(f"  {product.metadata.get('category')}: {product.score:.3f}  {_describe_product(product)}")
+        if product.why:
+            print(f"      {product.why}")
     if not result.products:
         print("  (no product matches the filters)")
     return 0
@@ -426,7 +430,8 @@ def _match(args: argparse.Namespace) -> int:
 def _describe_product(product) -> str:
     meta = product.metadata
     reasons = ", ".join(f"{term} {value:+.3f}" for term, value in product.reasons.items())
-    return f"{meta.get('title') or product.product_id} ({meta.get('category')}) [{reasons}]  {meta.get('image', '')}"
+    price = f"  price {meta['price']}" if meta.get("price") not in (None, "") else ""
+    return f"{meta.get('title') or product.product_id} ({meta.get('category')}){price} [{reasons}]  {meta.get('image', '')}"
 
 
 def _write_document(path: Path | None, document: dict) -> None:

@@ -35,8 +35,10 @@ from .data.ikea_repo import DATA_ENV, ikea_dataset
 from .data.records import PAIRS_FILE, PRODUCTS_FILE, ROOMS_FILE
 from .data.split import split_rooms
 from .files import atomic_text, atomic_write
+from .scenes import scene_words
 
 DEFAULT_OUTPUT = Path("runs") / "demo"
+SCENE_PHOTOS_PER_SCENE = 40  # photos of the scene set per scene the demo's photo scene head learns from
 VAL_FRACTION = 0.2  # rooms held out, as TrainConfig's default
 HIT_COLOUR = (40, 160, 60)  # frame of a product that appears in the room
 _PAGE = (255, 255, 255)
@@ -221,6 +223,7 @@ def run_demo(data: str | os.PathLike | None = None, *, output: str | os.PathLike
              model: str = "hgm-lite-en", rooms: int = 3, train_rooms: int = 24, products: int = 240,
              steps: int = 24, batch_size: int = 32, top_k: int = 5, seed: int = 0,
              cache_dir: str | os.PathLike | None = None, download_url: str | None = None,
+             scene_data: str | os.PathLike | None = None, scene_photos: int = SCENE_PHOTOS_PER_SCENE,
              progress: bool = True, echo: Callable[[str], object] | None = print) -> DemoResult:
     """Trains briefly, indexes the catalogue, matches a few held-out rooms and draws a contact sheet.
 
@@ -238,6 +241,9 @@ def run_demo(data: str | os.PathLike | None = None, *, output: str | os.PathLike
         seed: Subset, split and training seed.
         cache_dir: Download cache (default ``~/.cache/hgm_mm``).
         download_url: The IKEA repository archive; default `data.ikea_repo.IKEA_ARCHIVE_URL`.
+        scene_data: An `images.jsonl` scene set (or its folder) the photo scene head also learns
+            from; default the `places365-rooms/` folder beside the dataset, when there is one.
+        scene_photos: Training photos taken from `scene_data` per scene (0: none).
         progress: Progress bars.
         echo: Called with each line of the demo's report; ``None`` for silence.
 
@@ -249,6 +255,7 @@ def run_demo(data: str | os.PathLike | None = None, *, output: str | os.PathLike
     from .matching import Matcher, SceneCategoryPrior, build_catalog_index
     from .model import load_model
     from .training import TrainConfig, train
+    from .training.guide_heads import train_guide_heads
 
     say = echo if echo is not None else (lambda line: None)
     if rooms < 1 or steps < 1 or batch_size < 1 or top_k < 1:
@@ -274,14 +281,23 @@ def run_demo(data: str | os.PathLike | None = None, *, output: str | os.PathLike
     config = TrainConfig(model=model, max_steps=steps, batch_size=min(batch_size, len(subset.products)),
                          rooms_per_batch=min(8, n_train), val_fraction=VAL_FRACTION, seed=seed,
                          warmup_steps=min(10, steps // 3), eval_every_epochs=10**6,
-                         checkpoint_every_steps=10**6, log_every_steps=max(1, steps // 5))
+                         checkpoint_every_steps=10**6, log_every_steps=max(1, steps // 5), scene_heads=False)
     trained = train(config, data=subset_dir, output=out / "training", resume=False, progress=progress)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the trained model's towers were announced when it was created
         trained_model = load_model(trained.model_dir)
+    held_out = {room.room_id for room in subset.val_rooms}
+    # The scene heads learn from every room of the dataset but the held-out ones (photos and
+    # captions are cheap beside retrieval training) and a few photos per scene of the scene set.
+    scene_rooms = [r for r in dataset.rooms if r.room_id not in held_out and r.scene]
+    extra = _demo_scene_data(root, scene_data, scene_photos, trained_model.scene_labels)
+    say(f"training the scene heads on {len(scene_rooms)} rooms' photos and captions"
+        f"{f' and {len(extra.train_images)} scene photos' if extra.train_images else ''}")
+    train_guide_heads(trained_model, scene_rooms, subset.val_rooms, extra, seed=seed, progress=progress,
+                      scene_image_size=config.scene_image_size)
+    trained_model.save_pretrained(trained.model_dir)
     # which categories belong in which scene, from every room of the dataset but the held-out ones:
     # a few training rooms alone would leave most scene-category cells empty
-    held_out = {room.room_id for room in subset.val_rooms}
     try:
         prior = SceneCategoryPrior.from_pairs([r for r in dataset.rooms if r.room_id not in held_out],
                                               dataset.products, dataset.pairs)
@@ -308,6 +324,7 @@ def run_demo(data: str | os.PathLike | None = None, *, output: str | os.PathLike
     if not matches:
         raise ValueError(f"{root}: none of the shown rooms' photos can be read ({'; '.join(skipped_rooms)})")
 
+    measured = _measure_held_out(matcher, subset, positives)
     by_id = {room.room_id: room for room in subset.shown}
     sheet = write_contact_sheet(out / "contact_sheet.jpg", [(by_id[rid], result) for rid, result in matches.items()],
                                 positives, title=f"hgm-mm demo: {model} fine-tuned {trained.steps} steps; "
@@ -316,6 +333,7 @@ def run_demo(data: str | os.PathLike | None = None, *, output: str | os.PathLike
     report = out / "demo.json"
     document = {
         "data": str(root), "model": model, "steps": trained.steps, "validation": trained.best_metrics,
+        "held_out": measured,
         "subset": {"rooms": len(subset.rooms), "train_rooms": len(subset.train_rooms),
                    "val_rooms": len(subset.val_rooms), "products": len(subset.products)},
         "paths": {"subset": str(subset_dir), "model": str(trained.model_dir), "index": str(index_dir),
@@ -328,18 +346,21 @@ def run_demo(data: str | os.PathLike | None = None, *, output: str | os.PathLike
 
     for room_id, result in matches.items():
         room = by_id[room_id]
-        say(f"\nroom {room_id} ({room.scene}): predicted {result.scene} "
-            f"{result.scene_probabilities[result.scene]:.2f}; {room.image}")
+        say(f"\nroom {room_id} (true scene: {scene_words(room.scene or '?')}): the guide sees "
+            f"{scene_verdict(result)}; {room.image}")
         for rank, product in enumerate(result.products, 1):
             mark = "*" if product.product_id in positives[room_id] else " "
             meta = product.metadata
-            say(f"  {rank}. {mark} {product.score:.3f}  {meta.get('title') or product.product_id} "
-                f"({meta.get('category')})  {meta.get('image', '')}")
+            say(f"  {rank}. {mark} {meta.get('title') or product.product_id} ({meta.get('category')})  "
+                f"{meta.get('image', '')}")
         if result.product_set:
             say("  set: " + ", ".join(f"{p.metadata.get('category')}: {p.metadata.get('title') or p.product_id}"
                                       for p in result.product_set))
     wall = time.perf_counter() - started
-    say(f"\n* = the product appears in that room. Unreadable photos: {len(unreadable)} in the catalogue and the shown "
+    say(f"\non the {measured['rooms']} held-out rooms: scene from the photo right for {measured['scene_correct']} "
+        f"(accuracy {measured['scene_accuracy']:.2f}; chance {measured['scene_chance']:.2f}); Recall@10 "
+        f"{measured['recall@10']:.3f} (random {measured['random_recall@10']:.3f})")
+    say(f"* = the product appears in that room. Unreadable photos: {len(unreadable)} in the catalogue and the shown "
         f"rooms (indexed by their text alone, or not shown), {trained.skipped_images} skipped in training.")
     say(f"contact sheet: {sheet.resolve()}")
     say(f"trained model: {Path(trained.model_dir).resolve()} (validation Recall@10 "
@@ -350,6 +371,52 @@ def run_demo(data: str | os.PathLike | None = None, *, output: str | os.PathLike
     return DemoResult(data_dir=root, subset_dir=subset_dir, model_dir=Path(trained.model_dir), index_dir=index_dir,
                       contact_sheet=sheet, report=report, matches=matches, hits=hits, unreadable_photos=unreadable,
                       skipped_in_training=trained.skipped_images, wall_seconds=wall)
+
+
+def scene_verdict(result) -> str:
+    """What the guide says of a room's scene: "living room (83%)", or "not sure (living room 41%?)"."""
+    probability = result.scene_probabilities.get(result.scene, 0.0)
+    if getattr(result, "scene_confident", True):
+        return f"{scene_words(result.scene)} ({probability:.0%})"
+    return f"not sure ({scene_words(result.scene)} {probability:.0%}?)"
+
+
+def _demo_scene_data(root: Path, scene_data, per_scene: int, labels):
+    """A few photos per scene of the scene set (`scene_data`, else `places365-rooms/` beside the dataset)."""
+    from .training.guide_heads import SceneData, read_scene_data
+
+    folder = Path(scene_data) if scene_data is not None else root.parent / "places365-rooms"
+    if per_scene <= 0 or not ((folder / "images.jsonl").is_file() or folder.is_file()):
+        return SceneData()
+    full = read_scene_data(folder, labels=labels)
+    taken: dict[str, int] = defaultdict(int)
+    chosen = []
+    for item in full.train_images:
+        if taken[item.scene] < per_scene:
+            taken[item.scene] += 1
+            chosen.append(item)
+    return SceneData(train_images=chosen)
+
+
+def _measure_held_out(matcher, subset: DemoSubset, positives) -> dict[str, Any]:
+    """Scene accuracy from the photo and Recall@10 on every held-out room, beside chance and random."""
+    from collections import Counter
+
+    from .evaluation import metrics
+
+    rooms = [r for r in subset.val_rooms if positives.get(r.room_id)]
+    correct, recalls, random_recalls = 0, [], []
+    for room in rooms:
+        result = matcher.match(str(room.image), k=10)
+        correct += result.scene == room.scene
+        relevant = positives[room.room_id]
+        recalls.append(metrics.recall_at_k_ranked([p.product_id for p in result.products], relevant, 10))
+        random_recalls.append(metrics.expected_random_recall_at_k(len(matcher.index), len(relevant), 10))
+    counts = Counter(r.scene for r in rooms)
+    return {"rooms": len(rooms), "scene_correct": correct, "scene_accuracy": correct / max(len(rooms), 1),
+            "scene_chance": max(counts.values()) / len(rooms) if rooms else 0.0,
+            "recall@10": sum(recalls) / max(len(recalls), 1),
+            "random_recall@10": sum(random_recalls) / max(len(random_recalls), 1)}
 
 
 # -- the contact sheet ----------------------------------------------------------------------------
@@ -383,9 +450,8 @@ def write_contact_sheet(path: str | os.PathLike, rows: Sequence[tuple[Room, Any]
         draw.text((gap, 7), title, fill=_INK, font=font)
     top = 28 if title else gap
     for room, result in rows:
-        probability = result.scene_probabilities.get(result.scene, 0.0)
-        draw.text((gap, top), f"{room.room_id}  (scene {room.scene or '?'}; predicted {result.scene} "
-                              f"{probability:.2f})", fill=_INK, font=font)
+        draw.text((gap, top), f"{room.room_id}   true scene: {scene_words(room.scene or '?')}   the guide sees: "
+                              f"{scene_verdict(result)}", fill=_INK, font=font)
         y = top + 22
         sheet.paste(_fit(load_image(room.image), room_width, room_height), (gap, y))
         for column, product in enumerate(result.products):
@@ -405,8 +471,7 @@ def write_contact_sheet(path: str | os.PathLike, rows: Sequence[tuple[Room, Any]
             name = str(product.metadata.get("title") or product.product_id)
             category = product.metadata.get("category") or ""
             draw.text((x, y + tile + 5), _clip(name, draw, small, tile), fill=_INK, font=small)
-            draw.text((x, y + tile + 22), _clip(f"{product.score:.3f} {category}", draw, small, tile), fill=_MUTED,
-                      font=small)
+            draw.text((x, y + tile + 22), _clip(str(category), draw, small, tile), fill=_MUTED, font=small)
         top += row_height
     file_format = "PNG" if path.suffix.lower() == ".png" else "JPEG"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -69,10 +69,13 @@ class TrainConfig:
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"TrainConfig.{name}={value!r}; expected an int >= 1")
         for name in ("unlocked_image_groups", "unlocked_text_layers", "lora_rank", "warmup_steps", "grad_cache_chunk",
-                     "num_workers", "seed", "scene_image_size"):
+                     "num_workers", "seed"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"TrainConfig.{name}={value!r}; expected an int >= 0")
+        if isinstance(self.scene_image_size, bool) or not isinstance(self.scene_image_size, int) \
+                or self.scene_image_size < 8:
+            raise ValueError(f"TrainConfig.scene_image_size={self.scene_image_size!r}; expected an int >= 8")
         if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
             raise ValueError(f"TrainConfig.max_steps={self.max_steps!r}; expected None or an int >= 1")
         for name in ("lr", "tower_lr", "lora_alpha"):
