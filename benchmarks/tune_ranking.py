@@ -96,7 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     index = ProductIndex.build(ids, vectors.numpy(), [product_metadata(p) for p in dataset.products],
                                model_identity=fingerprint)
     matcher = Matcher(model, index, prior=prior)
-    queries = [matcher.query_from_embeddings(views[r:r + 1]) for r in range(len(val_rooms))]
+    # the scene as the guide reads it from the photo (the photo scene head of a trained model, calibrated)
+    scenes = model.predict_scene([str(room.image) for room in val_rooms])
+    queries = [matcher.query_from_embeddings(views[r:r + 1], scene_probabilities=scenes[r])
+               for r in range(len(val_rooms))]
     embedded_at = time.perf_counter() - started
 
     # The reference: the model's ranking of the whole catalogue, as hgm-mm evaluate ranks rooms.

@@ -4,11 +4,13 @@ import json
 import pytest
 from PIL import Image
 
+import hgm_mm
 from hgm_mm.data import load_dataset
 from hgm_mm.data.ikea_repo import DownloadError
 from hgm_mm.data.split import split_rooms
 from hgm_mm.demo import HIT_COLOUR, choose_subset, find_demo_data, run_demo, write_contact_sheet, write_subset
 from hgm_mm.matching import MatchResult, RankedProduct
+from hgm_mm.scenes import scene_words
 
 SCENES = ["bedroom", "kitchen", "living_room"]
 
@@ -133,7 +135,14 @@ def test_the_demo_trains_indexes_matches_and_draws_on_the_ikea_data(shared_data,
         assert len(room["products"]) == 3 and room["scene_probabilities"] and room["product_set"]
         assert set(room["products"][0]["reasons"]) == {"similarity", "scene_fit", "profile", "diversity"}
         assert not any(line.startswith(room["room_id"] + ",") for line in trained_on)  # a held-out room
-        assert f"room {room['room_id']} ({room['true_scene']})" in out
+        assert f"room {room['room_id']} (true scene: {scene_words(room['true_scene'])}): the guide sees " in out
+    held_out = document["held_out"]  # every held-out room measured, beside chance and random
+    assert held_out["rooms"] >= 2 and 0 <= held_out["scene_correct"] <= held_out["rooms"]
+    assert held_out["scene_accuracy"] == pytest.approx(held_out["scene_correct"] / held_out["rooms"])
+    assert 0 < held_out["random_recall@10"] < 1 and 0 < held_out["scene_chance"] <= 1
+    assert (f"on the {held_out['rooms']} held-out rooms: scene from the photo right for {held_out['scene_correct']} "
+            f"(accuracy {held_out['scene_accuracy']:.2f}; chance {held_out['scene_chance']:.2f})") in out
+    assert hgm_mm.load_model(result.model_dir).config.scene_source == "photo"  # the demo trained the scene heads
     with Image.open(result.contact_sheet) as sheet:
         assert sheet.width >= 12 + 330 + 12 + 3 * 172 and sheet.height > 2 * 200
     from hgm_mm.matching import Matcher

@@ -160,6 +160,17 @@ def test_training_improves_the_classifier_and_leaves_retrieval_alone():
     assert all(not p.requires_grad for p in model.scene_text_classifier.parameters()) or not model.training
 
 
+def test_a_classifier_with_no_layers_of_its_own_trains_its_head():
+    config = tiny_model().config.to_dict()
+    config["scene_text_layers"] = 0
+    model = hgm_mm.HGMModel(hgm_mm.ModelConfig.from_dict(config))
+    assert len(model.scene_text_classifier.layers) == 0
+    train, val = separable_texts()
+    before = model.scene_text_classifier.head.weight.detach().clone()
+    train_scene_texts(model, train, val_texts=val, epochs=2, progress=False)
+    assert not torch.equal(model.scene_text_classifier.head.weight, before)
+
+
 def test_training_refuses_a_model_without_classifier_and_lists_unknown_scenes():
     model = tiny_model()
     model.scene_text_classifier = None

@@ -46,7 +46,6 @@ MAX_TEXT_CHARS = 300
 WORKING_SIDE = 1024  # the model sees views of a few hundred pixels; a larger photo only costs time
 PREVIEW_SIDE = 480
 SHOWN_SCENES = 3  # the top few scenes, as plain percentages
-# scene labels whose plain spelling ("children room", "outdoor") does not read as a room
 CARD_DETAILS = ("product_type", "color", "size")  # catalogue words shown under a product's title
 
 

@@ -33,6 +33,7 @@ class TrainConfig:
     room_loss_weight: float = 1.0  # room -> its products, several positives
     scene_loss_weight: float = 0.5  # scene cross-entropy from the room
     scene_heads: bool = True  # after retrieval, train the photo scene head and the scene-text classifier
+    scene_epochs: int = 4  # of the photo scene head, over rooms and scene set weighed half and half (guide_heads.py)
     scene_image_size: int = 288  # side the photo scene head reads; train_scenes' 384 gained 0.014 on Places365
     # rooms (docs/training.md) for about 1.8x the pixels, too slow for the 40-minute budget of the default run
     room_text_probability: float = 0.0  # share of training rooms that also read their caption (0: photo-only
@@ -63,7 +64,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         positive_ints = ("epochs", "batch_size", "rooms_per_batch", "positives_per_room", "eval_every_epochs",
-                         "patience", "checkpoint_every_steps", "log_every_steps")
+                         "patience", "checkpoint_every_steps", "log_every_steps", "scene_epochs")
         for name in positive_ints:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:

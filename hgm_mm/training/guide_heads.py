@@ -22,6 +22,12 @@ from ..data.records import Room, SceneImage, SceneText, read_scene_images, read_
 logger = logging.getLogger(__name__)
 SCENE_REPORT_FILE = "scene_heads.json"  # beside the model: what the scene heads were trained on and measured
 SCENE_VAL_FRACTION = 0.2  # of a scene set without train/ and val/ folders
+# Share of the photo head's training draws that come from the dataset's own rooms when a scene set
+# is given too: the rooms are the photos the guide will be shown, and a scene set that outnumbers
+# them 26 to 1 (Places365 rooms beside IKEA's) otherwise drowns their scenes (docs/training.md).
+ROOM_SHARE = 0.5
+MIN_CALIBRATION_ROOMS = 20  # fewer validation rooms are calibrated on together with the scene set's photos
+MIN_ROOM_DRAWS = 3000  # room photos drawn per epoch at least: a few hundred rooms alone repeat to about this
 
 
 @dataclass
@@ -101,14 +107,26 @@ def train_guide_heads(model, train_rooms: Sequence[Room], val_rooms: Sequence[Ro
     room_images = lambda rooms: [SceneImage(r.image, r.scene) for r in rooms if r.scene in labels]  # noqa: E731
     captions = lambda rooms: [SceneText(r.title, r.scene) for r in rooms if r.title and r.scene in labels]  # noqa: E731
     report: dict = {}
-    train_images = room_images(train_rooms) + data.train_images
+    rooms_in, rooms_out = room_images(train_rooms), room_images(val_rooms)
+    train_images = rooms_in + data.train_images
     if train_images:
-        val_images = room_images(val_rooms) + data.val_images
-        logger.info("photo scene head: %d training photos (%d rooms), %d validation photos", len(train_images),
-                    len(room_images(train_rooms)), len(val_images))
+        room_draws = max(ROOM_SHARE / (1 - ROOM_SHARE) * len(data.train_images), MIN_ROOM_DRAWS)
+        room_repeats = max(1, round(room_draws / len(rooms_in))) if rooms_in else 1
+        # calibrated and measured on the rooms' validation photos when there are enough: those are what
+        # the guide is shown; the scene set's validation photos are measured apart
+        val_images = rooms_out if len(rooms_out) >= MIN_CALIBRATION_ROOMS else rooms_out + data.val_images
+        logger.info("photo scene head: %d rooms (drawn %d times an epoch) and %d scene-set photos; %d validation "
+                    "photos", len(rooms_in), room_repeats, len(data.train_images), len(val_images))
         result = train_scenes(model, train_images, val_images=val_images or None, seed=seed, num_workers=num_workers,
+                              repeats=[room_repeats] * len(rooms_in) + [1] * len(data.train_images),
                               progress=progress, **photo_options)
         report["photo"] = {k: v for k, v in result.to_dict().items() if k != "trained_parameters"}
+        report["photo"]["room_repeats"] = room_repeats
+        if len(rooms_out) >= MIN_CALIBRATION_ROOMS and data.val_images:
+            from ..evaluation import evaluate_scenes
+
+            scene_set = evaluate_scenes(model, data.val_images, progress=progress, num_workers=num_workers)
+            report["photo_scene_set_val"] = {k: v for k, v in scene_set.to_dict().items() if k != "skipped"}
     if model.scene_text_classifier is not None:
         texts = captions(train_rooms) + data.texts
         result = train_scene_texts(model, texts, val_texts=captions(val_rooms) or None, seed=seed, progress=progress)

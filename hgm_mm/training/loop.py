@@ -107,6 +107,9 @@ def train(config: TrainConfig | None = None, *, data: str | os.PathLike, output:
     frozen_norms = lock_image_tower(model.image_tower, config.unlocked_image_groups,
                                     freeze_norm_stats=config.freeze_norm_stats)
     lock_text_tower(model.text_tower, config.unlocked_text_layers)
+    for head in (model.scene_text_classifier, model.photo_scene_head, model.photo_scene_branch):
+        if head is not None:  # the guide's scene heads train after retrieval (guide_heads.py), not in its loss
+            head.requires_grad_(False)
     if model.scene_text_tower is not None:
         lock_text_tower(model.scene_text_tower, config.unlocked_text_layers)
     if config.lora_rank:
@@ -260,7 +263,7 @@ def _train_scene_heads(folder: Path, train_rooms, val_rooms, extra_scenes, confi
     model = load_model(folder)
     report = train_guide_heads(model, train_rooms, val_rooms, extra_scenes, seed=config.seed,
                                num_workers=config.num_workers, progress=progress,
-                               scene_image_size=config.scene_image_size)
+                               scene_image_size=config.scene_image_size, epochs=config.scene_epochs)
     model.save_pretrained(folder)
     report["seconds"] = time.perf_counter() - started
     _write_json(folder / SCENE_REPORT_FILE, report)
@@ -270,6 +273,10 @@ def _train_scene_heads(folder: Path, train_rooms, val_rooms, extra_scenes, confi
         say(f"photo scene head: {photo['n_train']} photos; validation accuracy {photo['val_accuracy']:.4f} on "
             f"{photo['n_val']} photos, ECE {calibration.get('val_ece', float('nan')):.3f} at temperature "
             f"{calibration.get('temperature', float('nan')):.2f}")
+    if "photo_scene_set_val" in report:
+        scene_set = report["photo_scene_set_val"]
+        say(f"photo scene head on the scene set's {scene_set['n_images']} validation photos: accuracy "
+            f"{scene_set['accuracy']:.4f}, ECE {scene_set['ece']:.3f}")
     if text:
         say(f"scene-text classifier: {text['n_train']} texts; validation captions accuracy "
             f"{text['start_val_accuracy'] or float('nan'):.4f} untrained -> {text['val_accuracy'] or float('nan'):.4f}")

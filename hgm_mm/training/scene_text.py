@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from ..data.records import SceneText
 from ..scenes import scene_descriptions
 from ..calibration import fit_temperature
+from .optim import adamw, warmup_cosine
 
 
 @dataclass
@@ -93,21 +94,14 @@ def train_scene_texts(model, texts: Sequence[SceneText], *, val_texts: Sequence[
     val_labels = torch.tensor([y for _, y in val_rows]) if val_rows else None
     start_accuracy = _accuracy(classifier, *val_cache, val_labels) if val_cache else None
 
-    layer_params = [p for p in classifier.layers.parameters()]
-    head_params = list(classifier.head.parameters())
-    groups = [{"params": [p for p in layer_params if p.ndim >= 2], "lr": lr, "weight_decay": weight_decay},
-              {"params": [p for p in layer_params if p.ndim < 2], "lr": lr, "weight_decay": 0.0},
-              {"params": [classifier.head.weight], "lr": head_lr, "weight_decay": 0.0},
-              {"params": [classifier.head.bias], "lr": head_lr, "weight_decay": 0.0}]
-    requires_grad = [p.requires_grad for p in layer_params + head_params]
-    for p in layer_params + head_params:
+    trained = list(classifier.parameters())
+    requires_grad = [p.requires_grad for p in trained]
+    for p in trained:
         p.requires_grad_(True)
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]])
-    steps_per_epoch = math.ceil(len(rows) / batch_size)
-    total = epochs * steps_per_epoch
-    warmup = max(1, total // 10)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min((step + 1) / warmup, 0.5 * (1 + math.cos(math.pi * step / total))))
+    # no decay on the head: its weights are the scene descriptions' vectors at their fitted scale
+    optimizer = adamw([(classifier.layers, lr)], weight_decay, undecayed=[(classifier.head, head_lr)])
+    total = epochs * math.ceil(len(rows) / batch_size)
+    schedule = warmup_cosine(optimizer, total, total // 10)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout inside the copied layers
     history = []
@@ -133,7 +127,7 @@ def train_scene_texts(model, texts: Sequence[SceneText], *, val_texts: Sequence[
                 row["val_accuracy"] = _accuracy(classifier, *val_cache, val_labels)
             history.append(row)
     finally:
-        for p, flag in zip(layer_params + head_params, requires_grad):
+        for p, flag in zip(trained, requires_grad):
             p.requires_grad_(flag)
         classifier.eval()
     if calibrate and val_cache:

@@ -45,6 +45,7 @@ from ..inference import folded_copy, locked_outputs
 from ..preprocess import RoomViews
 from ..towers import TimmImageTower
 from .freezing import keep_frozen_norms_eval, lock_image_tower
+from .optim import adamw, warmup_cosine
 
 IMAGE_ERROR_POLICIES = ("skip", "raise")
 TRAIN_VIEWS = ("all", "whole")
@@ -86,7 +87,8 @@ def train_scenes(model, train_images: Sequence[SceneImage] | str | os.PathLike, 
                  projection_lr: float = 0.0, unlocked_image_groups: int = 0, tower_lr: float = 2e-4,
                  branch_stages: int | None = None, random_crops: int | None = None, crop_scale: float = 0.4,
                  mirror: bool | None = None, train_views: str = "whole", seed: int = 0, image_errors: str = "skip",
-                 num_workers: int | None = None, calibrate: bool = True, progress: bool = True) -> SceneTrainResult:
+                 num_workers: int | None = None, calibrate: bool = True, repeats: Sequence[int] | None = None,
+                 progress: bool = True) -> SceneTrainResult:
     """Trains a scene head of the model on scene-labelled photos, in place.
 
     The defaults are the measured recipe (`PHOTO_RECIPE`: Places365 rooms val accuracy 0.88 for
@@ -133,6 +135,8 @@ def train_scenes(model, train_images: Sequence[SceneImage] | str | os.PathLike, 
         seed: seeds the order of the photos and the mirror draws; the same seed gives the same weights.
         image_errors: "skip" leaves unreadable photos out and lists them in the result; "raise" stops.
         num_workers: photo-decoding processes (default: up to 2).
+        repeats: how many times each epoch draws each training photo (one int per photo; default
+            once each), to weigh one source of photos against another without caching it twice.
         calibrate: with `val_images`, fit `config.photo_scene_temperature` on them afterwards
             (`hgm_mm.calibration.fit_temperature`; accuracy is unchanged). Without, it is reset to 1.
         progress: show progress bars.
@@ -159,6 +163,12 @@ def train_scenes(model, train_images: Sequence[SceneImage] | str | os.PathLike, 
     if mirror is None:
         mirror = photo
     train_images = _scene_images(train_images, "train_images")
+    if repeats is not None:
+        repeats = list(repeats)
+        if len(repeats) != len(train_images) or any(isinstance(r, bool) or not isinstance(r, int) or r < 1
+                                                     for r in repeats):
+            raise ValueError(f"repeats: expected one int >= 1 per training photo ({len(train_images)}); got "
+                             f"{len(repeats)} values")
     val_images = _scene_images(val_images, "val_images") if val_images is not None else []
     _check_labels(model, train_images, "train_images")
     _check_labels(model, val_images, "val_images")
@@ -204,6 +214,9 @@ def train_scenes(model, train_images: Sequence[SceneImage] | str | os.PathLike, 
 
         label_index = {label: i for i, label in enumerate(model.scene_labels)}
         train_labels = torch.tensor([label_index[train_images[i].scene] for i in train_kept])
+        if repeats is not None:  # rows of the cache drawn several times per epoch
+            drawn = torch.repeat_interleave(torch.arange(len(train_kept)), torch.tensor([repeats[i] for i in train_kept]))
+            train_features, train_labels = train_features[drawn], train_labels[drawn]
         val_truth = [val_images[i].scene for i in val_kept]
         started = time.perf_counter()
         history = _fit(model, stage, locked_norms, train_features, train_labels, val_features, val_truth,
@@ -519,18 +532,9 @@ def _fit(model, stage, locked_norms, train_features, train_labels, val_features,
         groups.append((model.photo_scene_branch, tower_lr))
     elif stage is not None:
         groups.append((model.image_tower, tower_lr))
-    param_groups = []
-    for module, group_lr in groups:
-        params = [p for p in module.parameters() if p.requires_grad]
-        param_groups.append({"params": [p for p in params if p.ndim >= 2], "lr": group_lr,
-                             "weight_decay": weight_decay})
-        param_groups.append({"params": [p for p in params if p.ndim < 2], "lr": group_lr, "weight_decay": 0.0})
-    optimizer = torch.optim.AdamW([g for g in param_groups if g["params"]])
-    steps_per_epoch = math.ceil(len(train_features) / batch_size)
-    total_steps = epochs * steps_per_epoch
-    warmup = max(1, total_steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min((step + 1) / warmup, 0.5 * (1 + math.cos(math.pi * step / total_steps))))
+    optimizer = adamw(groups, weight_decay)
+    total_steps = epochs * math.ceil(len(train_features) / batch_size)
+    schedule = warmup_cosine(optimizer, total_steps, total_steps // 20)
     generator = torch.Generator().manual_seed(seed)
     n_augmentations = train_features.shape[1]
     rows = torch.arange(len(train_features))
