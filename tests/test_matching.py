@@ -166,7 +166,26 @@ def test_product_set_has_the_best_product_of_each_fitting_category(model, vector
     for product in result.product_set:  # each says why, with its category's share of the scene's products
         category = product.metadata["category"]
         share = matcher.prior.mixture(query.scene_probabilities)[category]
-        assert category in product.why and f"{share:.0%}" in product.why
+        assert category in product.why.lower() and f"{share:.0%}" in product.why
+
+
+def test_the_guide_says_when_it_is_not_sure_of_the_scene(model, vectors, photo):
+    from hgm_mm.matching import SCENE_CONFIDENCE
+
+    matcher = Matcher(model, make_index(model, vectors, CATEGORIES), prior=uniform_prior(model, SCENE_COUNTS))
+    encoded = matcher.encode_query(photo)
+    labels = list(model.scene_labels)
+    sure = {label: (0.9 if label == "bedroom" else 0.1 / (len(labels) - 1)) for label in labels}
+    unsure = {label: (0.4 if label == "bedroom" else 0.6 / (len(labels) - 1)) for label in labels}
+    for probabilities, confident in ((sure, True), (unsure, False)):
+        query = matcher.query_from_embeddings(encoded.view_embeds, scene_probabilities=probabilities)
+        result = matcher.rank(query, k=5)
+        assert result.scene == "bedroom" and result.scene_confident is confident
+        assert (result.scene_probabilities["bedroom"] >= SCENE_CONFIDENCE) is confident
+        assert result.to_dict()["scene_confident"] is confident
+        place = "bedrooms" if confident else "rooms like this one"
+        assert all(place in p.why for p in result.product_set) and result.product_set
+        assert all(p.why.startswith("Matches your photo") for p in result.products)
     full = Matcher(model, index, prior=matcher.prior).rank(query, k=N, weights=RankingWeights(diversity=0.0))
     for product in result.product_set:  # the best of its category over the whole catalogue
         best = next(p for p in full.products if p.metadata["category"] == product.metadata["category"])

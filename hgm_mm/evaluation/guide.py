@@ -348,4 +348,13 @@ def format_guide_report(result: GuideEvaluation) -> str:
         s = result.sets[name]
         lines.append(f"{label:<18}{_number(s.precision):>10}{_number(s.category_coverage):>10}"
                      f"{_number(s.mean_size, 1):>6}")
+    photo = result.scenes.get("photo")
+    if photo is not None and photo.n:
+        used = [i for i, _ in enumerate(result.scene_labels)
+                if photo.confusion[i].sum() or photo.confusion[:, i].sum()]  # scenes seen or predicted
+        names = [result.scene_labels[i] for i in used]
+        width = max(len(n) for n in names)
+        lines += ["", f"scene from the photo, confusion (rows true, columns predicted: {', '.join(names)})"]
+        for i, name in zip(used, names):
+            lines.append(f"  {name:<{width}} " + " ".join(f"{int(photo.confusion[i, j]):>3}" for j in used))
     return "\n".join(lines)
