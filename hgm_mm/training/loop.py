@@ -242,9 +242,9 @@ def train(config: TrainConfig | None = None, *, data: str | os.PathLike, output:
     if state.skipped_images:
         accelerator.print(f"{state.skipped_images} unreadable photos were skipped")
     if config.scene_heads and main and (output / BEST_MODEL_DIR / "hgm_config.json").is_file():
+        # after end_training (which closes the process group): the main process alone, the others are done
         _train_scene_heads(output / BEST_MODEL_DIR, train_rooms, val_rooms, extra_scenes, config, progress,
                            accelerator.print)
-    accelerator.wait_for_everyone()
     result = TrainResult(model_dir=output / BEST_MODEL_DIR, best_metrics=state.best_metrics, best_step=state.best_step,
                          steps=state.step, wall_seconds=seconds_before + time.perf_counter() - started,
                          history=state.history, skipped_images=state.skipped_images,
