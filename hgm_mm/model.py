@@ -6,6 +6,7 @@ import copy
 import json
 import math
 import os
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -17,8 +18,9 @@ from torch import nn
 from .config import ModelConfig
 from .files import atomic_dir, atomic_write
 from .fusion import GatedFusion
-from .preprocess import RoomViews, TextTokenizer, WholePhoto, build_image_transform
+from .preprocess import RoomViews, TextTokenizer, build_image_transform
 from .pretrained import HGM_CONFIG_NAME, OPEN_CLIP_CONFIG_NAME
+from .scene_heads import scene_reader
 from .scene_text import SceneTextClassifier, transformer_layers
 from .towers import build_hf_text_tower, build_open_clip_towers
 from .towers.open_clip_tower import save_open_clip_config
@@ -114,8 +116,9 @@ class HGMModel(nn.Module):
         self.room_fusion = GatedFusion(embed_dim, config.fusion)
         self.product_fusion = GatedFusion(embed_dim, config.fusion)
         self.scene_head = nn.Linear(embed_dim, len(config.scene_labels))
+        self.scene_reader = scene_reader(config.scene_source)  # what `scene_logits` reads a photo with
         self.photo_scene_head = (nn.Linear(self.image_tower.output_dim, len(config.scene_labels))
-                                 if config.scene_source == "photo" else None)
+                                 if self.scene_reader.source == "photo" else None)
         self.photo_scene_branch = _scene_branch(self.image_tower, config.scene_branch_stages)
         self.scene_text_classifier = None
         if config.scene_text_layers is not None:
@@ -312,11 +315,9 @@ class HGMModel(nn.Module):
     # -- scenes -------------------------------------------------------------------------------
     @property
     def scene_transform(self):
-        """A PIL photo -> the pixels `scene_logits` reads for it: the whole photo (3, S, S) when
-        `config.scene_source` is "photo", else the room views (V, 3, S, S)."""
-        if self.config.scene_source == "photo":
-            return WholePhoto(self.config.image_tower, self.config.scene_image_size)
-        return self.room_views
+        """A PIL photo -> the pixels `scene_logits` reads for it, as `scene_reader` gives them: the
+        whole photo (3, S, S) for the photo scene head, the room views (V, 3, S, S) for the room vector."""
+        return self.scene_reader.transform(self)
 
     def scene_logits(self, images: ImageInput | None = None, texts: Sequence[str | None] | str | None = None
                      ) -> torch.Tensor:
@@ -353,13 +354,10 @@ class HGMModel(nn.Module):
         return combined.log_softmax(dim=-1)
 
     def photo_scene_log_probs(self, images: ImageInput) -> torch.Tensor:
-        """Calibrated scene log-probabilities (B, S) read from room photos alone: the photo scene
-        head (`config.scene_source` "photo") or `scene_head` on the room vector ("room"), divided
-        by `config.photo_scene_temperature`."""
-        if self.config.scene_source == "photo":
-            logits = self.photo_scene_logits(images)
-        else:
-            logits = self.scene_head(self.encode_room(images))
+        """Calibrated scene log-probabilities (B, S) read from room photos alone by `scene_reader`
+        (the photo scene head, or `scene_head` on the room vector), divided by
+        `config.photo_scene_temperature`."""
+        logits = self.scene_reader.logits(self, images)
         return (logits / self.config.photo_scene_temperature).log_softmax(dim=-1)
 
     def text_scene_log_probs(self, texts: TextInput) -> torch.Tensor:
@@ -383,7 +381,7 @@ class HGMModel(nn.Module):
         """
         if self.photo_scene_head is None:
             raise ValueError(f"this model reads scenes from the room vector (scene_source="
-                             f"{self.config.scene_source!r}) and has no photo scene head; train one with "
+                             f"{self.scene_reader.source!r}) and has no photo scene head; train one with "
                              "hgm_mm.training.train_scenes(model, ..., scene_source='photo')")
         if isinstance(images, torch.Tensor):
             pixels = images.unsqueeze(0) if images.dim() == 3 else images
@@ -446,11 +444,22 @@ class HGMModel(nn.Module):
         config.__post_init__()  # validates the new values before anything changes
         branch = _scene_branch(self.image_tower, branch_stages)
         self.config = config
+        self.scene_reader = scene_reader("photo")
         self.photo_scene_branch = branch.to(self.device) if branch is not None else None
         head = nn.Linear(self.image_tower.output_dim, len(config.scene_labels))
         nn.init.zeros_(head.weight)  # uniform scenes until trained; training a linear head is convex, so
         nn.init.zeros_(head.bias)  # a fixed start costs nothing and makes runs independent of the RNG
         self.photo_scene_head = head.to(self.device)
+
+    def use_room_scene_head(self) -> None:
+        """Switches scene recognition to `scene_head` on the room vector (`config.scene_source =
+        "room"`), dropping any photo scene head; `train_scenes(..., scene_source="room")` does this
+        itself. The head keeps its weights; its calibration is reset."""
+        self.config = dataclasses.replace(self.config, scene_source="room", scene_image_size=None,
+                                          scene_flip_average=False, scene_branch_stages=0,
+                                          photo_scene_temperature=1.0)
+        self.scene_reader = scene_reader("room")
+        self.photo_scene_head = self.photo_scene_branch = None
 
     def predict_scene(self, images: ImageInput | None = None, texts: Sequence[str | None] | str | None = None
                       ) -> list[dict[str, float]]:

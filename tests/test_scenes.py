@@ -206,6 +206,54 @@ def test_the_last_training_decides_which_head_predict_scene_reads(toy):
                                                                 num_workers=0).accuracy)
 
 
+def test_one_scene_reader_is_chosen_when_the_model_is_built_and_follows_the_head_trained(toy, tmp_path):
+    train_images, _ = toy
+    model = tiny_model()
+    assert model.scene_reader.source == "room" and model.scene_reader.head(model) is model.scene_head
+    train_scenes(model, train_images, epochs=1, batch_size=8, num_workers=0, progress=False,
+                 branch_stages=2, random_crops=0, scene_image_size=None)
+    reader = model.scene_reader
+    assert reader.source == "photo" and reader.head(model) is model.photo_scene_head
+    assert reader.branch(model) is model.photo_scene_branch
+    model.save_pretrained(tmp_path / "m")
+    assert hgm_mm.load_model(tmp_path / "m").scene_reader is reader  # the saved config chooses it again
+    model.use_room_scene_head()
+    assert model.scene_reader.source == model.config.scene_source == "room" and model.photo_scene_head is None
+
+
+@pytest.mark.parametrize("source", ["room", "photo"])
+def test_the_reader_scores_cached_layer_outputs_as_it_scores_pixels(toy, source):
+    """Training reads the locked layers' cached outputs; they must give inference's logits."""
+    train_images, _ = toy
+    model = tiny_model()
+    if source == "photo":
+        model.use_photo_scene_head(branch_stages=2)
+        with torch.no_grad():
+            model.photo_scene_head.weight.normal_(0, 3.0)
+    else:
+        with torch.no_grad():
+            model.scene_head.weight.normal_(0, 3.0)
+    reader = model.scene_reader
+    photos_in = [Image.open(item.image).convert("RGB") for item in train_images[:3]]
+    pixels = torch.stack([reader.transform(model)(photo) for photo in photos_in])
+    views = pixels.unsqueeze(1) if source == "photo" else pixels  # (B, V, 3, S, S)
+    stage = len(model.image_tower.feature_stages()) - 2 if source == "photo" else None
+    with torch.no_grad():
+        flat = views.flatten(0, 1)
+        cached = flat if stage is None else model.image_tower.prefix_features(flat, stage)
+        if stage is None:
+            cached = model.image_tower(flat)
+        cached = cached.view(*views.shape[:2], *cached.shape[1:])  # (B, V, ...)
+        versions = cached.unsqueeze(1)  # (B, A=1, V, ...)
+        if source == "photo":  # the mirror image is the second version inference averages
+            mirrored = model.image_tower.prefix_features(flat.flip(-1), stage)
+            versions = torch.stack([cached, mirrored.view_as(cached)], dim=1)
+        expected = reader.logits(model, pixels)
+        got = reader.logits_from_cached_versions(model, versions, stage)
+    assert torch.allclose(got.log_softmax(-1), expected.log_softmax(-1), atol=1e-5)
+    assert not torch.allclose(expected.softmax(-1), torch.full_like(expected, 0.5), atol=1e-3)  # a real reading
+
+
 def test_a_failed_photo_training_leaves_the_model_as_it_was(toy, tmp_path):
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png")

@@ -1,6 +1,6 @@
 """Scene recognition training on `images.jsonl` sets (scene-labelled photos, e.g. Places365 rooms).
 
-Two heads can be trained, as `model.config.scene_source` reads them:
+Two heads can be trained, one for each of the model's scene readers (`hgm_mm.scene_heads`):
 
 - "photo" (the default of `train_scenes`): `photo_scene_head`, a linear head on the image tower's
   L2-normalised pooled features of the whole photo, optionally averaged with the mirror image at
@@ -23,7 +23,6 @@ trainable layers alone on that cache.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import time
@@ -39,6 +38,7 @@ from torch.utils.data import DataLoader
 from ..data.images import ImageError
 from ..data.records import SceneImage, read_scene_images
 from ..calibration import fit_temperature
+from ..config import SCENE_SOURCES
 from ..evaluation import metrics
 from ..embedding import PhotoDecoder, PhotoFiles
 from ..inference import folded_copy, locked_outputs
@@ -49,7 +49,7 @@ from .optim import adamw, warmup_cosine
 
 IMAGE_ERROR_POLICIES = ("skip", "raise")
 TRAIN_VIEWS = ("all", "whole")
-SCENE_SOURCES = ("photo", "room")
+
 
 
 @dataclass
@@ -176,18 +176,16 @@ def train_scenes(model, train_images: Sequence[SceneImage] | str | os.PathLike, 
         num_workers = min(2, os.cpu_count() or 1)
 
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-    previous_head = (model.config, model.photo_scene_head, model.photo_scene_branch)
+    previous_head = (model.config, model.scene_reader, model.photo_scene_head, model.photo_scene_branch)
     try:
+        # the head trained here becomes the one predict_scene reads, uncalibrated until fitted below
         if photo:
             model.use_photo_scene_head(image_size=scene_image_size, flip_average=flip_average,
                                        branch_stages=branch_stages)
-        elif model.config.scene_source != "room":  # the head trained here becomes the one predict_scene reads
-            model.config = dataclasses.replace(model.config, scene_source="room", scene_image_size=None,
-                                               scene_flip_average=False, scene_branch_stages=0)
-            model.photo_scene_head = model.photo_scene_branch = None
-        if not photo:  # a retrained head's old calibration means nothing
-            model.config = dataclasses.replace(model.config, photo_scene_temperature=1.0)
-        stage, locked_norms = _lock(model, photo, projection_lr > 0, unlocked_image_groups)
+        else:
+            model.use_room_scene_head()
+        reader = model.scene_reader
+        stage, locked_norms = _lock(model, reader, projection_lr > 0, unlocked_image_groups)
         trained = [name for name, p in model.named_parameters() if p.requires_grad]
         started = time.perf_counter()
         skipped: list[tuple[str, str]] = []
@@ -219,20 +217,20 @@ def train_scenes(model, train_images: Sequence[SceneImage] | str | os.PathLike, 
             train_features, train_labels = train_features[drawn], train_labels[drawn]
         val_truth = [val_images[i].scene for i in val_kept]
         started = time.perf_counter()
-        history = _fit(model, stage, locked_norms, train_features, train_labels, val_features, val_truth,
+        history = _fit(model, reader, stage, locked_norms, train_features, train_labels, val_features, val_truth,
                        epochs=epochs, lr=lr, projection_lr=projection_lr, tower_lr=tower_lr, batch_size=batch_size,
                        label_smoothing=label_smoothing, weight_decay=weight_decay, seed=seed, progress=progress)
         train_seconds = time.perf_counter() - started
         calibration = {}
         if val_features is not None and calibrate:
-            logits = _val_logits(model, val_features, stage, batch_size)
+            logits = _val_logits(model, reader, val_features, stage, batch_size)
             truth = torch.tensor([label_index[t] for t in val_truth])
             before = _ece(logits, truth)
             model.config.photo_scene_temperature = fit_temperature(logits, truth)
             calibration = {"temperature": model.config.photo_scene_temperature, "val_ece_before": before,
                            "val_ece": _ece(logits / model.config.photo_scene_temperature, truth)}
     except BaseException:
-        model.config, model.photo_scene_head, model.photo_scene_branch = previous_head
+        model.config, model.scene_reader, model.photo_scene_head, model.photo_scene_branch = previous_head
         raise
     finally:
         for name, p in model.named_parameters():
@@ -280,7 +278,7 @@ def _check_arguments(*, epochs, lr, batch_size, label_smoothing, weight_decay, p
     if train_views not in TRAIN_VIEWS:
         raise ValueError(f"train_views={train_views!r}; expected one of {list(TRAIN_VIEWS)}")
     if scene_source not in SCENE_SOURCES:
-        raise ValueError(f"scene_source={scene_source!r}; expected one of {list(SCENE_SOURCES)}")
+        raise ValueError(f"scene_source={scene_source!r}; expected one of {sorted(SCENE_SOURCES)}")
     if scene_image_size is not None and (isinstance(scene_image_size, bool) or not isinstance(scene_image_size, int)
                                          or scene_image_size < 8):
         raise ValueError(f"scene_image_size={scene_image_size!r}; expected None or an int >= 8")
@@ -325,8 +323,9 @@ def _check_labels(model, images: Sequence[SceneImage], name: str) -> None:
 
 
 # -- locking and caching ---------------------------------------------------------------------------
-def _lock(model, photo: bool, train_projection: bool, unlocked_image_groups: int) -> tuple[int | None, list]:
-    """Leaves only what scene training changes trainable.
+def _lock(model, reader, train_projection: bool, unlocked_image_groups: int) -> tuple[int | None, list]:
+    """Leaves only what scene training changes trainable: the reader's head and branch, and for
+    the room vector the projection and tower groups asked for.
 
     Returns:
         (stage, locked_norms): cached features enter image-tower stage `stage`, or are the pooled
@@ -334,12 +333,10 @@ def _lock(model, photo: bool, train_projection: bool, unlocked_image_groups: int
     """
     for p in model.parameters():
         p.requires_grad = False
-    for p in _head(model).parameters():
+    for p in reader.head(model).parameters():
         p.requires_grad = True
-    if photo:
-        branch = model.photo_scene_branch
-        if branch is None:
-            return None, []
+    branch = reader.branch(model)
+    if branch is not None:
         norms = [m for m in branch.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         for p in branch.parameters():
             p.requires_grad = True
@@ -363,11 +360,6 @@ def _lock(model, photo: bool, train_projection: bool, unlocked_image_groups: int
         raise ValueError(f"unlocked_image_groups={unlocked_image_groups} unlocks the whole image tower; "
                          "leave at least its first group locked")
     return stage, locked_norms
-
-
-def _head(model):
-    """The scene head that training changes: the photo head when the model reads scenes from photos."""
-    return model.photo_scene_head if model.config.scene_source == "photo" else model.scene_head
 
 
 class _OneView:
@@ -481,55 +473,30 @@ def _cache_views(model, images: Sequence[SceneImage], stage: int | None, views, 
     return torch.cat(chunks), kept
 
 
-# -- training --------------------------------------------------------------------------------------
-def _scene_logits(model, features: torch.Tensor, stage: int | None) -> torch.Tensor:
-    """Cached features (B, V, ...) of one version of each photo -> scene logits (B, S), as
-    `evaluate_scenes` computes them from photos."""
-    if model.config.scene_source == "photo":  # V = 1, the whole photo's pooled tower features
-        features = features[:, 0].to(model.device, model.photo_scene_head.weight.dtype)
-        if model.photo_scene_branch is not None:  # the activation entering the branch
-            features = model.scene_branch_features(features)
-        return model.photo_scene_head(F.normalize(features, dim=-1))
-    batch, n_views = features.shape[:2]
-    flat = features.flatten(0, 1).to(model.device, model.scene_head.weight.dtype)  # (B * V, ...)
-    pooled = flat if stage is None else model.image_tower(flat, start_stage=stage)  # (B * V, C)
-    views = F.normalize(model.image_proj(pooled), dim=-1).view(batch, n_views, -1)  # (B, V, D)
-    room = model.room_fusion(F.normalize(views.mean(dim=1), dim=-1))  # (B, D)
-    return model.scene_head(room)  # (B, S)
-
-
+# -- training ----------------------------------------------------------------------------------------
 @torch.no_grad()
-def _val_logits(model, features: torch.Tensor, stage: int | None, batch_size: int) -> torch.Tensor:
-    """Uncalibrated scene logits (N, S) of cached validation photos, as `model.scene_logits` reads them
-    before the temperature."""
+def _val_logits(model, reader, features: torch.Tensor, stage: int | None, batch_size: int) -> torch.Tensor:
+    """Uncalibrated scene logits (N, S) of cached validation photos (N, A, V, ...), as
+    `model.scene_logits` reads them before the temperature."""
     model.eval()
-    rows = []
-    for start in range(0, len(features), batch_size):
-        if model.config.scene_source == "photo":  # (B, A, 1, ...): every cached version of the photo
-            versions = features[start:start + batch_size, :, 0].to(model.device)
-            if model.photo_scene_branch is not None:
-                pooled = model.scene_branch_features(versions.flatten(0, 1).float())  # (B * A, C)
-                versions = pooled.view(*versions.shape[:2], -1)
-            logits = model.photo_scene_logits_from_features(versions)
-        else:
-            logits = _scene_logits(model, features[start:start + batch_size, 0], stage)
-        rows.append(logits.float().cpu())
-    return torch.cat(rows)
+    return torch.cat([reader.logits_from_cached_versions(model, features[start:start + batch_size], stage).float().cpu()
+                      for start in range(0, len(features), batch_size)])
 
 
-def _predict(model, features: torch.Tensor, stage: int | None, batch_size: int) -> list[str]:
-    return [model.scene_labels[i] for i in _val_logits(model, features, stage, batch_size).argmax(dim=1).tolist()]
+def _predict(model, reader, features: torch.Tensor, stage: int | None, batch_size: int) -> list[str]:
+    logits = _val_logits(model, reader, features, stage, batch_size)
+    return [model.scene_labels[i] for i in logits.argmax(dim=1).tolist()]
 
 
-def _fit(model, stage, locked_norms, train_features, train_labels, val_features, val_truth, *, epochs, lr,
+def _fit(model, reader, stage, locked_norms, train_features, train_labels, val_features, val_truth, *, epochs, lr,
          projection_lr, tower_lr, batch_size, label_smoothing, weight_decay, seed, progress) -> list[dict[str, float]]:
     from tqdm.auto import tqdm
 
-    groups = [(_head(model), lr)]
+    groups = [(reader.head(model), lr)]
     if projection_lr > 0:
         groups.append((model.image_proj, projection_lr))
-    if model.config.scene_source == "photo" and model.photo_scene_branch is not None:
-        groups.append((model.photo_scene_branch, tower_lr))
+    if reader.branch(model) is not None:
+        groups.append((reader.branch(model), tower_lr))
     elif stage is not None:
         groups.append((model.image_tower, tower_lr))
     optimizer = adamw(groups, weight_decay)
@@ -550,7 +517,7 @@ def _fit(model, stage, locked_norms, train_features, train_labels, val_features,
             batch = order[start:start + batch_size]
             features = train_features[rows[batch], drawn[batch]]  # (B, V, ...)
             labels = train_labels[batch].to(model.device)
-            logits = _scene_logits(model, features, stage)  # (B, S)
+            logits = reader.logits_from_cache(model, features, stage)  # (B, S)
             loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"scene training: non-finite loss at epoch {epoch + 1}, step "
@@ -563,7 +530,7 @@ def _fit(model, stage, locked_norms, train_features, train_labels, val_features,
             correct += int((logits.argmax(dim=1) == labels).sum())
         row = {"epoch": epoch + 1, "loss": loss_sum / len(order), "train_accuracy": correct / len(order)}
         if val_features is not None:
-            predicted = _predict(model, val_features, stage, batch_size)
+            predicted = _predict(model, reader, val_features, stage, batch_size)
             row["val_accuracy"] = metrics.scene_accuracy(val_truth, predicted)
             row["val_macro_f1"] = metrics.macro_f1(val_truth, predicted)
         history.append(row)
