@@ -368,8 +368,12 @@ def _index(args: argparse.Namespace) -> int:
         prior = SceneCategoryPrior.load(prior_source)
     model = _create_model(args.model)
     built = build_catalog_index(model, catalog, args.output, prior=prior, kind=args.kind, batch_size=args.batch_size)
-    print(f"indexed {built.n_products} products into {built.folder}"
-          f"{f' ({len(built.skipped)} unreadable photos: indexed by their text)' if built.skipped else ''}")
+    print(f"indexed {built.n_products} products into {built.folder}: {built.n_embedded} embedded, "
+          f"{built.n_reused} kept from the previous build (photo and text unchanged)"
+          f"{f'; {len(built.skipped)} unreadable photos: indexed by their text' if built.skipped else ''}")
+    for product_id, photo, reason in built.left_out:
+        print(f"left out {product_id}: its photo {photo} cannot be read ({reason}) and it has no text; fix the "
+              "photo or give it a title, then rerun", file=sys.stderr)
     if prior is None:
         print("no scene-category prior: scene fit is off and product sets follow the top products; give --pairs "
               "and --rooms of the training rooms", file=sys.stderr)

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -65,6 +66,7 @@ ENGINES = ("auto", "torch", "onnxruntime")
 # more than they save (144 IKEA room photos embedded faster with torch)
 ONNX_MIN_PHOTOS = 512
 ONNX_PREFETCH_PHOTOS = 1024  # decoded photos the workers may hold ahead while the ONNX export runs (~150 MB at 224 px)
+logger = logging.getLogger(__name__)
 MANIFEST_NAME = "manifest.json"
 SHARD_PATTERN = "shard-{:05d}.safetensors"
 FORMAT_VERSION = 1  # bump when the folder layout or the meaning of a saved key changes
@@ -442,6 +444,16 @@ class ShardedEmbeddings:
         self._check_complete()
         for k in range(self.n_shards):
             yield self._read_shard(k)
+
+    def finished_shards(self) -> Iterator[tuple[list[str], torch.Tensor, list[tuple[str, str, str]]]]:
+        """Yields the shards written so far, as `iter_shards` does, in a folder that may be
+        unfinished; a damaged shard is left out with a warning."""
+        for k in range(self.n_shards):
+            if self.shard_path(k).is_file():
+                try:
+                    yield self._read_shard(k)
+                except ValueError as err:
+                    logger.warning("%s", err)
 
     def load(self) -> tuple[list[str], torch.Tensor]:
         """All ids and vectors (N_rows, D), in input order; holds the whole catalogue in memory."""

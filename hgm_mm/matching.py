@@ -55,7 +55,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
+import logging
 import threading
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
@@ -73,6 +73,8 @@ from .inference import FoldedImageEncoder
 from .profile import UserProfile
 from .scenes import combine_scene_probabilities, scene_words
 from .version import __version__
+
+logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MATCHER_FILE = "matcher.json"  # written last: a folder without it is not a finished index
@@ -623,6 +625,10 @@ class CatalogIndex:
     folder: Path
     n_products: int
     skipped: list[tuple[str, str]]  # (photo, reason): products indexed from their text alone
+    # products left out of the index: unreadable photo and no text (product id, photo, reason)
+    left_out: list[tuple[str, str, str]] = field(default_factory=list)
+    n_embedded: int = 0  # products embedded by this build; the others kept the previous build's vectors
+    n_reused: int = 0
 
 
 def product_metadata(product) -> dict[str, Any]:
@@ -654,9 +660,16 @@ def build_catalog_index(model, products: Sequence | str | os.PathLike, output_di
     """Embeds a catalogue and writes a folder that `Matcher.load` opens on its own.
 
     The folder holds `index/` (the `ProductIndex`, tied to the model's fingerprint), `model/` (a
-    copy of the model), `scene_categories.json` (the prior, when given) and `matcher.json` (what is
-    where, and the ranking weights), written last. The whole folder is written beside its place
-    and swapped in, so an interrupted build leaves the previous one intact.
+    copy of the model), `content_keys.json` (what each product's vector was computed from),
+    `scene_categories.json` (the prior, when given) and `matcher.json` (what is where, and the
+    ranking weights), written last. The whole folder is written beside its place and swapped in,
+    so an interrupted build leaves the previous one intact.
+
+    Rebuilding a folder of the same model embeds only the products whose photo bytes or text
+    changed or that are new (`hgm_mm.catalog_vectors`); removed products are dropped, and
+    metadata is always the catalogue's. A killed build resumes from its finished shards. A
+    product whose photo cannot be read is indexed by its text; one with no text either is left
+    out and listed in `CatalogIndex.left_out`.
 
     Args:
         model: the `HGMModel` whose vectors the index holds.
@@ -667,9 +680,9 @@ def build_catalog_index(model, products: Sequence | str | os.PathLike, output_di
         kind: the index kind ("auto", "exact", "hnsw", "ivfpq").
         batch_size, num_workers, progress: of the catalogue embedding.
     """
+    from .catalog_vectors import CONTENT_KEYS_FILE, catalog_vectors
     from .data import read_products
     from .data.text import product_text
-    from .embedding import embed_to_shards
 
     output_dir = check_output_dir(output_dir)
     if isinstance(products, (str, os.PathLike)):
@@ -679,22 +692,24 @@ def build_catalog_index(model, products: Sequence | str | os.PathLike, output_di
         raise ValueError("the catalogue is empty; give at least one product")
     weights = weights if weights is not None else RankingWeights()
     model.eval()
-    # the vectors stream into resumable shards beside the output: a killed build picks up where it stopped
+    fingerprint = model_fingerprint(model)
+    # new vectors stream into resumable shards beside the output: a killed build picks up where it stopped
     shards_dir = output_dir.parent / f".{output_dir.name}.vectors"
-    shards = embed_to_shards(model, [p.product_id for p in products], [p.image for p in products], shards_dir,
-                             texts=[product_text(p) for p in products], batch_size=batch_size,
-                             num_workers=num_workers, progress=progress)
-    ids, vectors = shards.load()
-    if ids != [p.product_id for p in products]:
-        raise RuntimeError(f"{shards_dir}: the embedded ids differ from the catalogue; delete the folder and rerun")
-    skipped = [(photo, reason) for _, photo, reason in shards.skipped()]
-    index = ProductIndex.build(ids, vectors.numpy(),
-                               [product_metadata(p) for p in products], kind=kind,
-                               model_identity=model_fingerprint(model))
+    found = catalog_vectors(model, [p.product_id for p in products], [p.image for p in products],
+                            [product_text(p) for p in products], _previous_vectors(output_dir, fingerprint),
+                            shards_dir, batch_size=batch_size, num_workers=num_workers, progress=progress)
+    if not found.ids:
+        first = found.skipped[0]
+        raise ValueError(f"none of the {len(products)} products could be indexed: no readable photo and no text "
+                         f"(first: {first[0]}, {first[1]}: {first[2]})")
+    by_id = {p.product_id: p for p in products}
+    index = ProductIndex.build(found.ids, found.vectors, [product_metadata(by_id[i]) for i in found.ids],
+                               kind=kind, model_identity=fingerprint)
 
     def write(folder: Path) -> None:
         index.save(folder / INDEX_DIR)
         model.save_pretrained(folder / MODEL_DIR)
+        atomic_text(folder / CONTENT_KEYS_FILE, json.dumps({"model": fingerprint, "keys": found.keys}))
         if prior is not None:
             prior.save(folder / SCENE_CATEGORIES_FILE)
         manifest = {"format": "hgm_mm.Matcher", "format_version": FORMAT_VERSION, "library_version": __version__,
@@ -705,8 +720,24 @@ def build_catalog_index(model, products: Sequence | str | os.PathLike, output_di
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     atomic_dir(output_dir, write)
-    shutil.rmtree(shards_dir, ignore_errors=True)
-    return CatalogIndex(output_dir, len(index), list(skipped))
+    return CatalogIndex(output_dir, len(index), [(photo, reason) for _, photo, reason in found.text_only],
+                        left_out=found.skipped, n_embedded=found.n_embedded, n_reused=found.n_reused)
+
+
+def _previous_vectors(folder: Path, fingerprint: str) -> tuple[list[str], np.ndarray, dict[str, str]] | None:
+    """(ids, vectors, content keys) of the index folder a previous build of the same model wrote, or None."""
+    from .catalog_vectors import CONTENT_KEYS_FILE, read_content_keys
+
+    if not (folder / MATCHER_FILE).is_file() or not (folder / CONTENT_KEYS_FILE).is_file():
+        return None
+    try:
+        index = ProductIndex.load(folder / INDEX_DIR, model_identity=fingerprint)
+    except (OSError, ValueError) as err:  # another model's index, or a damaged one: embed everything
+        logger.info("%s: its vectors are not reused (%s)", folder, str(err).splitlines()[0])
+        return None
+    keys = read_content_keys(folder / CONTENT_KEYS_FILE, fingerprint)
+    ids = [i for i in index.ids if i in keys]
+    return ids, index.vectors(ids), keys
 
 
 def _read_manifest(folder: Path) -> dict[str, Any]:

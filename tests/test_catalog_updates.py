@@ -1,0 +1,158 @@
+"""Rebuilding a catalogue index embeds only what changed, resumes after a kill, and equals a fresh build."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import hgm_mm
+from hgm_mm.catalog_vectors import content_key
+from hgm_mm.matching import Matcher, build_catalog_index
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # hgm-tiny announces its random weights
+        return hgm_mm.create_model("hgm-tiny")
+
+
+def write_catalogue(folder, rows):
+    """rows: (product_id, colour or None for an unreadable photo, title, price[, category]) -> products.jsonl."""
+    (folder / "img").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for product_id, colour, title, price, *category in rows:
+        path = folder / "img" / f"{product_id}.png"
+        if colour is None:
+            path.write_bytes(b"not a png")
+        else:
+            Image.new("RGB", (40, 32), colour).save(path)
+        row = {"product_id": product_id, "image": f"img/{product_id}.png", "title": title, "price": price,
+               "category": category[0] if category else "lamp" if product_id < "p05" else "sofa"}
+        lines.append(json.dumps({key: value for key, value in row.items() if value is not None}))
+    (folder / "products.jsonl").write_text("\n".join(lines), encoding="utf-8")
+    return folder / "products.jsonl"
+
+
+def build(model, catalogue, output):
+    return build_catalog_index(model, catalogue, output, kind="exact", progress=False, num_workers=0)
+
+
+def folder_contents(folder):
+    matcher = Matcher.load(folder)
+    ids = matcher.index.ids
+    return ids, matcher.index.vectors(ids), [matcher.index.metadata(i) for i in ids]
+
+
+def test_a_rebuild_embeds_only_new_and_changed_products_and_equals_a_fresh_build(model, tmp_path):
+    rows = [(f"p{i:02d}", (20 * i, 100, 200 - 10 * i), f"product {i}", 10 + i) for i in range(10)]
+    first = build(model, write_catalogue(tmp_path / "v1", rows), tmp_path / "index")
+    assert (first.n_embedded, first.n_reused, first.n_products) == (10, 0, 10)
+    first_vector = Matcher.load(tmp_path / "index").index.vectors(["p00"])
+
+    changed = list(rows)
+    changed[1] = ("p01", (5, 5, 5), "product 1", 11)  # a new photo
+    changed[2] = ("p02", rows[2][1], "product 2, now in oak", 12)  # a new text
+    changed[3] = ("p03", rows[3][1], "product 3", 99)  # a new price only: no embedding
+    del changed[4]  # removed
+    changed += [("p10", (1, 2, 3), "product 10", 20), ("p11", (9, 9, 250), "product 11", 21)]
+    catalogue = write_catalogue(tmp_path / "v2", changed)  # every photo is a new file: content decides, not paths
+    second = build(model, catalogue, tmp_path / "index")
+    assert (second.n_embedded, second.n_reused, second.n_products) == (4, 7, 11)
+
+    fresh = build(model, catalogue, tmp_path / "fresh")
+    assert fresh.n_embedded == 11
+    ids, vectors, metadata = folder_contents(tmp_path / "index")
+    fresh_ids, fresh_vectors, fresh_metadata = folder_contents(tmp_path / "fresh")
+    assert ids == fresh_ids == [row[0] for row in changed]
+    assert metadata == fresh_metadata and metadata[3]["price"] == 99
+    np.testing.assert_allclose(vectors, fresh_vectors, atol=1e-5)
+    # the reused vector of an unchanged product is the first build's (to the index's re-normalisation)
+    np.testing.assert_allclose(Matcher.load(tmp_path / "index").index.vectors(["p00"]), first_vector,
+                               rtol=0, atol=1e-7)
+    assert not (tmp_path / ".index.vectors").exists()  # the shards are gone once the folder is written
+
+
+def test_another_models_folder_is_embedded_again_not_reused(model, tmp_path):
+    catalogue = write_catalogue(tmp_path, [(f"p{i:02d}", (30 * i, 0, 0), f"product {i}", 1) for i in range(4)])
+    build(model, catalogue, tmp_path / "index")
+    torch.manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        other = hgm_mm.create_model("hgm-tiny")
+    rebuilt = build(other, catalogue, tmp_path / "index")
+    assert (rebuilt.n_embedded, rebuilt.n_reused) == (4, 0)
+    Matcher.load(tmp_path / "index")  # its own model's folder now
+
+
+def test_a_product_without_a_readable_photo_or_text_is_left_out_and_named(model, tmp_path):
+    rows = [("p00", (200, 0, 0), "red lamp", 1), ("p01", None, "broken photo, has a title", 2), ("p02", None, "", 3, None)]
+    built = build(model, write_catalogue(tmp_path, rows), tmp_path / "index")
+    assert built.n_products == 2 and [pid for pid, _, _ in built.left_out] == ["p02"]
+    assert [photo for photo, _ in built.skipped] == [str((tmp_path / "img" / "p01.png").resolve())]
+    assert Matcher.load(tmp_path / "index").index.ids == ["p00", "p01"]
+    again = build(model, write_catalogue(tmp_path, rows), tmp_path / "index")  # a rerun is not refused
+    assert again.n_products == 2 and again.n_reused == 2
+
+
+def test_content_key_follows_photo_bytes_and_text_not_paths(tmp_path):
+    a, b, c = tmp_path / "a.png", tmp_path / "b.png", tmp_path / "c.png"
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(a)
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(b)
+    Image.new("RGB", (8, 8), (1, 2, 4)).save(c)
+    assert content_key(a, "lamp") == content_key(b, "lamp")
+    assert content_key(a, "lamp") != content_key(c, "lamp") != content_key(a, "lamp ")
+    assert content_key(tmp_path / "missing.png", "lamp") != content_key(None, "lamp")
+
+
+@pytest.mark.slow
+def test_a_build_killed_mid_way_resumes_from_its_shards(model, tmp_path):
+    """kill -9 while embedding, then rerun: the finished shards are kept and the folder equals a fresh build."""
+    model_dir = tmp_path / "model"
+    model.save_pretrained(model_dir)
+    rng = np.random.default_rng(0)
+    (tmp_path / "img").mkdir()
+    lines = []
+    for i in range(160):  # large photos decode slowly enough to be caught mid-way
+        Image.fromarray(rng.integers(0, 255, (900, 1200, 3), dtype=np.uint8)).save(tmp_path / "img" / f"p{i}.jpg")
+        lines.append(json.dumps({"product_id": f"p{i:03d}", "image": f"img/p{i}.jpg", "title": f"product {i}"}))
+    (tmp_path / "products.jsonl").write_text("\n".join(lines), encoding="utf-8")
+    command = [sys.executable, "-m", "hgm_mm", "index", "--model", str(model_dir), "--catalog",
+               str(tmp_path / "products.jsonl"), "--output", str(tmp_path / "index"), "--kind", "exact"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    shards = tmp_path / ".index.vectors"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and len(list(shards.glob("*/shard-*.safetensors"))) < 3:
+        assert process.poll() is None, "the build finished before it could be killed"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "index").exists()
+
+    resumed = build_catalog_index(hgm_mm.load_model(model_dir), tmp_path / "products.jsonl", tmp_path / "index",
+                                  kind="exact", progress=False, num_workers=0)
+    assert resumed.n_products == 160 and 0 < resumed.n_reused < 160
+    assert resumed.n_embedded == 160 - resumed.n_reused
+    fresh = build_catalog_index(hgm_mm.load_model(model_dir), tmp_path / "products.jsonl", tmp_path / "fresh",
+                                kind="exact", progress=False, num_workers=0)
+    ids, vectors, metadata = folder_contents(tmp_path / "index")
+    fresh_ids, fresh_vectors, fresh_metadata = folder_contents(tmp_path / "fresh")
+    assert ids == fresh_ids and metadata == fresh_metadata
+    np.testing.assert_allclose(vectors, fresh_vectors, atol=1e-5)
