@@ -490,6 +490,12 @@ class ShardedEmbeddings:
         if shard_number != shard or vectors.dim() != 2 or vectors.shape != (len(ids), self.manifest["embed_dim"]):
             raise ValueError(f"{path}: holds shard {shard_number} with vectors {tuple(vectors.shape)} for "
                              f"{len(ids)} ids; expected shard {shard} of dimension {self.manifest['embed_dim']}; {fix}")
+        # shards written before these digests were recorded carry neither
+        if "plan_sha256" in meta and meta["plan_sha256"] != plan_digest(self.manifest):
+            raise ValueError(f"{path}: was written for another embedding plan (another model, catalogue or "
+                             f"settings) than {self.folder / MANIFEST_NAME}; {fix}")
+        if "vectors_sha256" in meta and meta["vectors_sha256"] != _vectors_digest(ids, vectors):
+            raise ValueError(f"{path}: its ids and vectors do not match the digest written with them; {fix}")
         return ids, vectors, skipped
 
 
@@ -637,7 +643,8 @@ def _embed_shards(model, ids, photos, texts, result: ShardedEmbeddings, pending:
             seen += len(batch.positions)
             bar.update(len(batch.positions))
             if seen == shard_length(current):
-                _write_shard(result.shard_path(current), current, row_ids, torch.cat(rows), skipped)
+                _write_shard(result.shard_path(current), current, row_ids, torch.cat(rows), skipped,
+                             plan_digest(result.manifest))
                 rows, row_ids, skipped, seen, current = [], [], [], 0, None
 
 
@@ -667,13 +674,27 @@ def _batch_vectors(model, batch: _Batch, photo_vectors: torch.Tensor | None, tex
     return [p for p, k in zip(batch.positions, keep.tolist()) if k], fused.clone()
 
 
+def plan_digest(manifest: dict) -> str:
+    """SHA-256 of an embedding folder's plan (model, inputs, settings): every shard records it."""
+    plan = {key: manifest.get(key) for key in _PLAN_KEYS}
+    return hashlib.sha256(json.dumps(plan, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def _vectors_digest(ids: list[str], vectors: torch.Tensor) -> str:
+    digest = hashlib.sha256(json.dumps(ids, ensure_ascii=False).encode("utf-8"))
+    digest.update(vectors.to(torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def _write_shard(path: Path, shard: int, ids: list[str], vectors: torch.Tensor,
-                 skipped: list[tuple[str, str, str]]) -> None:
+                 skipped: list[tuple[str, str, str]], plan: str) -> None:
     from safetensors.torch import save_file
 
     tensors = {"vectors": vectors.to(torch.float32).contiguous()}  # (rows, D)
+    # the plan ties the shard to its folder's manifest, the digest its ids to its vectors
     metadata = {"shard": str(shard), "ids": json.dumps(ids, ensure_ascii=False),
-                "skipped": json.dumps(skipped, ensure_ascii=False)}
+                "skipped": json.dumps(skipped, ensure_ascii=False), "plan_sha256": plan,
+                "vectors_sha256": _vectors_digest(ids, tensors["vectors"])}
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 

@@ -39,3 +39,25 @@ def atomic_dir(path: Path, write: Callable[[Path], object]) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes, read in 1 MiB blocks: what a manifest records to tie a file to it."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_file_digest(path: Path, expected: str | None, fix: str) -> None:
+    """Refuses a file whose SHA-256 differs from the one its manifest recorded (None: none recorded)."""
+    if expected is None:
+        return
+    actual = file_sha256(path)
+    if actual != expected:
+        raise ValueError(f"{path}: its content (sha256 {actual[:12]}...) is not the file its manifest recorded "
+                         f"(sha256 {expected[:12]}...): it was replaced or changed since it was saved, perhaps by "
+                         f"a file of another model or index. {fix}")

@@ -54,7 +54,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from .files import atomic_write
+from .files import atomic_write, check_file_digest, file_sha256
 from .version import __version__
 
 FORMAT_VERSION = 1  # bump when the folder layout or the meaning of a saved key changes
@@ -499,7 +499,8 @@ class ProductIndex:
         """Writes the index to `folder`: index.faiss, ids.json, metadata.json, manifest.json.
 
         Each file goes to a temporary name and is moved into place, the manifest last; the
-        manifest records every file's size, so `load` detects a folder mixed by an interrupted save.
+        manifest records every file's size and SHA-256, so `load` refuses a folder mixed by an
+        interrupted save or a file swapped in from another index.
         """
         if self._index is None:
             raise ValueError("an empty 'ivfpq' index has nothing to save; add products first")
@@ -522,6 +523,7 @@ class ProductIndex:
             "params": self.params.to_dict(),
             "model_identity": self.model_identity,
             "files": {name: (folder / name).stat().st_size for name in (INDEX_FILE, IDS_FILE, METADATA_FILE)},
+            "sha256": {name: file_sha256(folder / name) for name in (INDEX_FILE, IDS_FILE, METADATA_FILE)},
         }
         atomic_write(folder / MANIFEST_FILE, lambda p: _write_json(p, manifest, indent=2))
         return folder
@@ -550,6 +552,9 @@ class ProductIndex:
             dim, kind, count, n_labels = (manifest["dimension"], manifest["kind"], manifest["count"],
                                           manifest["labels"])
             sizes, saved_identity = manifest["files"], manifest["model_identity"]
+            digests = manifest.get("sha256", {})
+            if not isinstance(digests, dict):
+                raise TypeError("sha256")
             params = IndexParams.from_dict(manifest["params"], origin=f"{manifest_path}: params")
         except (KeyError, TypeError) as err:
             raise ValueError(f"{manifest_path}: missing or malformed key {err}; the folder is damaged, "
@@ -569,6 +574,8 @@ class ProductIndex:
                 raise ValueError(f"{path}: size {path.stat().st_size} bytes differs from the manifest's "
                                  f"{sizes.get(name) if isinstance(sizes, dict) else None}; the file was changed "
                                  "or an interrupted save mixed two versions. Save the index again")
+            # folders saved before digests were recorded carry sizes alone
+            check_file_digest(path, digests.get(name), "Save or build the index again")
 
         ids = _read_json(folder / IDS_FILE, "save the index again").get("ids")
         metas = _read_json(folder / METADATA_FILE, "save the index again").get("metadata")

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .files import atomic_dir, atomic_write
+from .files import atomic_dir, atomic_write, check_file_digest, file_sha256
 from .fusion import GatedFusion
 from .preprocess import RoomViews, TextTokenizer, build_image_transform
 from .pretrained import HGM_CONFIG_NAME, OPEN_CLIP_CONFIG_NAME
@@ -540,7 +540,8 @@ class HGMModel(nn.Module):
         """Writes config JSON, safetensors weights and tokenizers to `folder`.
 
         Every file is written under a temporary name and moved into place, the config last, so
-        an interrupted save never leaves a folder that loads half a model.
+        an interrupted save never leaves a folder that loads half a model; the config records the
+        weights' SHA-256, so weights swapped in from another model are refused on load.
         """
         from safetensors.torch import save_file
 
@@ -556,7 +557,7 @@ class HGMModel(nn.Module):
         if self.scene_text_tower is not None:
             atomic_dir(folder / SCENE_TOKENIZER_DIR, self.scene_tokenizer.save)
         document = {"format_version": FORMAT_VERSION, "library_version": __version__,
-                    "model": self.config.to_dict()}
+                    "model": self.config.to_dict(), "sha256": {WEIGHTS_NAME: file_sha256(folder / WEIGHTS_NAME)}}
         atomic_write(folder / HGM_CONFIG_NAME,
                       lambda p: p.write_text(json.dumps(document, indent=2, ensure_ascii=False), encoding="utf-8"))
         return folder
@@ -604,6 +605,10 @@ def load_model(folder: str | os.PathLike, *, device: str | torch.device | None =
         raise FileNotFoundError(f"{weights_path} is missing; the folder is incomplete, save the model again")
     from safetensors.torch import load_file
 
+    digests = document.get("sha256", {})  # folders saved before digests were recorded have none
+    if not isinstance(digests, dict):
+        raise ValueError(f"{config_path}: 'sha256' must map file names to digests; the folder is damaged")
+    check_file_digest(weights_path, digests.get(WEIGHTS_NAME), "Save the model again, or copy the whole folder")
     try:
         state = load_file(str(weights_path))
     except Exception as err:  # safetensors raises its own error types for corrupt headers and data

@@ -170,6 +170,33 @@ def test_a_folder_of_another_catalogue_or_model_is_refused(model, tmp_path):
         embed_to_shards(other, ids_for(paths), paths, out, shard_size=2, num_workers=0, progress=False)
 
 
+def test_a_shard_swapped_in_from_another_folder_or_edited_is_refused(model, tmp_path):
+    paths = make_photos(tmp_path / "img", 4)
+    mine = embed_to_shards(model, ids_for(paths), paths, tmp_path / "mine", shard_size=2, num_workers=0,
+                           progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        other_model = hgm_mm.create_model("hgm-tiny")
+    theirs = embed_to_shards(other_model, ids_for(paths), paths, tmp_path / "theirs", shard_size=2, num_workers=0,
+                             progress=False)
+    original = mine.shard_path(1).read_bytes()
+    mine.shard_path(1).write_bytes(theirs.shard_path(1).read_bytes())  # same ids, same shape, another model
+    with pytest.raises(ValueError, match=r"mine/shard-00001\.safetensors: was written for another embedding plan"):
+        mine.load()
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    mine.shard_path(1).write_bytes(original)
+    with safe_open(str(mine.shard_path(1)), framework="pt") as f:
+        metadata, vectors = f.metadata(), f.get_tensor("vectors")
+    ids = json.loads(metadata["ids"])
+    metadata["ids"] = json.dumps(ids[::-1])  # two products swap vectors
+    save_file({"vectors": vectors}, str(mine.shard_path(1)), metadata=metadata)
+    with pytest.raises(ValueError, match=r"shard-00001\.safetensors: its ids and vectors do not match"):
+        mine.load()
+
+
 def test_bad_arguments_and_damaged_folders_say_what_to_fix(model, tmp_path):
     paths = make_photos(tmp_path / "img", 3)
     with pytest.raises(ValueError, match="3 ids, 2 photos"):

@@ -357,6 +357,10 @@ def test_damaged_files_are_refused(saved, tmp_path):
     with pytest.raises(ValueError, match=r"index\.faiss: size .* differs from the manifest"):
         ProductIndex.load(saved)
     (saved / "index.faiss").write_bytes(b"\0" * len(index_bytes))  # same size, garbage
+    with pytest.raises(ValueError, match=r"index\.faiss: its content .* is not the file its manifest recorded"):
+        ProductIndex.load(saved)
+    digests = json.loads((saved / "manifest.json").read_text())["sha256"]
+    _edit_manifest(saved, sha256={})  # a folder saved before digests: FAISS itself refuses the garbage
     with pytest.raises(ValueError, match=r"index\.faiss: FAISS cannot read it"):
         ProductIndex.load(saved)
     (saved / "index.faiss").write_bytes(index_bytes)
@@ -367,7 +371,29 @@ def test_damaged_files_are_refused(saved, tmp_path):
     with pytest.raises(ValueError, match=r"metadata\.json: not valid JSON"):
         ProductIndex.load(saved)
     (saved / "metadata.json").write_text(metadata)
+    _edit_manifest(saved, sha256=digests)
     assert len(ProductIndex.load(saved)) == 200  # restored: loads again
+
+
+def test_files_swapped_in_from_elsewhere_are_refused_by_content(catalogue, saved, tmp_path):
+    """Same sizes, same dimension: only the digests tell these folders apart."""
+    ids, x, metas, _ = catalogue
+    ids_doc = json.loads((saved / "ids.json").read_text())
+    ids_doc["ids"][0], ids_doc["ids"][1] = ids_doc["ids"][1], ids_doc["ids"][0]  # two products swap vectors
+    original_ids = (saved / "ids.json").read_text()
+    (saved / "ids.json").write_text(json.dumps(ids_doc, ensure_ascii=False))
+    assert len((saved / "ids.json").read_text()) == len(original_ids)
+    with pytest.raises(ValueError, match=r"ids\.json: its content .* replaced or changed"):
+        ProductIndex.load(saved)
+    (saved / "ids.json").write_text(original_ids)
+
+    other_vectors = np.random.default_rng(7).standard_normal((200, D)).astype(np.float32)  # another model's
+    other_vectors /= np.linalg.norm(other_vectors, axis=1, keepdims=True)
+    other = ProductIndex.build(ids[:200], other_vectors, metas[:200]).save(tmp_path / "other")
+    assert (other / "index.faiss").stat().st_size == (saved / "index.faiss").stat().st_size
+    (saved / "index.faiss").write_bytes((other / "index.faiss").read_bytes())
+    with pytest.raises(ValueError, match=r"idx/index\.faiss: its content .* replaced or changed"):
+        ProductIndex.load(saved)
 
 
 # -- input validation ---------------------------------------------------------------------------

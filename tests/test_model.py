@@ -350,6 +350,9 @@ def test_load_refuses_missing_and_unexpected_weights(saved_tiny):
     state.pop("scene_head.weight")
     state["extra.weight"] = torch.zeros(1)
     save_file(state, str(saved_tiny / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"model\.safetensors: its content .* is not the file its manifest recorded"):
+        hgm_mm.load_model(saved_tiny)
+    _edit_config(saved_tiny, lambda d: d.pop("sha256"))  # a folder saved before digests: the keys are checked
     with pytest.raises(ValueError, match=r"1 missing \(e\.g\. \['scene_head\.weight'\]\); 1 unexpected"):
         hgm_mm.load_model(saved_tiny)
 
@@ -363,11 +366,22 @@ def test_load_refuses_shape_mismatch(saved_tiny):
 def test_load_refuses_corrupt_files(saved_tiny):
     weights = saved_tiny / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
+    _edit_config(saved_tiny, lambda d: d.pop("sha256"))  # without a digest, safetensors itself refuses it
     with pytest.raises(ValueError, match="model.safetensors: cannot be read"):
         hgm_mm.load_model(saved_tiny)
     (saved_tiny / "hgm_config.json").write_text("{not json")
     with pytest.raises(ValueError, match="hgm_config.json: not valid JSON"):
         hgm_mm.load_model(saved_tiny)
+
+
+def test_weights_of_another_model_swapped_into_a_folder_are_refused(saved_tiny, tmp_path):
+    torch.manual_seed(123)
+    other = tiny_model()
+    other.save_pretrained(tmp_path / "other")
+    (saved_tiny / "model.safetensors").write_bytes((tmp_path / "other" / "model.safetensors").read_bytes())
+    with pytest.raises(ValueError, match=r"m/model\.safetensors: its content .* replaced or changed"):
+        hgm_mm.load_model(saved_tiny)
+    assert hgm_mm.load_model(tmp_path / "other") is not None  # the folder it came from still loads
 
 
 def test_load_of_a_folder_without_config_says_what_it_is(tmp_path):
