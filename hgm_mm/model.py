@@ -156,9 +156,10 @@ class HGMModel(nn.Module):
         """A PIL image, a path, or a sequence of them -> stacked `transform` outputs on the device."""
         if isinstance(images, (str, os.PathLike)) or hasattr(images, "convert"):
             images = [images]
-        from .data.images import load_image
+        from .data.images import load_image, prepare_image
 
-        tensors = [transform(load_image(item) if isinstance(item, (str, os.PathLike)) else item.convert("RGB"))
+        # one image policy for paths and PIL images: EXIF orientation, alpha, 16-bit (data/images.py)
+        tensors = [transform(load_image(item) if isinstance(item, (str, os.PathLike)) else prepare_image(item))
                    for item in images]
         if not tensors:
             raise ValueError("no images given")

@@ -292,3 +292,54 @@ def test_skip_counter(mixed):
     with pytest.raises(TypeError):  # only ImageError is skipped; a bug propagates
         counter.load(42)
     assert counter.count == 2
+
+
+# ------------------------------------------------------------------------------------------
+# PIL images handed to the API follow the same policy as paths
+
+
+def _policy_cases(tmp_path):
+    rgba = Image.new("RGBA", (12, 10), (255, 0, 0, 0))
+    rgba.paste((0, 0, 255, 255), (0, 0, 6, 10))  # left half opaque blue, right half transparent red
+    sixteen = Image.fromarray(np.tile(np.linspace(0, 65535, 12, dtype=np.uint16), (10, 1)))
+    return {"exif_rotated": _oriented(tmp_path, 6, "JPEG"), "alpha": _save(rgba, tmp_path / "alpha.png"),
+            "sixteen_bit": _save(sixteen, tmp_path / "g16.png")}
+
+
+@pytest.mark.parametrize("case", ["exif_rotated", "alpha", "sixteen_bit"])
+def test_a_pil_image_gets_the_pixels_its_file_gets(tmp_path, case):
+    from hgm_mm.data import prepare_image
+
+    path = _policy_cases(tmp_path)[case]
+    opened = Image.open(path)
+    assert opened.mode != "RGB" or case == "exif_rotated"
+    assert (np.asarray(prepare_image(opened)) == np.asarray(load_image(path))).all()
+    assert not (case == "exif_rotated" and opened.convert("RGB").size == load_image(path).size)  # what it fixes
+
+
+def test_model_encoders_read_pil_images_as_they_read_paths(tmp_path):
+    import torch
+
+    import hgm_mm
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = hgm_mm.create_model("hgm-tiny")
+    paths = list(_policy_cases(tmp_path).values())
+    with torch.no_grad():
+        by_path = model.encode_image([str(p) for p in paths])
+        by_pil = model.encode_image([Image.open(p) for p in paths])
+        rooms_by_path = model.encode_room_views([str(p) for p in paths])
+        rooms_by_pil = model.encode_room_views([Image.open(p) for p in paths])
+    assert torch.allclose(by_path, by_pil, atol=1e-6)
+    assert torch.allclose(rooms_by_path, rooms_by_pil, atol=1e-6)
+
+
+def test_prepare_image_refuses_what_is_not_an_image():
+    from hgm_mm.data import prepare_image
+
+    with pytest.raises(TypeError, match="expected a PIL image, got ndarray"):
+        prepare_image(np.zeros((4, 4, 3)))
+    with pytest.raises(ImageError, match="exceeds max_pixels=10"):
+        prepare_image(Image.new("RGB", (4, 4)), max_pixels=10)

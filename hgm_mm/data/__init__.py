@@ -4,6 +4,7 @@ from .images import ImageError as ImageError
 from .images import SkipCounter as SkipCounter
 from .images import load_image as load_image
 from .images import load_images as load_images
+from .images import prepare_image as prepare_image
 from .records import DataError as DataError
 from .records import Dataset as Dataset
 from .records import Product as Product
@@ -30,6 +31,7 @@ __all__ = [
     "load_dataset",
     "load_image",
     "load_images",
+    "prepare_image",
     "read_pairs",
     "read_products",
     "read_rooms",

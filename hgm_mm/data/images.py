@@ -103,8 +103,7 @@ def load_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> 
                                            f"max_pixels={max_pixels:,} (possible decompression "
                                            "bomb); downscale the file or raise max_pixels")
                 img.load()
-                img = ImageOps.exif_transpose(img)
-                return _to_rgb(img, name)
+                return prepare_image(img, max_pixels=max_pixels, name=name)
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -115,6 +114,27 @@ def load_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> 
     except _DECODE_ERRORS as exc:
         raise ImageError(name, f"truncated or corrupt image ({type(exc).__name__}: {exc}); "
                                "re-download or re-export the file") from None
+
+
+def prepare_image(img: Image.Image, *, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "PIL image") -> Image.Image:
+    """The image policy of `load_image` for an image already in memory (what the API is handed):
+    EXIF orientation applied, then the mode policy (alpha on white, 16-bit scaled, ...) -> ``RGB``.
+
+    Every image input, a path or a PIL image, goes through this, so the same photo gives the
+    same pixels either way. The input is not changed.
+
+    Raises:
+        TypeError: `img` is not a PIL image.
+        ImageError: it is larger than `max_pixels`, or in a mode that cannot be converted.
+    """
+    if not isinstance(img, Image.Image):
+        raise TypeError(f"expected a PIL image, got {type(img).__name__}")
+    width, height = img.size
+    if width * height > max_pixels:
+        raise ImageError(name, f"{width}x{height} = {width * height:,} pixels exceeds max_pixels={max_pixels:,}; "
+                               "downscale it")
+    transposed = ImageOps.exif_transpose(img)  # a copy when the orientation changes
+    return _to_rgb(transposed if transposed is not None else img, name)
 
 
 def _to_rgb(img: Image.Image, name: str) -> Image.Image:
