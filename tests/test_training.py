@@ -46,10 +46,11 @@ def dataset(tmp_path):
 
 
 def tiny_config(**overrides):
+    """A tiny retrieval run; the guide's scene heads after it are tested on their own (they cost a minute)."""
     settings = dict(model="hgm-tiny", epochs=2, batch_size=6, rooms_per_batch=3, num_workers=0,
                     checkpoint_every_steps=1, unlocked_image_groups=1, unlocked_text_layers=1,
                     room_text_probability=0.5,  # rooms read their captions: the scene-text path is trained too
-                    eval_every_epochs=1)
+                    eval_every_epochs=1, scene_heads=False)
     settings.update(overrides)
     return TrainConfig(**settings)
 
@@ -325,6 +326,20 @@ def test_unlocked_image_groups_count_from_the_head_convolution():
     assert trainable() == set()
 
 
+def test_train_ends_with_the_guides_scene_heads_trained_calibrated_and_saved(dataset, tmp_path):
+    result = run(tiny_config(max_steps=2, scene_heads=True, scene_epochs=1, scene_image_size=32), dataset,
+                 tmp_path / "run")
+    report = json.loads((result.model_dir / "scene_heads.json").read_text())
+    loaded = hgm_mm.load_model(result.model_dir)
+    assert loaded.scene_reader.source == "photo" and loaded.config.scene_image_size == 32
+    assert report["photo"]["n_train"] > 0 and report["photo"]["calibration"]["temperature"] > 0
+    assert loaded.config.photo_scene_temperature == pytest.approx(report["photo"]["calibration"]["temperature"])
+    assert "text" in report and loaded.scene_text_classifier is not None
+    without = run(tiny_config(max_steps=2), dataset, tmp_path / "plain")
+    assert hgm_mm.load_model(without.model_dir).scene_reader.source == "room"
+    assert not (without.model_dir / "scene_heads.json").exists()
+
+
 def test_config_refuses_unknown_settings_and_reads_yaml(tmp_path):
     with pytest.raises(ValueError, match=r"unknown setting\(s\) \['learning_rate'\]; valid settings are .*'lr'"):
         TrainConfig.from_dict({"learning_rate": 0.1})
@@ -336,13 +351,39 @@ def test_config_refuses_unknown_settings_and_reads_yaml(tmp_path):
     assert config.epochs == 5 and config.lr == 0.002
 
 
+def test_config_numbers_in_exponent_notation_work_and_wrong_types_are_named(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("lr: 1e-3\ntower_lr: 3E-4\nweight_decay: 5.0e-2\nepochs: 2\n")
+    config = TrainConfig.from_file(path)
+    assert (config.lr, config.tower_lr, config.weight_decay, config.epochs) == (1e-3, 3e-4, 5e-2, 2)
+    assert isinstance(config.lr, float)
+    for text, message in (("epochs: true", r"epochs=True \(bool\); expected an int"),
+                          ("lr: fast", r"lr='fast' \(str\); expected a finite number"),
+                          ("val_fraction: '0.2'", r"val_fraction='0.2' \(str\); expected a finite number"),
+                          ("lr: .inf", r"lr=inf \(float\); expected a finite number"),
+                          ("max_steps: 2.5", r"max_steps=2.5 \(float\); expected an int or null"),
+                          ("scene_heads: 'no'", r"scene_heads='no' \(str\); expected true or false")):
+        path.write_text(text + "\n")
+        with pytest.raises(ValueError, match=rf"^{path}: TrainConfig\.{message}"):
+            TrainConfig.from_file(path)
+
+
+def test_cli_train_refuses_a_non_finite_lr_before_making_a_run_folder(dataset, tmp_path, capsys):
+    from hgm_mm.cli import main
+
+    code = main(["train", "--data", str(dataset), "--model", "hgm-tiny", "--output", str(tmp_path / "run"),
+                 "--lr", "inf"])
+    assert code == 2 and "TrainConfig.lr=inf (float); expected a finite number" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_cli_train_prints_the_validation_metrics(dataset, tmp_path):
     from hgm_mm.cli import main
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         code = main(["train", "--data", str(dataset), "--model", "hgm-tiny", "--output", str(tmp_path / "run"),
-                     "--max-steps", "2", "--batch-size", "6"])
+                     "--max-steps", "2", "--batch-size", "6", "--no-scene-heads"])
     assert code == 0
     assert (tmp_path / "run" / "model" / "hgm_config.json").is_file()
 
@@ -351,7 +392,8 @@ def test_cli_train_prints_the_validation_metrics(dataset, tmp_path):
 def test_two_processes_train_like_one(dataset, tmp_path):
     """accelerate launch with two real CPU processes: same global batch, same weights as one process."""
     settings = {"model": "hgm-tiny", "epochs": 1, "max_steps": 2, "batch_size": 6, "rooms_per_batch": 4,
-                "num_workers": 0, "unlocked_image_groups": 0, "unlocked_text_layers": 0}  # no dropout, no BatchNorm batch statistics
+                "num_workers": 0, "unlocked_image_groups": 0, "unlocked_text_layers": 0,  # no dropout, no BatchNorm batch statistics
+                "scene_epochs": 1, "scene_image_size": 32}  # the scene heads after it run on the main process alone
     config = tmp_path / "config.json"
     config.write_text(json.dumps(settings))
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -362,6 +404,7 @@ def test_two_processes_train_like_one(dataset, tmp_path):
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "processes: 2" in result.stdout  # the run announced both processes
+    assert result.stdout.count("photo scene head:") == 1  # trained and reported once
     run(TrainConfig(**settings), dataset, tmp_path / "one")
     one, two = checkpoint_weights(tmp_path / "one"), checkpoint_weights(tmp_path / "two")
     for name in one:

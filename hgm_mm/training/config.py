@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +67,7 @@ class TrainConfig:
     log_every_steps: int = 5
 
     def __post_init__(self) -> None:
+        _check_field_types(self)
         positive_ints = ("epochs", "batch_size", "rooms_per_batch", "positives_per_room", "eval_every_epochs",
                          "patience", "checkpoint_every_steps", "log_every_steps", "scene_epochs")
         for name in positive_ints:
@@ -119,7 +124,7 @@ class TrainConfig:
             raise ValueError(f"{origin}: unknown setting(s) {unknown}; valid settings are {sorted(valid)}")
         try:
             return cls(**data)
-        except TypeError as err:
+        except (TypeError, ValueError) as err:
             raise ValueError(f"{origin}: {err}") from err
 
     @classmethod
@@ -131,12 +136,57 @@ class TrainConfig:
             if path.suffix == ".json":
                 data = json.loads(text)
             else:
-                import yaml
-
-                data = yaml.safe_load(text) or {}
+                data = _load_yaml(text) or {}
         except Exception as err:  # json and yaml raise their own error types
             raise ValueError(f"{path}: cannot be parsed ({err})") from err
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of settings at the top level")
         data.update({k: v for k, v in overrides.items() if v is not None})
         return cls.from_dict(data, origin=str(path))
+
+
+_TYPE_NAMES = {int: "an int", float: "a finite number", bool: "true or false", str: "a string", type(None): "null"}
+
+
+def _check_field_types(config) -> None:
+    """Refuses a field whose value is not of its declared type: `epochs: true` is not 1 epoch, `lr: fast`
+    and `lr: .inf` are not learning rates. An int is a number; a bool is neither."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        declared = hints[f.name]
+        allowed = typing.get_args(declared) if typing.get_origin(declared) in (typing.Union, types.UnionType) \
+            else (declared,)
+        value = getattr(config, f.name)
+        if not any(_is_of(value, kind) for kind in allowed):
+            expected = " or ".join(_TYPE_NAMES.get(kind, getattr(kind, "__name__", str(kind))) for kind in allowed)
+            raise ValueError(f"{type(config).__name__}.{f.name}={value!r} ({type(value).__name__}); "
+                             f"expected {expected}")
+
+
+def _is_of(value: Any, kind: Any) -> bool:
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, kind)
+
+
+def _load_yaml(text: str) -> Any:
+    """YAML with numbers such as `1e-3` read as numbers: PyYAML follows YAML 1.1, which reads a float
+    without a dot (`1e-3`) as the string "1e-3". A quoted value stays a string."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                    |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                    |[-+]?\.(?:inf|Inf|INF)
+                    |\.(?:nan|NaN|NAN))$""", re.X),
+        list("-+0123456789."))
+    return yaml.load(text, Loader=Loader)  # noqa: S506 (a SafeLoader subclass: plain data only)
