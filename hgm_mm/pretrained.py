@@ -117,6 +117,28 @@ def resolve_weight_source(pretrained: str | None, *, tower_source: str) -> Weigh
                      "use None, 'hub', 'file:PATH' or one of " + str(sorted(OFFLINE_SOURCES)))
 
 
+def load_torch_file(path: str | Path, *, fix: str = "convert it to .safetensors") -> object:
+    """`torch.load(path, weights_only=True)` with errors that name the file and never suggest
+    unsafe loading: a file holding objects other than tensors and plain containers (a pickle that
+    would run code) is refused as such, a damaged one as damaged."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch's text suggests weights_only=False; it is not repeated. A global it refused is a class
+        # or function the file would have run; anything else means the bytes are not a pickle it reads.
+        if "global" in str(err).lower():
+            raise ValueError(f"{path}: refused: it holds objects other than tensors and plain containers, and "
+                             "loading them could run code the file carries; hgm_mm reads tensors only. "
+                             f"{fix[:1].upper()}{fix[1:]}") from None
+        raise ValueError(f"{path}: cannot be read as a torch file (damaged, or not a torch file): {fix}") from None
+    except (RuntimeError, EOFError, OSError, ValueError):  # a truncated archive, an unreadable file
+        raise ValueError(f"{path}: cannot be read as a torch file (damaged, or not a torch file): {fix}") from None
+
+
 def load_state_dict_file(path: str | Path) -> dict:
     """Reads a weights file safely: safetensors, or torch with weights_only=True (never unpickles code)."""
     import torch
@@ -126,11 +148,7 @@ def load_state_dict_file(path: str | Path) -> dict:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for a hostile or broken file
-        raise ValueError(f"{path}: cannot be read as a weights-only torch file ({err}); "
-                         "convert it to .safetensors") from err
+    state = load_torch_file(path)
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -109,6 +109,26 @@ def test_open_clip_local_dir_loads_its_weights(tiny_clip_name, tmp_path):
     assert model.logit_scale.item() == pytest.approx(clip.logit_scale.item())
 
 
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ("this ran while loading",))
+
+
+def test_hostile_pickles_are_refused_naming_the_file_never_suggesting_unsafe_loading(tiny_clip_name, tmp_path,
+                                                                                       capsys):
+    from hgm_mm.pretrained import load_state_dict_file
+
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP_CFG}))
+    torch.save({"weight": _RunsCode()}, tmp_path / "open_clip_pytorch_model.bin")
+    with pytest.raises(ValueError) as refused:
+        hgm_mm.create_model(f"local-dir:{tmp_path}")
+    assert str(refused.value).startswith(f"{tmp_path}: refused") and "weights_only" not in str(refused.value)
+    with pytest.raises(ValueError) as refused:
+        load_state_dict_file(tmp_path / "open_clip_pytorch_model.bin")
+    assert "open_clip_pytorch_model.bin: refused" in str(refused.value) and "weights_only" not in str(refused.value)
+    assert "this ran" not in capsys.readouterr().out
+
+
 def test_open_clip_model_round_trips_offline(tiny_clip_name, tmp_path):
     with pytest.warns(RandomInitWarning):
         model = hgm_mm.create_model(tiny_clip_name)

@@ -193,6 +193,26 @@ def test_resume_refuses_other_settings(dataset, tmp_path):
         run(tiny_config(lr=0.5), dataset, tmp_path / "run")
 
 
+class _RunsCode:
+    """What a hostile pickle carries: unpickling it would call a function of the file's choosing."""
+
+    def __reduce__(self):
+        return (print, ("this ran while loading",))
+
+
+def test_a_tampered_optimizer_checkpoint_is_refused_without_suggesting_unsafe_loading(dataset, tmp_path, capsys):
+    run(tiny_config(max_steps=1), dataset, tmp_path / "run")
+    torch.save({"state": _RunsCode()}, tmp_path / "run" / "checkpoint" / "optimizer.pt")
+    with pytest.raises(ValueError) as refused:
+        run(tiny_config(max_steps=2), dataset, tmp_path / "run")
+    message = str(refused.value)
+    assert "checkpoint/optimizer.pt: refused" in message and "Delete the checkpoint folder" in message
+    assert "weights_only" not in message and "this ran" not in capsys.readouterr().out
+    (tmp_path / "run" / "checkpoint" / "optimizer.pt").write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match=r"optimizer\.pt: cannot be read as a torch file"):
+        run(tiny_config(max_steps=2), dataset, tmp_path / "run")
+
+
 def test_a_killed_checkpoint_write_leaves_the_last_checkpoint_whole(dataset, tmp_path, monkeypatch):
     run(tiny_config(max_steps=2), dataset, tmp_path / "run")
     good = checkpoint_weights(tmp_path / "run")

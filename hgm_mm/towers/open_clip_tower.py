@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -72,13 +73,21 @@ def build_open_clip_towers(cfg: ImageTowerConfig, *, load_weights: bool = True,
     from open_clip.factory import parse_model_name
 
     schema, identifier = parse_model_name(name)
+    tag = cfg.pretrained if load_weights and schema is None else None
+    try:  # open_clip reads a .bin/.pt checkpoint (a tag's file or a folder's) weights-only
+        if schema is None:
+            clip = open_clip.create_model(name, pretrained=tag, pretrained_text=False)
+        else:
+            clip = open_clip.create_model(name, load_weights=load_weights and config_dir is None,
+                                          pretrained_text=False)
+    except pickle.UnpicklingError:
+        source = tag if schema is None else identifier
+        raise ValueError(f"{source}: refused: its checkpoint holds objects other than tensors and plain "
+                         "containers, and loading them could run code the file carries; hgm_mm reads tensors "
+                         "only. Save the weights as .safetensors (open_clip_model.safetensors in a folder)") from None
     if schema is None:
-        tag = cfg.pretrained if load_weights else None
-        clip = open_clip.create_model(name, pretrained=tag, pretrained_text=False)
         is_pretrained = tag is not None
     else:
-        clip = open_clip.create_model(name, load_weights=load_weights and config_dir is None,
-                                      pretrained_text=False)
         is_pretrained = load_weights and config_dir is None and (
             schema == "hf-hub" or any(p.suffix in _CHECKPOINT_SUFFIXES for p in Path(identifier).iterdir()))
     model_cfg = open_clip.get_model_config(name)

@@ -18,7 +18,7 @@ from ..files import atomic_dir, atomic_text
 from ..data.split import split_rooms
 from ..data.text import product_text, room_text
 from ..losses import ContrastiveLoss, MultiPositiveContrastiveLoss, grad_cache_step, pad_positive_ids, scene_loss
-from ..pretrained import RandomInitWarning
+from ..pretrained import RandomInitWarning, load_torch_file
 from .batches import StepPlan, StepPhotos
 from .config import TrainConfig
 from .lora import add_lora, merged_copy
@@ -563,7 +563,8 @@ def _load_checkpoint(folder: Path, model, optimizer, scheduler, config: TrainCon
         raise ValueError(f"{folder}: the checkpoint was made with other settings ({differing}); resume with the "
                          "same settings, or start a new run in another output folder (or pass resume=False)")
     model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
+    optimizer.load_state_dict(load_torch_file(folder / "optimizer.pt", fix="delete the checkpoint folder to start the "
+                                              "run afresh, or restore the file from the run that wrote it"))
     scheduler.load_state_dict(json.loads((folder / "scheduler.json").read_text(encoding="utf-8")))
     if average is not None:
         average.load(load_file(str(folder / EMA_FILE)))
