@@ -184,6 +184,8 @@ def _train(args: argparse.Namespace) -> int:
         config.scene_heads = False
     result = train(config, data=find_dataset(args.data), output=output, resume=not args.no_resume,
                    scene_data=args.scene_data, scene_texts=args.scene_texts)
+    if not result.main_process:  # under accelerate launch, the main process alone reports
+        return 0
     metrics = result.best_metrics
     print(f"best model: {result.model_dir} (step {result.best_step} of {result.steps}); validation "
           f"Recall@10 {metrics.get('recall@10', float('nan')):.4f}, NDCG@10 {metrics.get('ndcg@10', float('nan')):.4f}, "

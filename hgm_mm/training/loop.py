@@ -52,6 +52,7 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)  # one entry per evaluation
     skipped_images: int = 0
     skipped_batches: int = 0
+    main_process: bool = True  # False on the other processes of a multi-process run: the main one reports
 
 
 def train(config: TrainConfig | None = None, *, data: str | os.PathLike, output: str | os.PathLike,
@@ -248,7 +249,7 @@ def train(config: TrainConfig | None = None, *, data: str | os.PathLike, output:
     result = TrainResult(model_dir=output / BEST_MODEL_DIR, best_metrics=state.best_metrics, best_step=state.best_step,
                          steps=state.step, wall_seconds=seconds_before + time.perf_counter() - started,
                          history=state.history, skipped_images=state.skipped_images,
-                         skipped_batches=state.skipped_batches)
+                         skipped_batches=state.skipped_batches, main_process=main)
     if main:
         _write_json(output / HISTORY_FILE, {k: v for k, v in result.__dict__.items() if k != "model_dir"})
     return result
