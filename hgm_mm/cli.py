@@ -271,22 +271,16 @@ def _evaluate(args: argparse.Namespace) -> int:
         if not rooms:
             raise ValueError(f"{args.rooms}: every room is one {args.model} was trained on; give other rooms "
                              "or --all-rooms")
-    result = evaluate(model, catalog, rooms, pairs, use_room_text=args.room_text)
-    table = {args.model: result.metrics}
-    if args.baselines:
-        train_pairs = train_rooms = None
-        if pairs_file is not None:
-            train_rooms = read_rooms(args.train_rooms) if args.train_rooms else all_rooms
-            train_pairs = read_pairs(pairs_file, room_ids={r.room_id for r in train_rooms},
-                                     product_ids={p.product_id for p in catalog})
-            print(f"popularity baselines count the training pairs of {pairs_file}")
-        else:
-            print("popularity baselines skipped: give --train-pairs (and --train-rooms)", file=sys.stderr)
+    if args.baselines:  # every input of the baselines is read and checked before the evaluation runs
+        train_pairs, train_rooms = _baseline_inputs(args, pairs_file, model_dir, all_rooms, catalog)
         import warnings
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             frozen = create_model(args.frozen_model)
+    result = evaluate(model, catalog, rooms, pairs, use_room_text=args.room_text)
+    table = {args.model: result.metrics}
+    if args.baselines:
         table.update(baseline_evaluations(catalog, rooms, pairs, train_pairs=train_pairs, train_rooms=train_rooms,
                                           frozen_model=frozen))
     print(f"{result.n_rooms} rooms, {result.n_products} products, {len(result.skipped)} unreadable photos skipped")
@@ -302,6 +296,43 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(f"wrote {index}")
     _write_document(args.json, document)
     return 0
+
+
+def _baseline_inputs(args, pairs_file: Path | None, model_dir: Path | None, all_rooms, catalog):
+    """(training pairs, training rooms' scenes) for the popularity baselines, or (None, None) without pairs.
+
+    The scenes come from --train-rooms, else from the model folder's record of them, else from --rooms;
+    a pair naming a room none of these knows is refused now, not after the evaluation.
+    """
+    import json
+
+    from .data import read_pairs, read_rooms
+    from .training.loop import TRAIN_ROOM_SCENES_FILE
+
+    if pairs_file is None:
+        print("popularity baselines skipped: give --train-pairs (and --train-rooms)", file=sys.stderr)
+        return None, None
+    recorded = model_dir / TRAIN_ROOM_SCENES_FILE if model_dir is not None else None
+    if args.train_rooms:
+        scenes, source = {r.room_id: r.scene for r in read_rooms(args.train_rooms)}, str(args.train_rooms)
+    elif recorded is not None and recorded.is_file():
+        try:
+            scenes = json.loads(recorded.read_text(encoding="utf-8"))["scenes"]
+            if not isinstance(scenes, dict):
+                raise TypeError("scenes")
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{recorded}: damaged ({err}); give --train-rooms rooms.jsonl of the training rooms") \
+                from None
+        source = str(recorded)
+    else:
+        scenes, source = {r.room_id: r.scene for r in all_rooms}, str(args.rooms)
+    try:
+        train_pairs = read_pairs(pairs_file, room_ids=set(scenes), product_ids={p.product_id for p in catalog})
+    except ValueError as err:
+        raise ValueError(f"{err}. The popularity baselines need every training room's scene: give --train-rooms "
+                         f"rooms.jsonl of the training rooms (the scenes were read from {source})") from None
+    print(f"popularity baselines count the training pairs of {pairs_file} (scenes from {source})")
+    return train_pairs, scenes
 
 
 def _evaluate_guide(args: argparse.Namespace) -> int:

@@ -83,6 +83,36 @@ def test_evaluate_scenes_alone_and_refuses_a_partial_retrieval_set(tmp_path, cap
     assert "needs --catalog, --rooms and --pairs together" in capsys.readouterr().err
 
 
+def test_evaluate_baselines_read_the_training_rooms_scenes_from_the_model_and_check_them_first(tmp_path, capsys):
+    import warnings
+
+    import hgm_mm
+
+    data = _tiny_dataset(tmp_path / "data")
+    room = json.loads(data.joinpath("rooms.jsonl").read_text())
+    (data / "pairs.csv").write_text(f"room_id,product_id\n{room['room_id']},p2\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model_dir = hgm_mm.create_model("hgm-tiny").save_pretrained(tmp_path / "model")
+    # trained on rooms that --rooms (the rooms being scored) does not hold
+    (model_dir / "train_pairs.csv").write_text("room_id,product_id\nt1,p1\nt2,p3\n")
+    command = ["evaluate", "--model", str(model_dir), "--catalog", str(data / "products.jsonl"), "--rooms",
+               str(data / "rooms.jsonl"), "--pairs", str(data / "pairs.csv"), "--baselines",
+               "--frozen-model", "hgm-tiny"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(command) == 2  # no record of t1's scene: refused before the evaluation
+    captured = capsys.readouterr()
+    assert "unknown room" in captured.err and "give --train-rooms" in captured.err
+    assert "rooms," not in captured.out  # nothing was evaluated
+    (model_dir / "train_room_scenes.json").write_text(json.dumps({"format": 1, "scenes": {"t1": "kitchen",
+                                                                                            "t2": "bedroom"}}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(command) == 0
+    assert "scenes from " + str(model_dir / "train_room_scenes.json") in capsys.readouterr().out
+
+
 def test_evaluate_a_trained_model_leaves_out_its_training_rooms_and_writes_a_report(tmp_path, capsys):
     import warnings
 

@@ -82,6 +82,8 @@ def test_a_run_writes_the_best_model_and_what_it_was_trained_on(dataset, tmp_pat
     val_rooms = set((result.model_dir / "val_rooms.txt").read_text().split())
     train_pairs = (result.model_dir / "train_pairs.csv").read_text().splitlines()[1:]
     assert val_rooms and not val_rooms & {line.split(",")[0] for line in train_pairs}  # split by room
+    scenes = json.loads((result.model_dir / "train_room_scenes.json").read_text())["scenes"]
+    assert {line.split(",")[0] for line in train_pairs} <= set(scenes) and not val_rooms & set(scenes)
     after = checkpoint_weights(tmp_path / "run")
     assert not torch.equal(before["image_proj.weight"], after["image_proj.weight"])  # trained
     assert torch.equal(before["text_tower.encoder.embeddings.word_embeddings.weight"],

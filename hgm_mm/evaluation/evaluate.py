@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -212,10 +212,13 @@ def evaluate_scenes(model, scene_images: Sequence, *, progress: bool = True, num
 
 # -- baselines ------------------------------------------------------------------------------------
 def popularity_scores(catalog: Sequence[Product], rooms: Sequence[Room], train_pairs: Sequence[tuple[str, str]],
-                      train_rooms: Sequence[Room] | None = None, *, by_scene: bool = False) -> np.ndarray:
+                      train_rooms: Sequence[Room] | Mapping[str, str | None] | None = None, *,
+                      by_scene: bool = False) -> np.ndarray:
     """(R, N) scores from how often each product appears in training rooms, overall or in the room's scene.
 
-    Scene popularity breaks its ties with global popularity, so rooms of an unseen scene fall back to it.
+    `train_rooms` gives the training rooms' scenes: `Room` records, or {room_id: scene} as a trained
+    model folder records them (`train_room_scenes.json`). Scene popularity breaks its ties with
+    global popularity, so rooms of an unseen scene fall back to it.
     """
     product_index = {p.product_id: j for j, p in enumerate(catalog)}
     global_counts = np.zeros(len(catalog))
@@ -226,7 +229,7 @@ def popularity_scores(catalog: Sequence[Product], rooms: Sequence[Room], train_p
         return np.broadcast_to(global_counts, (len(rooms), len(catalog))).copy()
     if train_rooms is None:
         raise ValueError("scene popularity needs the training rooms (for their scenes)")
-    scene_of = {room.room_id: room.scene for room in train_rooms}
+    scene_of = dict(train_rooms) if isinstance(train_rooms, Mapping) else {r.room_id: r.scene for r in train_rooms}
     scene_counts: dict[str | None, np.ndarray] = {}
     for room_id, product_id in train_pairs:
         if product_id in product_index:
@@ -239,7 +242,7 @@ def popularity_scores(catalog: Sequence[Product], rooms: Sequence[Room], train_p
 
 def baseline_evaluations(catalog: Sequence[Product], rooms: Sequence[Room], pairs: Sequence[tuple[str, str]], *,
                          train_pairs: Sequence[tuple[str, str]] | None = None,
-                         train_rooms: Sequence[Room] | None = None, frozen_model=None,
+                         train_rooms: Sequence[Room] | Mapping[str, str | None] | None = None, frozen_model=None,
                          ks: Sequence[int] = DEFAULT_KS, progress: bool = True) -> dict[str, dict[str, float]]:
     """Metrics of the baselines a trained model must beat, by name.
 

@@ -40,6 +40,9 @@ class NonFiniteLossError(RuntimeError):
     """A loss became NaN or infinite; nothing of that step was applied or saved."""
 
 
+TRAIN_ROOM_SCENES_FILE = "train_room_scenes.json"  # beside train_pairs.csv in the best model's folder
+
+
 @dataclass
 class TrainResult:
     """What a run produced."""
@@ -452,8 +455,8 @@ def _evaluate_and_keep_best(model, state, dataset, train_rooms, val_rooms, train
     if improved:
         state.best_metrics, state.best_step, state.evals_without_gain = dict(result.metrics), state.step, 0
         if main:
-            _save_best_model(model, output / BEST_MODEL_DIR, result, train_pairs, scene_categories, val_rooms,
-                             config, state)
+            _save_best_model(model, output / BEST_MODEL_DIR, result, train_rooms, train_pairs, scene_categories,
+                             val_rooms, config, state)
     else:
         state.evals_without_gain += 1
     if start_state:
@@ -465,7 +468,8 @@ def _evaluate_and_keep_best(model, state, dataset, train_rooms, val_rooms, train
     return state.evals_without_gain >= config.patience
 
 
-def _save_best_model(model, folder, result, train_pairs, scene_categories, val_rooms, config, state) -> None:
+def _save_best_model(model, folder, result, train_rooms, train_pairs, scene_categories, val_rooms, config,
+                     state) -> None:
     model.eval()
     (merged_copy(model) if config.lora_rank else model).save_pretrained(folder)
     _write_json(folder / "metrics.json", {"step": state.step, "seconds": round(state.seconds, 1),
@@ -474,6 +478,8 @@ def _save_best_model(model, folder, result, train_pairs, scene_categories, val_r
     _write_json(folder / "train_config.json", config.to_dict())
     lines = ["room_id,product_id"] + [f"{r},{p}" for r, p in train_pairs]
     atomic_text(folder / "train_pairs.csv", "\n".join(lines) + "\n")
+    # the training rooms' scenes: what the scene-popularity baseline needs besides the pairs
+    _write_json(folder / TRAIN_ROOM_SCENES_FILE, {"format": 1, "scenes": {r.room_id: r.scene for r in train_rooms}})
     atomic_text(folder / "val_rooms.txt", "\n".join(r.room_id for r in val_rooms) + "\n")
 
 
