@@ -21,7 +21,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     demo.add_argument("--output", type=Path, default=None, help="folder for everything the demo writes "
                                                                 "(default runs/demo)")
     demo.add_argument("--model", default="hgm-lite-en", help="starting model (see `hgm-mm models`)")
-    demo.add_argument("--rooms", type=int, default=3, help="held-out rooms to match and show")
+    demo.add_argument("--rooms", type=int, default=None, help="held-out rooms to match and show (default: all)")
     demo.add_argument("--train-rooms", type=int, default=24, help="rooms in the subset (training and held out)")
     demo.add_argument("--products", type=int, default=240, help="catalogue products in the subset")
     demo.add_argument("--steps", type=int, default=24, help="training steps")

@@ -127,20 +127,20 @@ def find_demo_data(data: str | os.PathLike | None = None, *, cache_dir: str | os
                             f"folder with {PRODUCTS_FILE}, {ROOMS_FILE} and {PAIRS_FILE}")
 
 
-def choose_subset(dataset: Dataset, *, train_rooms: int = 24, products: int = 240, shown: int = 3,
+def choose_subset(dataset: Dataset, *, train_rooms: int = 24, products: int = 240, shown: int | None = None,
                   val_fraction: float = VAL_FRACTION, seed: int = 0) -> DemoSubset:
     """Rooms spread over the scenes, their products, and other products up to `products`.
 
     Rooms are taken two per scene in turn (seeded order), so the scenes are spread; the
     subset's rooms are split as `hgm_mm.train` splits them (`split_rooms` with the same
     `val_fraction` and `seed`), and the shown rooms are validation rooms of different scenes
-    first. The catalogue keeps the shown rooms' products first, then the other rooms' products (one
+    first (`shown` None: every validation room, so what is shown is what is measured). The catalogue keeps the shown rooms' products first, then the other rooms' products (one
     room at a time in turn, so every room keeps some), then random other products, up to `products`.
 
     Raises:
         ValueError: Too few rooms with products for a training and a validation side.
     """
-    if train_rooms < 2 or products < 1 or shown < 1:
+    if train_rooms < 2 or products < 1 or (shown is not None and shown < 1):
         raise ValueError(f"train_rooms={train_rooms}, products={products}, shown={shown}; the demo needs at least "
                          "2 rooms, 1 product and 1 room to show")
     positives = dataset.positives()
@@ -164,7 +164,7 @@ def choose_subset(dataset: Dataset, *, train_rooms: int = 24, products: int = 24
     if not train_side or not val_side:
         raise ValueError(f"{dataset.root}: {len(rooms)} room(s) with products; the demo needs rooms on both a training "
                          "and a validation side (two rooms of one scene at least); add rooms or raise --train-rooms")
-    shown_rooms = _spread_over_scenes(val_side, shown)
+    shown_rooms = _spread_over_scenes(val_side, len(val_side) if shown is None else shown)
 
     budget: dict[str, None] = {}
     for room in shown_rooms:
@@ -220,19 +220,19 @@ def write_subset(subset: DemoSubset, folder: str | os.PathLike) -> Path:
 
 
 def run_demo(data: str | os.PathLike | None = None, *, output: str | os.PathLike | None = None,
-             model: str = "hgm-lite-en", rooms: int = 3, train_rooms: int = 24, products: int = 240,
+             model: str = "hgm-lite-en", rooms: int | None = None, train_rooms: int = 24, products: int = 240,
              steps: int = 24, batch_size: int = 32, top_k: int = 5, seed: int = 0,
              cache_dir: str | os.PathLike | None = None, download_url: str | None = None,
              scene_data: str | os.PathLike | None = None, scene_photos: int = SCENE_PHOTOS_PER_SCENE,
              progress: bool = True, echo: Callable[[str], object] | None = print) -> DemoResult:
-    """Trains briefly, indexes the catalogue, matches a few held-out rooms and draws a contact sheet.
+    """Trains briefly, indexes the catalogue, matches the held-out rooms and draws a contact sheet.
 
     Args:
         data: A dataset folder or a folder holding `ikea/`; default ``$HGM_DATA``, else the public
             IKEA dataset, downloaded into the cache (see :func:`find_demo_data`).
         output: Folder for everything the demo writes; default ``runs/demo``.
         model: The starting model (any name `create_model` takes).
-        rooms: Validation rooms to match and show.
+        rooms: Validation rooms to match and show; None (default) shows every held-out room.
         train_rooms: Rooms in the subset (training and validation together).
         products: Catalogue products in the subset (the shown rooms' products are always in it).
         steps: Training steps.
@@ -258,7 +258,7 @@ def run_demo(data: str | os.PathLike | None = None, *, output: str | os.PathLike
     from .training.guide_heads import train_guide_heads
 
     say = echo if echo is not None else (lambda line: None)
-    if rooms < 1 or steps < 1 or batch_size < 1 or top_k < 1:
+    if (rooms is not None and rooms < 1) or steps < 1 or batch_size < 1 or top_k < 1:
         raise ValueError(f"rooms={rooms}, steps={steps}, batch_size={batch_size}, top_k={top_k}; each must be >= 1")
     started = time.perf_counter()
     root = find_demo_data(data, cache_dir=cache_dir, download_url=download_url, echo=echo)

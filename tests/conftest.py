@@ -18,3 +18,15 @@ def shared_data() -> Path:
     if root is None:
         pytest.skip("real data absent: set HGM_DATA or place the data folder at ../shared/data")
     return root
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models on one torch thread: several spin against each other on a busy 2-core runner, and
+    one is many times faster. A module uses it with `pytestmark = pytest.mark.usefixtures(...)`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

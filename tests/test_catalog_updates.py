@@ -17,12 +17,7 @@ from hgm_mm.catalog_vectors import content_key
 from hgm_mm.matching import Matcher, build_catalog_index
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -150,8 +145,8 @@ def test_a_build_killed_mid_way_resumes_from_its_shards(model, tmp_path):
                                   kind="exact", progress=False, num_workers=0)
     assert resumed.n_products == 160 and 0 < resumed.n_reused < 160
     assert resumed.n_embedded == 160 - resumed.n_reused
-    fresh = build_catalog_index(hgm_mm.load_model(model_dir), tmp_path / "products.jsonl", tmp_path / "fresh",
-                                kind="exact", progress=False, num_workers=0)
+    build_catalog_index(hgm_mm.load_model(model_dir), tmp_path / "products.jsonl", tmp_path / "fresh",
+                        kind="exact", progress=False, num_workers=0)
     ids, vectors, metadata = folder_contents(tmp_path / "index")
     fresh_ids, fresh_vectors, fresh_metadata = folder_contents(tmp_path / "fresh")
     assert ids == fresh_ids and metadata == fresh_metadata

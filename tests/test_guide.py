@@ -20,15 +20,7 @@ CATEGORIES = ["sofa", "lamp", "rug", "bathmat"] * (N // 4)
 SCENE_COUNTS = {"sofa": 30, "lamp": 28, "rug": 26, "bathmat": 0}  # sofa, lamp, rug fit every scene; bathmats never
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    # Several torch threads spin against each other on a busy 2-core runner; one is many times faster.
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # -- expected calibration error -----------------------------------------------------------------

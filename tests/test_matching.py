@@ -18,15 +18,7 @@ from hgm_mm.profile import UserProfile
 N = 40
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    # Several torch threads spin against each other on a busy 2-core runner; one is many times faster.
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_model():

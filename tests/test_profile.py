@@ -14,15 +14,7 @@ from hgm_mm.profile import InteractionEvent, UserProfile, read_events, style_wor
 DAY = 86_400.0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    # Several torch threads spin against each other on a busy 2-core runner; one is many times faster.
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 NOW = 1_714_564_800.0  # 2024-05-01T12:00:00Z
 
 
