@@ -134,7 +134,8 @@ def load_torch_file(path: str | Path, *, fix: str = "convert it to .safetensors"
             raise ValueError(f"{path}: refused: it holds objects other than tensors and plain containers, and "
                              "loading them could run code the file carries; hgm_mm reads tensors only. "
                              f"{fix[:1].upper()}{fix[1:]}") from None
-        raise ValueError(f"{path}: cannot be read as a torch file (damaged, or not a torch file): {fix}") from None
+        raise ValueError(f"{path}: refused: not a weights-only torch file (damaged, or a pickle of another kind, "
+                         f"which could run code when loaded): {fix}") from None
     except (RuntimeError, EOFError, OSError, ValueError):  # a truncated archive, an unreadable file
         raise ValueError(f"{path}: cannot be read as a torch file (damaged, or not a torch file): {fix}") from None
 

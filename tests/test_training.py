@@ -211,7 +211,7 @@ def test_a_tampered_optimizer_checkpoint_is_refused_without_suggesting_unsafe_lo
     assert "checkpoint/optimizer.pt: refused" in message and "Delete the checkpoint folder" in message
     assert "weights_only" not in message and "this ran" not in capsys.readouterr().out
     (tmp_path / "run" / "checkpoint" / "optimizer.pt").write_bytes(b"not a torch file")
-    with pytest.raises(ValueError, match=r"optimizer\.pt: cannot be read as a torch file"):
+    with pytest.raises(ValueError, match=r"optimizer\.pt: refused: not a weights-only torch file"):
         run(tiny_config(max_steps=2), dataset, tmp_path / "run")
 
 
