@@ -39,7 +39,7 @@ class CatalogVectors:
     n_embedded: int = 0  # products whose vector was computed in this call
     n_reused: int = 0  # products whose vector came from the previous build or a killed build's shards
     # products left out: their photo is unreadable and they have no text (product id, photo, reason)
-    skipped: list[tuple[str, str, str]] = field(default_factory=list)
+    left_out: list[tuple[str, str, str]] = field(default_factory=list)
     # products whose photo is unreadable, indexed by their text alone (product id, photo, reason)
     text_only: list[tuple[str, str, str]] = field(default_factory=list)
 
@@ -65,20 +65,20 @@ def content_key(photo: str | Path | None, text: str | None) -> str:
     return digest.hexdigest()
 
 
-def catalog_vectors(model, ids: Sequence[str], photos: Sequence[str | Path | None], texts: Sequence[str | None],
-                    previous: tuple[list[str], np.ndarray, dict[str, str]] | None, shards_dir: Path, *,
-                    batch_size: int, num_workers: int | None, progress: bool) -> CatalogVectors:
+def catalog_vectors(model, fingerprint: str, ids: Sequence[str], photos: Sequence[str | Path | None],
+                    texts: Sequence[str | None], previous: tuple[list[str], np.ndarray, dict[str, str]] | None,
+                    shards_dir: Path, *, batch_size: int, num_workers: int | None, progress: bool) -> CatalogVectors:
     """The vectors of a catalogue (`ids`, `photos`, `texts` aligned), embedding only unknown content.
 
     Args:
         model: the `HGMModel` whose product vectors these are.
+        fingerprint: its `index.model_fingerprint`, which shards of another model never match.
         previous: (ids, vectors, content keys) of a previous build by the same model, or None.
         shards_dir: where the new vectors stream into resumable shards; shards left there by a
             killed build of the same model are reused, whatever catalogue it was building. The
-            folder is removed once every vector is in hand.
+            caller removes the folder once the vectors are saved elsewhere.
     """
     from .embedding import embed_to_shards
-    from .index import model_fingerprint
 
     keys = [content_key(photo, text) for photo, text in zip(photos, texts)]
     known: dict[str, np.ndarray] = {}
@@ -87,7 +87,6 @@ def catalog_vectors(model, ids: Sequence[str], photos: Sequence[str | Path | Non
         for row, product_id in enumerate(previous_ids):
             if product_id in previous_keys:
                 known[previous_keys[product_id]] = previous_vectors[row]
-    fingerprint = model_fingerprint(model)
     if shards_dir.is_dir():
         _harvest_attempts(shards_dir, fingerprint, set(keys), known)
     pending: dict[str, int] = {}  # content key -> position of its first product
@@ -107,9 +106,8 @@ def catalog_vectors(model, ids: Sequence[str], photos: Sequence[str | Path | Non
         new_keys, new_vectors = shards.load()
         known.update(zip(new_keys, new_vectors.numpy()))
         embedded_skips = {key: (photo, reason) for key, photo, reason in shards.skipped()}
-    shutil.rmtree(shards_dir, ignore_errors=True)
 
-    result_ids, rows, result_keys, skipped, text_only = [], [], {}, [], []
+    result_ids, rows, result_keys, left_out, text_only = [], [], {}, [], []
     for product_id, photo, key in zip(ids, photos, keys):
         problem = embedded_skips.get(key)
         if key in known:
@@ -120,12 +118,12 @@ def catalog_vectors(model, ids: Sequence[str], photos: Sequence[str | Path | Non
                 text_only.append((product_id, *problem))
         else:
             photo_reason = problem or (str(photo), "not embedded")
-            skipped.append((product_id, *photo_reason))
+            left_out.append((product_id, *photo_reason))
     dim = model.config.embed_dim
     vectors = np.stack(rows).astype(np.float32) if rows else np.zeros((0, dim), dtype=np.float32)
     n_embedded = sum(1 for key in result_keys.values() if key in pending)
     return CatalogVectors(result_ids, vectors, result_keys, n_embedded=n_embedded,
-                          n_reused=len(result_ids) - n_embedded, skipped=skipped, text_only=text_only)
+                          n_reused=len(result_ids) - n_embedded, left_out=left_out, text_only=text_only)
 
 
 def _harvest_attempts(root: Path, fingerprint: str, wanted: set[str], known: dict[str, np.ndarray]) -> None:

@@ -53,9 +53,10 @@ not thread-safe) run under a lock, searching and ranking run concurrently.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
-import logging
+import shutil
 import threading
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
@@ -695,11 +696,11 @@ def build_catalog_index(model, products: Sequence | str | os.PathLike, output_di
     fingerprint = model_fingerprint(model)
     # new vectors stream into resumable shards beside the output: a killed build picks up where it stopped
     shards_dir = output_dir.parent / f".{output_dir.name}.vectors"
-    found = catalog_vectors(model, [p.product_id for p in products], [p.image for p in products],
+    found = catalog_vectors(model, fingerprint, [p.product_id for p in products], [p.image for p in products],
                             [product_text(p) for p in products], _previous_vectors(output_dir, fingerprint),
                             shards_dir, batch_size=batch_size, num_workers=num_workers, progress=progress)
     if not found.ids:
-        first = found.skipped[0]
+        first = found.left_out[0]
         raise ValueError(f"none of the {len(products)} products could be indexed: no readable photo and no text "
                          f"(first: {first[0]}, {first[1]}: {first[2]})")
     by_id = {p.product_id: p for p in products}
@@ -720,8 +721,9 @@ def build_catalog_index(model, products: Sequence | str | os.PathLike, output_di
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     atomic_dir(output_dir, write)
+    shutil.rmtree(shards_dir, ignore_errors=True)  # only now: a kill before the swap keeps the new vectors
     return CatalogIndex(output_dir, len(index), [(photo, reason) for _, photo, reason in found.text_only],
-                        left_out=found.skipped, n_embedded=found.n_embedded, n_reused=found.n_reused)
+                        left_out=found.left_out, n_embedded=found.n_embedded, n_reused=found.n_reused)
 
 
 def _previous_vectors(folder: Path, fingerprint: str) -> tuple[list[str], np.ndarray, dict[str, str]] | None:
