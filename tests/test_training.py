@@ -13,6 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import hgm_mm
+from hgm_mm.data.split import split_rooms
 from hgm_mm.training import NonFiniteLossError, TrainConfig, train
 from hgm_mm.training import loop as training_loop
 
@@ -292,6 +293,23 @@ def test_cached_locked_layers_train_like_pixels(dataset, tmp_path, unlocked_text
     assert [h["step"] for h in from_cache.history] == [h["step"] for h in from_pixels.history]
     for got, expected in zip(from_cache.history, from_pixels.history):
         assert got["recall@10"] == pytest.approx(expected["recall@10"], abs=1e-6)
+
+
+def test_a_short_run_caches_only_the_rooms_its_steps_draw(dataset, tmp_path, capsys):
+    data = hgm_mm.data.load_dataset(dataset)
+    config = tiny_config(max_steps=1, rooms_per_batch=2, unlocked_text_layers=0)
+    train_rooms, val_rooms = split_rooms(data.rooms, val_fraction=config.val_fraction, seed=config.seed)
+    assert len(train_rooms) > 2  # the step reads 2 of them
+    short = run(config, dataset, tmp_path / "short")
+    said = capsys.readouterr().out
+    assert f"for {len(data.products)} product photos and {2 + len(val_rooms)} rooms" in said
+    # the cache rows of the drawn rooms stand where the whole run's would: the same step, the same weights
+    run(tiny_config(max_steps=1, rooms_per_batch=2, unlocked_text_layers=0, cache_frozen_features=False),
+        dataset, tmp_path / "pixels")
+    cached, pixels = checkpoint_weights(tmp_path / "short"), checkpoint_weights(tmp_path / "pixels")
+    for name in pixels:
+        assert torch.allclose(pixels[name], cached[name], atol=1e-5), name
+    assert short.history[-1]["step"] == 1
 
 
 def test_validation_on_cached_features_is_what_evaluate_measures(dataset, tmp_path):

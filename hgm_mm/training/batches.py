@@ -51,14 +51,7 @@ class StepPlan:
         epoch, position = divmod(step, self.steps_per_epoch)
         order = self._permutation(self.n_products, 0, epoch)
         catalogue_slice = order[position * self.batch_size:(position + 1) * self.batch_size].tolist()
-        rooms: list[int] = []
-        if self.rooms_per_batch:
-            n_rooms = len(self.room_positives)
-            start = step * self.rooms_per_batch
-            for cursor in range(start, start + self.rooms_per_batch):
-                room_epoch, within = divmod(cursor, n_rooms)
-                rooms.append(int(self._permutation(n_rooms, 1, room_epoch)[within]))
-            rooms = list(dict.fromkeys(rooms))  # a room twice in one step would be its own negative
+        rooms = self._rooms(step)
         rng = np.random.default_rng([self.seed, 2, step])
         sampled: list[int] = []
         for room in rooms:
@@ -69,6 +62,26 @@ class StepPlan:
         products = list(dict.fromkeys(sampled + catalogue_slice))
         reads_text = (rng.random(len(rooms)) < self.room_text_probability).tolist()
         return StepBatch(step, rooms, products, reads_text)
+
+    def _rooms(self, step: int) -> list[int]:
+        rooms: list[int] = []
+        if self.rooms_per_batch:
+            n_rooms = len(self.room_positives)
+            start = step * self.rooms_per_batch
+            for cursor in range(start, start + self.rooms_per_batch):
+                room_epoch, within = divmod(cursor, n_rooms)
+                rooms.append(int(self._permutation(n_rooms, 1, room_epoch)[within]))
+        return list(dict.fromkeys(rooms))  # a room twice in one step would be its own negative
+
+    def rooms_drawn(self, steps: range, rank: int = 0, world_size: int = 1) -> list[int]:
+        """The training rooms that this process's share of `steps` reads, in ascending order."""
+        n_rooms = len(self.room_positives)
+        drawn: set[int] = set()
+        for step in steps:
+            drawn.update(self._rooms(step)[rank::world_size])
+            if len(drawn) == n_rooms:
+                break
+        return sorted(drawn)
 
 
 class StepPhotos(Dataset):

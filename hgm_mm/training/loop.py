@@ -151,8 +151,11 @@ def train(config: TrainConfig | None = None, *, data: str | os.PathLike, output:
     elif main:
         output.mkdir(parents=True, exist_ok=True)
         _write_json(output / "train_config.json", config.to_dict())
-    cache = _feature_cache(model, config, dataset.products, train_rooms + val_rooms, main and progress,
-                           accelerator.print)
+    steps = range(state.step, last_step)
+    # the cache holds what this process's steps and the validation read: a short run caches a short run's rooms
+    drawn_rooms = plan.rooms_drawn(steps, rank, world)
+    cache = _feature_cache(model, config, dataset.products, [train_rooms[i] for i in drawn_rooms] + val_rooms,
+                           main and progress, accelerator.print)
     if cache is not None:
         state.skipped_images += len(cache.skipped)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -164,9 +167,8 @@ def train(config: TrainConfig | None = None, *, data: str | os.PathLike, output:
     # rooms are scored as at inference: per-view scores pooled, plus the scene text
     room_contrastive = MultiPositiveContrastiveLoss(rank=rank, world_size=world,
                                                     similarity=unwrapped.packed_room_scores)
-    steps = range(state.step, last_step)
     if cache is not None:
-        loader = _cached_batches(plan, steps, cache, rank, world)
+        loader = _cached_batches(plan, steps, cache, {room: row for row, room in enumerate(drawn_rooms)}, rank, world)
     else:
         loader = torch.utils.data.DataLoader(
             StepPhotos(plan, train_rooms, dataset.products, unwrapped.image_transform, unwrapped.room_views,
@@ -231,7 +233,8 @@ def train(config: TrainConfig | None = None, *, data: str | os.PathLike, output:
             state.seconds = seconds_before + time.perf_counter() - started
             with average.applied(unwrapped) if average is not None else nullcontext():
                 stop = _evaluate_and_keep_best(unwrapped, state, dataset, train_rooms, val_rooms, train_pairs,
-                                               scene_categories, output, config, start_state, main, progress, cache)
+                                               scene_categories, output, config, start_state, main, progress,
+                                               cache, first_val_row=len(drawn_rooms))
             if stop and state.step < last_step:
                 accelerator.print(f"stopping early at step {state.step}: no Recall@10 gain in "
                                   f"{config.patience} evaluations")
@@ -289,7 +292,7 @@ def _train_scene_heads(folder: Path, train_rooms, val_rooms, extra_scenes, confi
 
 # -- feature cache --------------------------------------------------------------------------------
 def _feature_cache(model, config, products, rooms, progress, say) -> FeatureCache | None:
-    """The locked layers' outputs for every photo and text of the run, when that pays and fits."""
+    """The locked layers' outputs for the given products and rooms, when that pays and fits."""
     stage = cacheable_image_stage(model, freeze_norm_stats=config.freeze_norm_stats) \
         if config.cache_frozen_features else 0
     if not stage:
@@ -302,6 +305,8 @@ def _feature_cache(model, config, products, rooms, progress, say) -> FeatureCach
     if estimate > MAX_CACHE_BYTES:
         say(f"not caching the locked image layers: {estimate / 2**30:.1f} GiB for {n_photos} photos")
         return None
+    say(f"caching the locked layers' outputs for {len(products)} product photos and {len(rooms)} rooms "
+        f"x {model.room_views.n_views} views ({n_photos} photos, each once)")
     started = time.perf_counter()
     cache = build_feature_cache(model, products, rooms, image_stage=stage, num_workers=config.num_workers,
                                 image_errors=config.image_errors, progress=progress)
@@ -310,17 +315,19 @@ def _feature_cache(model, config, products, rooms, progress, say) -> FeatureCach
     return cache
 
 
-def _cached_batches(plan: StepPlan, steps: range, cache: FeatureCache, rank: int, world: int):
-    """StepPhotos' batches, with cached features in place of pixels (train rooms come first in the cache)."""
+def _cached_batches(plan: StepPlan, steps: range, cache: FeatureCache, room_rows: dict[int, int], rank: int,
+                    world: int):
+    """StepPhotos' batches, with cached features in place of pixels (`room_rows`: training room -> cache row)."""
     for step in steps:
         batch = plan.batch(step)
         rooms = batch.room_indices[rank::world]
         reads_text = batch.room_reads_text[rank::world]
-        keep = [k for k, r in enumerate(rooms) if cache.room_readable[r]]
+        keep = [k for k, r in enumerate(rooms) if cache.room_readable[room_rows[r]]]
         rooms, reads_text = [rooms[k] for k in keep], [reads_text[k] for k in keep]
         products = [p for p in batch.product_indices[rank::world] if cache.product_readable[p]]
         yield {"step": step, "rooms": rooms, "room_reads_text": reads_text,
-               "room_pixels": cache.room_views[rooms] if rooms else None,
+               "room_cache_rows": [room_rows[r] for r in rooms],
+               "room_pixels": cache.room_views[[room_rows[r] for r in rooms]] if rooms else None,
                "products": products, "product_pixels": cache.product_images[products] if products else None,
                "skipped": []}
 
@@ -332,7 +339,7 @@ def _step_inputs(batch, model, rooms, products, room_positives, room_labels, dev
     room_captions = [room_text(rooms[r]) if reads else None for r, reads in zip(room_idx, batch["room_reads_text"])]
     present = torch.tensor([bool(c) for c in room_captions], dtype=torch.bool)
     if cache is not None and room_idx:
-        tokens = cache.text_inputs(cache.scene_text, room_idx, model.scene_tokenizer,
+        tokens = cache.text_inputs(cache.scene_text, batch["room_cache_rows"], model.scene_tokenizer,
                                    [c or "" for c in room_captions])
     else:
         tokens = model.scene_tokenizer([c or "" for c in room_captions]) if room_idx else None
@@ -435,7 +442,7 @@ class _TrainerState:
 
 
 def _evaluate_and_keep_best(model, state, dataset, train_rooms, val_rooms, train_pairs, scene_categories, output,
-                            config, start_state, main, progress, cache) -> bool:
+                            config, start_state, main, progress, cache, first_val_row) -> bool:
     """Evaluates on the validation rooms, saves a new best model; True when it is time to stop early."""
     from ..evaluation import evaluate
 
@@ -444,7 +451,7 @@ def _evaluate_and_keep_best(model, state, dataset, train_rooms, val_rooms, train
         original = {k: v.detach().clone() for k, v in model.state_dict().items() if k in start_state}
         wise_ft(model, start_state, config.wise_alpha)
     if cache is not None:
-        positions = range(len(train_rooms), len(train_rooms) + len(val_rooms))
+        positions = range(first_val_row, first_val_row + len(val_rooms))
         result = evaluate_cached(model, cache, dataset.products, val_rooms, positions, dataset.pairs)
     else:
         result = evaluate(model, dataset.products, val_rooms, dataset.pairs, progress=progress and main,
