@@ -179,7 +179,6 @@ def _train(args: argparse.Namespace) -> int:
         config = TrainConfig.from_dict({k: v for k, v in overrides.items() if v is not None},
                                        origin="command line")
     output = args.output or Path("runs") / config.model.replace(":", "-").replace("/", "-")
-    print(f"run folder: {output}")
     if args.no_scene_heads:
         config.scene_heads = False
     result = train(config, data=find_dataset(args.data), output=output, resume=not args.no_resume,

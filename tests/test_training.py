@@ -446,6 +446,7 @@ def test_two_processes_train_like_one(dataset, tmp_path):
     assert "processes: 2" in result.stdout  # the run announced both processes
     assert result.stdout.count("photo scene head:") == 1  # trained and reported once
     assert result.stdout.count("best model:") == 1  # one process reports the run
+    assert result.stdout.count("run folder:") == 1
     run(TrainConfig(**settings), dataset, tmp_path / "one")
     one, two = checkpoint_weights(tmp_path / "one"), checkpoint_weights(tmp_path / "two")
     for name in one:

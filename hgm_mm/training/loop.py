@@ -132,7 +132,7 @@ def train(config: TrainConfig | None = None, *, data: str | os.PathLike, output:
                      if tower is not None and not any(p.requires_grad for p in tower.parameters())]
 
     accelerator.print(f"training {config.model} on {len(train_rooms)} rooms and {len(dataset.products)} products "
-                      f"({len(val_rooms)} validation rooms); processes: {world}")
+                      f"({len(val_rooms)} validation rooms); processes: {world}; run folder: {output}")
     plan = StepPlan(len(dataset.products), room_positives, batch_size=config.batch_size,
                     rooms_per_batch=config.rooms_per_batch, positives_per_room=config.positives_per_room,
                     room_text_probability=config.room_text_probability, seed=config.seed)
