@@ -366,7 +366,8 @@ class Matcher:
         counts = Counter(index.metadata(pid).get("category") for pid in index.ids)
         counts.pop(None, None)
         total = sum(counts.values())
-        self._category_share = {c: n / total for c, n in counts.items() if isinstance(c, str)} if total else {}
+        self._category_count = {c: n for c, n in counts.items() if isinstance(c, str)}
+        self._category_share = {c: n / total for c, n in self._category_count.items()} if total else {}
 
     @classmethod
     def load(cls, index_dir: str | os.PathLike, *, device: str | torch.device | None = None, model=None,
@@ -475,16 +476,12 @@ class Matcher:
         scene = next(iter(query.scene_probabilities))
         confident = query.scene_probabilities[scene] >= SCENE_CONFIDENCE
         category_fit = self._category_fit(query.scene_probabilities)
-        queries = self._search_vectors(query)  # (Q, D)
-        hits = self.index.search(queries, k=weights.candidates, filter=filter)
-        candidates: dict[str, dict] = {}
-        for hit in hits:
-            for product_id, meta in zip(hit.ids, hit.metadata):
-                candidates.setdefault(product_id, meta)
-        if not candidates:
+        ids = self.index.candidates(self._search_vectors(query), k=weights.candidates, filter=filter)
+        if not ids:
             return MatchResult(scene, query.scene_probabilities, [], [], scene_confident=confident)
-        ids, metas = list(candidates), list(candidates.values())
-        vectors, terms = self._terms(query, ids, metas, category_fit, profile, weights)
+        metas = [self.index.metadata(product_id) for product_id in ids]
+        vectors = self.index.vectors(ids)  # (N, D)
+        terms = self._terms(query, ids, vectors, metas, category_fit, profile, weights)
         base = terms.sum(axis=1)  # (N,)
         order, penalties = diverse_order(base, vectors, weights.diversity, k)
         explain = _Explainer(query, confident, self.prior.mixture(query.scene_probabilities) if self.prior else {},
@@ -501,19 +498,28 @@ class Matcher:
             rows.append(query.view_embeds[0].cpu().numpy())  # (V, D)
         return np.concatenate(rows).astype(np.float32)  # (Q, D)
 
-    def _terms(self, query: RoomQuery, ids: list[str], metas: list[dict], category_fit: dict[str, float],
-               profile: UserProfile | None, weights: RankingWeights) -> tuple[np.ndarray, np.ndarray]:
-        """(N, D) vectors and (N, 3) weighted terms: similarity, scene_fit, profile."""
-        vectors = self.index.vectors(ids)  # (N, D)
+    def _terms(self, query: RoomQuery, ids: list[str], vectors: np.ndarray, metas: Sequence[Mapping] | None,
+               category_fit: dict[str, float], profile: UserProfile | None, weights: RankingWeights,
+               category: str | None = None) -> np.ndarray:
+        """(N, 3) weighted terms of products with (N, D) `vectors`: similarity, scene_fit, profile.
+
+        `category`: every product is of this category, and `metas` may be None (they are read
+        from the index only when a profile needs them)."""
         with torch.no_grad():
             similarity = self.model.score_products(
                 torch.from_numpy(vectors).to(self.model.device), view_embeds=query.view_embeds,
                 text_embeds=query.text_embeds)[0].float().cpu().numpy()  # (N,)
-        fit = np.array([category_fit.get(m.get("category"), 0.0) for m in metas])  # (N,)
-        affinity = profile.affinity(ids, vectors, metas) if profile is not None else np.zeros(len(ids))
-        terms = np.stack([weights.similarity * similarity, weights.scene_fit * fit, weights.profile * affinity],
-                         axis=1)  # (N, 3)
-        return vectors, terms
+        if category is not None:
+            fit = np.full(len(ids), category_fit.get(category, 0.0))
+        else:
+            fit = np.array([category_fit.get(m.get("category"), 0.0) for m in metas])  # (N,)
+        if profile is not None:
+            metas = metas if metas is not None else [self.index.metadata(product_id) for product_id in ids]
+            affinity = profile.affinity(ids, vectors, metas)
+        else:
+            affinity = np.zeros(len(ids))
+        return np.stack([weights.similarity * similarity, weights.scene_fit * fit, weights.profile * affinity],
+                        axis=1)  # (N, 3)
 
     def _category_fit(self, scene_probabilities: Mapping[str, float]) -> dict[str, float]:
         """Category -> (L - 1) / (L + 1) for its lift L over its catalogue share; empty without a prior."""
@@ -541,7 +547,9 @@ class Matcher:
 
         The categories are those the scene makes more likely than the catalogue does (lift above 1
         under the scene probabilities, so an unsure scene rules out fewer); of those, the ones whose
-        best product scores highest."""
+        best product scores highest. A category of at most `IndexParams.filter_exact_max` products
+        is scored whole, so its best product is exact; a larger one is searched
+        (`SET_CANDIDATES` hits per query vector) and its hits scored with the candidates."""
         best: dict[str, int] = {}  # category -> candidate position with the best base score
         for i in np.argsort(-base, kind="stable").tolist():
             category = metas[i].get("category")
@@ -553,26 +561,28 @@ class Matcher:
         else:
             wanted = list(best)[:set_size]
         chosen = []
-        search_vectors = self._search_vectors(query)
         position = {pid: i for i, pid in enumerate(ids)}
         for category in wanted:
-            # The candidates were gathered for the whole list; a search within the category also
-            # finds products that rank well only against their own kind.
-            hits = self.index.search(search_vectors, k=SET_CANDIDATES, filter={**(filter or {}), "category": category})
-            pool = {pid: meta for hit in hits for pid, meta in zip(hit.ids, hit.metadata)}
-            known = {pid for pid in pool if pid in position}
-            if category in best:
-                known.add(ids[best[category]])
-            contenders = [(float(base[position[pid]]), pid, metas[position[pid]], terms[position[pid]])
-                          for pid in known]
-            new_ids = [pid for pid in pool if pid not in position]
-            if new_ids:
-                new_metas = [pool[pid] for pid in new_ids]
-                _, new_terms = self._terms(query, new_ids, new_metas, category_fit, profile, weights)
-                contenders += [(float(t.sum()), pid, meta, t) for pid, meta, t in zip(new_ids, new_metas, new_terms)]
-            if contenders:
-                _, product_id, meta, product_terms = max(contenders, key=lambda c: (c[0], c[1]))
-                chosen.append(self._ranked(product_id, meta, product_terms, 0.0, explain.set_item(meta)))
+            within = {**(filter or {}), "category": category}
+            if self._category_count.get(category, 0) <= self.index.params.filter_exact_max:
+                pool_ids, pool_vectors = self.index.select(within)
+            else:
+                pool_ids = self.index.candidates(self._search_vectors(query), k=SET_CANDIDATES, filter=within)
+                if category in best and ids[best[category]] not in pool_ids:
+                    pool_ids.append(ids[best[category]])
+                pool_vectors = self.index.vectors(pool_ids)
+            if not pool_ids:
+                continue
+            pool_terms = self._terms(query, pool_ids, pool_vectors, None, category_fit, profile, weights,
+                                     category=category)
+            totals = pool_terms.sum(axis=1)
+            top = max(np.flatnonzero(totals == totals.max()).tolist(), key=lambda i: pool_ids[i])  # ties: highest id
+            product_id = pool_ids[top]
+            if product_id in position:  # the list's own terms, so the set and the list agree to the bit
+                product_terms, meta = terms[position[product_id]], metas[position[product_id]]
+            else:
+                product_terms, meta = pool_terms[top], self.index.metadata(product_id)
+            chosen.append(self._ranked(product_id, meta, product_terms, 0.0, explain.set_item(meta)))
         # the categories whose best product fits the room best, rather than the most expected ones
         # first: those gave precision 0.164 against 0.210 (the same rooms as SET_MIN_LIFT's)
         return sorted(chosen, key=lambda p: -p.score)[:set_size]

@@ -92,6 +92,29 @@ def test_exact_search_equals_brute_force(catalogue, indexes):
         assert r.scores.dtype == np.float32 and np.all(np.diff(r.scores) <= 0)
 
 
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_candidates_are_the_searched_ids_once_each_in_order_of_appearance(catalogue, indexes, kind):
+    _, _, _, q = catalogue
+    for flt in (None, {"category": "lamp"}):
+        expected = list(dict.fromkeys(i for r in indexes[kind].search(q[:8], k=15, filter=flt) for i in r.ids))
+        assert indexes[kind].candidates(q[:8], k=15, filter=flt) == expected
+    assert indexes[kind].candidates(q[:2], k=5, filter={"category": "no such"}) == []
+
+
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_select_gives_every_matching_product_with_its_stored_vector(catalogue, kind):
+    ids, x, metas, _ = catalogue
+    index = ProductIndex.build(ids[:3000], x[:3000], metas[:3000], kind=kind,
+                               params=IndexParams(nlist=16) if kind == "ivfpq" else None)
+    index.remove([ids[5], ids[7]])
+    got_ids, got_vectors = index.select({"category": "sofa", "price": (None, 500)})
+    wanted = [i for i in range(3000) if i not in (5, 7) and metas[i].get("category") == "sofa"
+              and metas[i].get("price") is not None and metas[i]["price"] <= 500]
+    assert got_ids == [ids[i] for i in wanted] and wanted
+    np.testing.assert_allclose(got_vectors, x[wanted], atol=1e-6)
+    assert len(index.select()[0]) == 2998
+
+
 @pytest.mark.parametrize("kind", APPROX)
 def test_approximate_recall_on_clustered_data(catalogue, indexes, kind):
     ids, x, _, q = catalogue
@@ -222,6 +245,8 @@ def test_add_and_remove_without_rebuild(catalogue, kind):
     found = {i for r in index.search(x[[15_000, 3, 12_345]], k=20) for i in r.ids}
     found |= {i for r in index.search(x[[15_000, 3]], k=20, filter={"category": ["sofa", "lamp"]}) for i in r.ids}
     assert not found & set(gone)
+    kept = [15_001, 4, 0, N - 1]  # stored rows shift in an exact index when earlier ones are removed
+    assert np.allclose(index.vectors([ids[i] for i in kept]), x[kept], atol=1e-6)
     live = np.ones(N, dtype=bool)
     live[[15_000, 3, 12_345]] = False
     truth, _ = brute_force(x, ids, q[:20], 10, live)
@@ -234,6 +259,7 @@ def test_add_and_remove_without_rebuild(catalogue, kind):
     index.add([ids[15_000]], x[15_000:15_001], [{"category": "sofa", "price": 1.0}])  # re-add after removal
     assert index.search(x[15_000], k=1, filter={"category": "sofa"})[0].ids == [ids[15_000]]
     assert index.metadata(ids[15_000])["price"] == 1.0
+    assert np.allclose(index.vectors([ids[15_000], ids[4]]), x[[15_000, 4]], atol=1e-6)
 
     index.compact()  # rebuilt from the live products: no tombstones, same answers
     assert index.n_removed == 0 and len(index) == N - 2
