@@ -562,12 +562,13 @@ class Matcher:
             wanted = list(best)[:set_size]
         chosen = []
         position = {pid: i for i, pid in enumerate(ids)}
+        search_vectors = self._search_vectors(query)  # for the categories too large to score whole
         for category in wanted:
             within = {**(filter or {}), "category": category}
             if self._category_count.get(category, 0) <= self.index.params.filter_exact_max:
                 pool_ids, pool_vectors = self.index.select(within)
             else:
-                pool_ids = self.index.candidates(self._search_vectors(query), k=SET_CANDIDATES, filter=within)
+                pool_ids = self.index.candidates(search_vectors, k=SET_CANDIDATES, filter=within)
                 if category in best and ids[best[category]] not in pool_ids:
                     pool_ids.append(ids[best[category]])
                 pool_vectors = self.index.vectors(pool_ids)
