@@ -100,7 +100,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     match = sub.add_parser("match", help="products (and a product set) for a room photo")
     match.add_argument("photo", nargs="?", type=Path, help="the room photo")
-    match.add_argument("--index", type=Path, required=True, help="folder written by `hgm-mm index`")
+    where = match.add_mutually_exclusive_group(required=True)
+    where.add_argument("--index", type=Path, help="folder written by `hgm-mm index`")
+    where.add_argument("--service", help="URL of a running `hgm-mm serve` to ask instead (http://127.0.0.1:8080)")
     match.add_argument("--text", help='what the person wants, in words ("a Nordic living room, warm light")')
     match.add_argument("--user-events", type=Path, help="CSV or JSONL of user_id,product_id,event,timestamp")
     match.add_argument("--user", help="the user (in --user-events) whose profile personalises the ranking")
@@ -111,6 +113,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     match.add_argument("--model", help="query with this model instead of the index folder's copy "
                                        "(refused unless it built the index)")
     match.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    serve = sub.add_parser("serve", help="serve an index folder as a JSON HTTP API (OpenAPI at /docs); needs "
+                                         "pip install 'hgm-mm[serve]'")
+    serve.add_argument("--index", type=Path, required=True, help="folder written by `hgm-mm index`")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8080, help="port to listen on; 0 picks a free one (default: 8080)")
+    serve.add_argument("--max-upload-mb", type=float, default=16.0, help="largest photo in MiB (default: 16)")
+    serve.add_argument("--max-megapixels", type=float, default=25.0, help="largest photo in megapixels (default: 25)")
+    serve.add_argument("--device", help="torch device for the model (default: a GPU when there is one)")
+    serve.add_argument("--model", help="query with this model instead of the index folder's copy "
+                                       "(refused unless it built the index)")
 
     sub.add_parser("models", help="list the built-in models")
     return parser.parse_args(argv)
@@ -133,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
             return _index(args)
         if args.command == "match":
             return _match(args)
+        if args.command == "serve":
+            return _serve(args)
     except (ValueError, FileNotFoundError) as err:  # input errors: one clear line, no traceback
         print(f"hgm-mm {args.command}: {err}", file=sys.stderr)
         return 2
@@ -418,8 +433,7 @@ def _index(args: argparse.Namespace) -> int:
 def _match(args: argparse.Namespace) -> int:
     import json
 
-    from .matching import Matcher
-    from .profile import UserProfile, read_events
+    from .profile import read_events
 
     if args.photo is None and not args.text:
         raise ValueError("nothing to match: give a room photo, --text, or both")
@@ -429,28 +443,45 @@ def _match(args: argparse.Namespace) -> int:
         raise ValueError("a user profile needs --user-events FILE and --user ID together")
     if args.k < 1:
         raise ValueError(f"-k {args.k}; expected a positive number of products")
+    if args.service and args.model:
+        raise ValueError("--model works with --index; a service answers with the model it was started with")
     events = None
     if args.user_events is not None:
-        events = read_events(args.user_events)
-        if not any(event.user_id == args.user for event in events):
+        events = [event for event in read_events(args.user_events) if event.user_id == args.user]
+        if not events:
             raise ValueError(f"unknown user {args.user!r}: {args.user_events} holds no events of theirs")
     filter_: dict = {}
     if args.category:
         filter_["category"] = list(args.category)
     if args.min_price is not None or args.max_price is not None:
         filter_["price"] = (args.min_price, args.max_price)
-    model = _create_model(args.model) if args.model else None
-    matcher = Matcher.load(args.index, model=model)
-    profile = UserProfile.from_events(events, args.user, index=matcher.index) if events is not None else None
-    result = matcher.match(str(args.photo) if args.photo is not None else None, text=args.text, profile=profile,
-                           k=args.k, filter=filter_ or None)
+    if args.service:
+        from .service import ServiceClient
+
+        rows = [{"product_id": e.product_id, "event": e.event, "timestamp": e.timestamp} for e in events or []]
+        result = ServiceClient(args.service).match(args.photo, text=args.text, k=args.k, filter=filter_ or None,
+                                                   events=rows or None)
+        personal = events is not None
+    else:
+        from .matching import Matcher
+        from .profile import UserProfile
+        from .serving import RequestRefused, read_room_photo
+
+        try:  # the photo is read as a service reads an upload, so both answer alike
+            photo = read_room_photo(args.photo.read_bytes()) if args.photo is not None else None
+        except RequestRefused as refusal:
+            raise ValueError(f"{args.photo}: {refusal.message}") from None
+        matcher = Matcher.load(args.index, model=_create_model(args.model) if args.model else None)
+        profile = UserProfile.from_events(events, args.user, index=matcher.index) if events is not None else None
+        result = matcher.match(photo, text=args.text, profile=profile, k=args.k, filter=filter_ or None)
+        personal = profile is not None
     if args.json:
         print(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
         return 0
     top = ", ".join(f"{scene} {p:.2f}" for scene, p in list(result.scene_probabilities.items())[:3])
     print(f"scene: {result.scene} ({top})" if result.scene_confident else
           f"scene: not sure (maybe {top})")
-    print(f"products{f' for user {args.user}' if profile is not None else ''}:")
+    print(f"products{f' for user {args.user}' if personal else ''}:")
     for rank, product in enumerate(result.products, 1):
         print(f"  {rank:>2}. {product.score:.3f}  {_describe_product(product)}")
     print("product set:")
@@ -460,6 +491,23 @@ def _match(args: argparse.Namespace) -> int:
             print(f"      {product.why}")
     if not result.products:
         print("  (no product matches the filters)")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        from .service import serve
+    except ImportError as err:
+        raise ValueError(f"serving needs FastAPI and uvicorn ({err}): pip install 'hgm-mm[serve]'") from None
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port {args.port}; expected 0-65535 (0 picks a free port)")
+    for flag, value in (("--max-upload-mb", args.max_upload_mb), ("--max-megapixels", args.max_megapixels)):
+        if not value > 0:
+            raise ValueError(f"{flag} {value}; expected a positive number")
+    serve(args.index, host=args.host, port=args.port, device=args.device,
+          model=_create_model(args.model) if args.model else None,
+          max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=int(args.max_megapixels * 1e6),
+          ready=lambda url: print(f"Serving on {url} (API description at {url}/docs)", flush=True))
     return 0
 
 

@@ -270,6 +270,12 @@ class RankedProduct:
                 "reasons": {k: float(v) for k, v in self.reasons.items()}, "metadata": dict(self.metadata),
                 "why": self.why}
 
+    @classmethod
+    def from_dict(cls, row: Mapping[str, Any]) -> "RankedProduct":
+        """The product `to_dict` wrote (keys beyond its own are ignored: a service adds ``photo_url``)."""
+        return cls(str(row["product_id"]), float(row["score"]), {k: float(v) for k, v in row["reasons"].items()},
+                   dict(row.get("metadata") or {}), str(row.get("why") or ""))
+
 
 @dataclass
 class MatchResult:
@@ -287,6 +293,18 @@ class MatchResult:
                 "scene_probabilities": {k: float(v) for k, v in self.scene_probabilities.items()},
                 "products": [p.to_dict() for p in self.products],
                 "product_set": [p.to_dict() for p in self.product_set]}
+
+    @classmethod
+    def from_dict(cls, document: Mapping[str, Any]) -> "MatchResult":
+        """The result `to_dict` wrote, e.g. a `hgm-mm serve` response."""
+        try:
+            return cls(str(document["scene"]), {k: float(v) for k, v in document["scene_probabilities"].items()},
+                       [RankedProduct.from_dict(p) for p in document["products"]],
+                       [RankedProduct.from_dict(p) for p in document["product_set"]],
+                       scene_confident=bool(document.get("scene_confident", True)))
+        except (KeyError, TypeError, AttributeError, ValueError) as err:
+            raise ValueError(f"not a match result ({type(err).__name__}: {err}); expected the keys of "
+                             "MatchResult.to_dict()") from None
 
 
 @dataclass

@@ -86,16 +86,22 @@ def read_events(path: str | Path) -> list[InteractionEvent]:
     except UnicodeDecodeError as err:
         raise DataError(path, None, f"not valid UTF-8 ({err.reason} at byte {err.start}); save it as UTF-8") from None
     rows = _jsonl_rows(path, text) if path.suffix.lower() in (".jsonl", ".json") else _csv_rows(path, text)
-    events = []
-    for lineno, row in rows:
-        user_id, product_id, event, stamp = (row.get(key) for key in EVENTS_HEADER)
-        for key, value in (("user_id", user_id), ("product_id", product_id)):
-            if not isinstance(value, str) or not value.strip():
-                raise DataError(path, lineno, f"{key} is {value!r}; give a non-empty string id")
-        if event not in EVENT_TYPES:
-            raise DataError(path, lineno, f"event {event!r} is not known; write one of {', '.join(EVENT_TYPES)}")
-        events.append(InteractionEvent(user_id, product_id, event, _timestamp(path, lineno, stamp)))
-    return events
+    return [event_from_row(row, path, lineno) for lineno, row in rows]
+
+
+def event_from_row(row: Mapping[str, Any], origin: str | Path, lineno: int | None = None) -> InteractionEvent:
+    """One event from a row with the keys of `EVENTS_HEADER`, checked.
+
+    Raises:
+        DataError: naming `origin` (a file, or where a request carried the row) and `lineno`.
+    """
+    user_id, product_id, event, stamp = (row.get(key) for key in EVENTS_HEADER)
+    for key, value in (("user_id", user_id), ("product_id", product_id)):
+        if not isinstance(value, str) or not value.strip():
+            raise DataError(origin, lineno, f"{key} is {value!r}; give a non-empty string id")
+    if event not in EVENT_TYPES:
+        raise DataError(origin, lineno, f"event {event!r} is not known; write one of {', '.join(EVENT_TYPES)}")
+    return InteractionEvent(user_id, product_id, event, _timestamp(origin, lineno, stamp))
 
 
 def _csv_rows(path: Path, text: str):

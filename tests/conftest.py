@@ -1,7 +1,9 @@
+import io
 import os
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,6 +22,45 @@ def shared_data() -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def ikea(shared_data: Path) -> Path:
+    """The IKEA rooms-and-products folder of the real data."""
+    folder = shared_data / "ikea"
+    if not (folder / "products.jsonl").is_file() or not (folder / "rooms.jsonl").is_file():
+        pytest.skip(f"IKEA data absent: {folder} needs products.jsonl and rooms.jsonl (see the data README)")
+    return folder
+
+
+IKEA_HEAD_PRODUCTS = 40
+
+
+@pytest.fixture(scope="session")
+def ikea_head_catalogue(ikea: Path) -> dict:
+    """The first products of the IKEA catalogue, by id."""
+    from hgm_mm.data import read_products
+
+    return {p.product_id: p for p in read_products(ikea / "products.jsonl")[:IKEA_HEAD_PRODUCTS]}
+
+
+@pytest.fixture(scope="session")
+def ikea_head_index(tmp_path_factory, ikea_head_catalogue: dict) -> Path:
+    """A matcher folder over the first IKEA products, built with the tiny random model (one torch thread)."""
+    import warnings
+
+    import torch
+
+    import hgm_mm
+    from hgm_mm.matching import build_catalog_index
+
+    torch.set_num_threads(1)
+    folder = tmp_path_factory.mktemp("ikea_head") / "index"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", hgm_mm.RandomInitWarning)
+        model = hgm_mm.create_model("hgm-tiny")
+    build_catalog_index(model, list(ikea_head_catalogue.values()), folder, progress=False, num_workers=0)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny models on one torch thread: several spin against each other on a busy 2-core runner, and
@@ -30,3 +71,10 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def photo_bytes(size=(320, 240), format="JPEG", mode="RGB") -> bytes:
+    """An encoded plain-grey image, as an upload would carry it."""
+    buffer = io.BytesIO()
+    Image.new(mode, size, 128).save(buffer, format=format)
+    return buffer.getvalue()

@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, photo_bytes
 
 flask = pytest.importorskip("flask", reason="the example app needs Flask: pip install -e '.[app]'")
 pytest.importorskip("waitress", reason="the example app needs waitress: pip install -e '.[app]'")
@@ -31,7 +31,6 @@ requests = pytest.importorskip("requests", reason="the app tests post with reque
 APP_DIR = REPO_ROOT / "examples" / "app"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
-N_PRODUCTS = 40
 CONCURRENT_UPLOADS = 20
 SERVER_START_TIMEOUT_S = 180  # importing torch and loading the model on a busy 2-core runner
 ROOM_WISH = "a bright room with a soft rug"
@@ -56,22 +55,6 @@ def load_app_module():
 
 # -- fixtures ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def ikea(shared_data: Path) -> Path:
-    folder = shared_data / "ikea"
-    if not (folder / "products.jsonl").is_file() or not (folder / "rooms.jsonl").is_file():
-        pytest.skip(f"IKEA data absent: {folder} needs products.jsonl and rooms.jsonl (see the data README)")
-    return folder
-
-
-@pytest.fixture(scope="module")
-def catalogue(ikea: Path) -> dict:
-    """The first products of the IKEA catalogue, by id."""
-    from hgm_mm.data import read_products
-
-    return {p.product_id: p for p in read_products(ikea / "products.jsonl")[:N_PRODUCTS]}
-
-
-@pytest.fixture(scope="module")
 def room_photos(ikea: Path) -> list[Path]:
     from hgm_mm.data import read_rooms
 
@@ -79,25 +62,8 @@ def room_photos(ikea: Path) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def index_dir(tmp_path_factory, catalogue: dict) -> Path:
-    """A matcher folder over the first IKEA products, built with the tiny random model."""
-    import torch
-
-    import hgm_mm
-    from hgm_mm.matching import build_catalog_index
-
-    torch.set_num_threads(1)
-    folder = tmp_path_factory.mktemp("app") / "index"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", hgm_mm.RandomInitWarning)
-        model = hgm_mm.create_model("hgm-tiny")
-    build_catalog_index(model, list(catalogue.values()), folder, progress=False, num_workers=0)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def scene_labels(index_dir: Path) -> set[str]:
-    return set(json.loads((index_dir / "model" / "hgm_config.json").read_text())["model"]["scene_labels"])
+def scene_labels(ikea_head_index: Path) -> set[str]:
+    return set(json.loads((ikea_head_index / "model" / "hgm_config.json").read_text())["model"]["scene_labels"])
 
 
 @pytest.fixture(scope="module")
@@ -106,20 +72,20 @@ def app_module():
 
 
 @pytest.fixture(scope="module")
-def matcher(index_dir: Path):
+def matcher(ikea_head_index: Path):
     from hgm_mm.matching import Matcher
 
-    return Matcher.load(index_dir)
+    return Matcher.load(ikea_head_index)
 
 
 @pytest.fixture(scope="module")
-def server(index_dir: Path, tmp_path_factory) -> str:
+def server(ikea_head_index: Path, tmp_path_factory) -> str:
     """`python examples/app/app.py --index DIR --port 0` in its own process; yields its URL."""
     log_path = tmp_path_factory.mktemp("server") / "stderr.log"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
            "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     with open(log_path, "wb") as stderr:
-        process = subprocess.Popen([sys.executable, str(APP_DIR / "app.py"), "--index", str(index_dir),
+        process = subprocess.Popen([sys.executable, str(APP_DIR / "app.py"), "--index", str(ikea_head_index),
                                     "--host", "127.0.0.1", "--port", "0", "--threads", "8"],
                                    stdout=subprocess.PIPE, stderr=stderr, env=env, text=True)
     lines: queue.Queue = queue.Queue()
@@ -211,7 +177,7 @@ def assert_no_raw_scores(page_html: str, product_ids=()) -> None:
 
 # -- in a real browser ------------------------------------------------------------------------------
 # `browser` comes first in each test so that, without Chromium, the test skips before the server starts.
-def test_room_photo_shows_scene_products_and_set(browser, page, server, room_photos, catalogue, scene_labels,
+def test_room_photo_shows_scene_products_and_set(browser, page, server, room_photos, ikea_head_catalogue, scene_labels,
                                                  app_module, matcher, tmp_path):
     response = submit_photo(page, server, room_photos[0], text=ROOM_WISH)
     assert response.status == 200
@@ -236,22 +202,22 @@ def test_room_photo_shows_scene_products_and_set(browser, page, server, room_pho
         assert cards, f"no products in {section}"
         for card in cards:
             product_id = card.get_attribute("data-product-id")
-            assert product_id in catalogue
-            assert card.query_selector(".title").inner_text() == catalogue[product_id].title
-            assert card.query_selector(".category").inner_text() == catalogue[product_id].category.capitalize()
+            assert product_id in ikea_head_catalogue
+            assert card.query_selector(".title").inner_text() == ikea_head_catalogue[product_id].title
+            assert card.query_selector(".category").inner_text() == ikea_head_catalogue[product_id].category.capitalize()
             photo = card.query_selector("img")
             assert photo.evaluate("img => img.naturalWidth") > 0
             assert card.query_selector(".reasons") is None
     set_ids = page.eval_on_selector_all("#product-set .product", "els => els.map(e => e.dataset.productId)")
     assert set_ids == [p.product_id for p in expected.product_set]  # the library's order, best first
-    assert_no_raw_scores(page.content(), catalogue)
+    assert_no_raw_scores(page.content(), ikea_head_catalogue)
     assert len(page.query_selector_all("#products .product")) == 12
     assert page.evaluate("document.querySelector('img.preview').naturalWidth") > 0
 
     first = page.query_selector("#products .product")
     photo_url = first.query_selector("img").get_attribute("src")
     served = requests.get(server + photo_url, timeout=30)
-    assert served.content == catalogue[first.get_attribute("data-product-id")].image.read_bytes()
+    assert served.content == ikea_head_catalogue[first.get_attribute("data-product-id")].image.read_bytes()
 
     screenshot = tmp_path / "results.png"
     page.screenshot(path=str(screenshot), full_page=True)
@@ -319,12 +285,6 @@ def test_twenty_concurrent_uploads_all_succeed(browser, page, server, room_photo
 
 
 # -- in process: limits and routes ------------------------------------------------------------------
-def photo_bytes(size=(320, 240), format="JPEG", mode="RGB") -> bytes:
-    buffer = io.BytesIO()
-    Image.new(mode, size, 128).save(buffer, format=format)
-    return buffer.getvalue()
-
-
 @pytest.fixture(scope="module")
 def client(app_module, matcher):
     return app_module.create_app(matcher).test_client()
@@ -372,7 +332,9 @@ def test_png_webp_and_exif_rotated_photos_are_matched(client, app_module):
     photo = app_module.read_room_photo(buffer.getvalue())
     assert photo.size == (200, 300) and photo.mode == "RGB"
     large = app_module.read_room_photo(photo_bytes(size=(3000, 2000)))
-    assert max(large.size) == app_module.WORKING_SIDE
+    from hgm_mm.serving import WORKING_SIDE
+
+    assert max(large.size) == WORKING_SIDE
 
 
 def test_uploads_stay_in_memory(client, monkeypatch, tmp_path):
@@ -395,8 +357,8 @@ def test_uploads_stay_in_memory(client, monkeypatch, tmp_path):
     assert not (tmp_path / "uploaded.png").exists()  # the name a user sends is never used
 
 
-def test_product_photos_are_served_by_index_id_only(client, catalogue):
-    product_id, product = next(iter(catalogue.items()))
+def test_product_photos_are_served_by_index_id_only(client, ikea_head_catalogue):
+    product_id, product = next(iter(ikea_head_catalogue.items()))
     answer = client.get(f"/products/{product_id}/photo")
     assert answer.status_code == 200 and answer.mimetype == "image/jpeg"
     assert answer.data == product.image.read_bytes()

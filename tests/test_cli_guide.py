@@ -20,14 +20,6 @@ def tiny_warnings():
 
 
 @pytest.fixture(scope="module")
-def ikea(shared_data):
-    folder = shared_data / "ikea"
-    if not (folder / "products.jsonl").is_file():
-        pytest.skip(f"IKEA data absent: {folder}/products.jsonl (set HGM_DATA)")
-    return folder
-
-
-@pytest.fixture(scope="module")
 def catalog(ikea, tmp_path_factory):
     """A products.jsonl of the first room's products and a few others; photos linked, never copied."""
     root = tmp_path_factory.mktemp("catalog")

@@ -14,7 +14,8 @@ WSGI server: it keeps accepting connections while requests wait for the model.
 Nothing a user sends reaches the file system by name: the app reads an upload into ``BytesIO``
 and never uses the file name the browser sends (waitress itself holds a request body over 512 KB in
 an anonymous temporary file while it arrives). Uploads are limited in bytes and decoded with Pillow
-only when the header names an accepted format and a pixel count within the limit. Product photos
+only when the header names an accepted format and a pixel count within the limit, by the same
+checks as `hgm-mm serve` (`hgm_mm.serving`). Product photos
 are served by product id from the index's own metadata, never from a path in a request.
 """
 from __future__ import annotations
@@ -24,38 +25,24 @@ import base64
 import io
 import math
 import sys
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from flask import Flask, Request, abort, jsonify, render_template, request, send_file, url_for
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from hgm_mm.data import ImageError, load_image
 from hgm_mm.matching import Matcher, MatchResult, RankedProduct
 from hgm_mm.scenes import scene_words
+from hgm_mm.serving import (ACCEPTED_MEDIA_TYPES, DEFAULT_MAX_PIXELS, DEFAULT_MAX_UPLOAD_BYTES, MAX_TEXT_CHARS,
+                            RequestRefused, read_room_photo, read_wish, result_document)
 
 APP_DIR = Path(__file__).resolve().parent
-ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP")
-DEFAULT_MAX_UPLOAD_BYTES = 16 * 1024 * 1024
-DEFAULT_MAX_PIXELS = 25_000_000
 DEFAULT_RESULTS = 12
-MAX_TEXT_CHARS = 300
-WORKING_SIDE = 1024  # the model sees views of a few hundred pixels; a larger photo only costs time
 PREVIEW_SIDE = 480
 SHOWN_SCENES = 3  # the top few scenes, as plain percentages
 CARD_DETAILS = ("product_type", "color", "size")  # catalogue words shown under a product's title
-
-
-class UploadRefused(Exception):
-    """An upload the app will not match; `message` tells the person what to do instead."""
-
-    def __init__(self, message: str, status: int) -> None:
-        super().__init__(message)
-        self.message = message
-        self.status = status
 
 
 class InMemoryUploadRequest(Request):
@@ -67,57 +54,6 @@ class InMemoryUploadRequest(Request):
 
     def _get_file_stream(self, total_content_length, content_type, filename=None, content_length=None):
         return io.BytesIO()
-
-
-def read_room_photo(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decodes uploaded bytes into an RGB room photo, or refuses them with a message for people.
-
-    The header is read first: only JPEG, PNG and WebP are accepted, and the pixel count is
-    checked before any pixel is decoded, so a huge photo is refused at once.
-
-    Args:
-        data: The uploaded file's bytes.
-        max_pixels: Largest width * height accepted.
-
-    Returns:
-        The photo, EXIF orientation applied, downscaled to at most ``WORKING_SIDE`` pixels a side.
-
-    Raises:
-        UploadRefused: Empty, not an image of an accepted format, too many pixels, or corrupt.
-    """
-    if not data:
-        raise UploadRefused("Choose a photo of your room to upload.", 400)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as header:
-                width, height = header.size
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise UploadRefused(f"This photo has far too many pixels; the limit is "
-                            f"{max_pixels / 1e6:g} megapixels. Downscale it and upload it again.", 413) from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        raise UploadRefused("This file is not an image. Upload a photo of your room as a JPEG, PNG "
-                            "or WebP file.", 415) from None
-    if width * height > max_pixels:
-        raise UploadRefused(f"This photo is {width} x {height} pixels ({width * height / 1e6:.1f} "
-                            f"megapixels); the limit is {max_pixels / 1e6:g} megapixels. Downscale it "
-                            "and upload it again.", 413)
-    try:
-        photo = load_image(io.BytesIO(data), max_pixels=max_pixels)
-    except ImageError:
-        raise UploadRefused("This photo could not be decoded: it is truncated or corrupt. Save it "
-                            "again as a JPEG or PNG and upload it again.", 400) from None
-    photo.thumbnail((WORKING_SIDE, WORKING_SIDE))
-    return photo
-
-
-def read_wish(text: str | None) -> str | None:
-    """The optional words a person typed, trimmed; refused when longer than ``MAX_TEXT_CHARS``."""
-    text = (text or "").strip()
-    if len(text) > MAX_TEXT_CHARS:
-        raise UploadRefused(f"Describe what you want in at most {MAX_TEXT_CHARS} characters "
-                            f"(you typed {len(text)}).", 400)
-    return text or None
 
 
 def preview_data_uri(photo: Image.Image) -> str:
@@ -254,7 +190,7 @@ def create_app(matcher: Matcher, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_B
     app.config["MAX_CONTENT_LENGTH"] = max_upload_bytes
     app.json.sort_keys = False  # scene probabilities and products keep their order, most likely first
     limits = {"max_upload_mb": f"{max_upload_bytes / 2**20:g}", "max_megapixels": f"{max_pixels / 1e6:g}",
-              "max_text_chars": MAX_TEXT_CHARS, "accept": ",".join(f"image/{f.lower()}" for f in ACCEPTED_FORMATS)}
+              "max_text_chars": MAX_TEXT_CHARS, "accept": ",".join(ACCEPTED_MEDIA_TYPES)}
 
     def run_match() -> tuple[MatchResult, Image.Image, str | None]:
         upload = request.files.get("photo")
@@ -273,7 +209,7 @@ def create_app(matcher: Matcher, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_B
     def match_page():
         try:
             result, photo, wish = run_match()
-        except UploadRefused as refusal:
+        except RequestRefused as refusal:
             return page(refusal.status, error=refusal.message, wish=request.form.get("text", ""))
         return page(result=result, headline=scene_headline(result), scenes=scene_percentages(result),
                     wish=wish or "", preview=preview_data_uri(photo),
@@ -284,13 +220,9 @@ def create_app(matcher: Matcher, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_B
     def match_api():
         try:
             result, _, _ = run_match()
-        except UploadRefused as refusal:
+        except RequestRefused as refusal:
             return jsonify(error=refusal.message), refusal.status
-        document = result.to_dict()
-        for product in [*document["products"], *document["product_set"]]:
-            product["metadata"].pop("image", None)  # a path on this server; the client gets a URL instead
-            product["photo_url"] = url_for("product_photo", product_id=product["product_id"])
-        return jsonify(document)
+        return jsonify(result_document(result, lambda product_id: url_for("product_photo", product_id=product_id)))
 
     @app.get("/products/<path:product_id>/photo")
     def product_photo(product_id: str):
