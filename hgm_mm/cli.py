@@ -471,7 +471,8 @@ def _match(args: argparse.Namespace) -> int:
             photo = read_room_photo(args.photo.read_bytes()) if args.photo is not None else None
         except RequestRefused as refusal:
             raise ValueError(f"{args.photo}: {refusal.message}") from None
-        matcher = Matcher.load(args.index, model=_create_model(args.model) if args.model else None)
+        # one photo: the folded torch tower answers sooner than an ONNX export would
+        matcher = Matcher.load(args.index, model=_create_model(args.model) if args.model else None, engine="torch")
         profile = UserProfile.from_events(events, args.user, index=matcher.index) if events is not None else None
         result = matcher.match(photo, text=args.text, profile=profile, k=args.k, filter=filter_ or None)
         personal = profile is not None

@@ -302,8 +302,9 @@ def _encoder(model, *, room_views: bool, precision: str, engine: str = "torch", 
     return run
 
 
-def resolve_engine(engine: str, model, precision: str, n_photos: int) -> str:
-    """The engine that embeds `n_photos` photos: "torch" or "onnxruntime".
+def resolve_engine(engine: str, model, precision: str, n_photos: int | None) -> str:
+    """The engine that embeds `n_photos` photos (None: an open-ended stream, e.g. a service's
+    queries): "torch" or "onnxruntime".
 
     "auto" picks ONNX Runtime on a CPU in float32 for at least `ONNX_MIN_PHOTOS` photos, when it is
     installed; below that its one-time export (seconds) costs more than it saves.
@@ -320,13 +321,20 @@ def resolve_engine(engine: str, model, precision: str, n_photos: int) -> str:
                               "pip install onnxruntime onnx onnxscript")
         return engine
     if engine == "auto":
-        return "onnxruntime" if on_cpu_fp32 and n_photos >= ONNX_MIN_PHOTOS and onnxruntime_available() else "torch"
+        many = n_photos is None or n_photos >= ONNX_MIN_PHOTOS
+        return "onnxruntime" if on_cpu_fp32 and many and onnxruntime_available() else "torch"
     return engine
 
 
-def _auto_encoder(model, *, room_views: bool, precision: str, engine: str, n_photos: int,
-                  fold_batch_norms: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
-    """`_encoder` with `engine` resolved; "auto" falls back to torch when the ONNX export fails."""
+def photo_encoder(model, *, room_views: bool, precision: str = "auto", engine: str = "auto",
+                  n_photos: int | None = None, fold_batch_norms: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Model-input pixels -> unit vectors, float32 on the CPU: (B, 3, S, S) -> (B, D), or with
+    `room_views` (R, V, 3, S, S) -> (R, V, D); what catalogue embedding and `Matcher` queries run.
+
+    `engine` and `n_photos` as in `resolve_engine`; "auto" falls back to torch when the ONNX export
+    fails. With torch, `fold_batch_norms` runs the BatchNorm-folded inference copy of the tower (in
+    eval mode); `precision` "auto" is bf16 on CUDA, fp32 elsewhere.
+    """
     options = {"room_views": room_views, "precision": precision, "fold_batch_norms": fold_batch_norms}
     try:
         return _encoder(model, engine=resolve_engine(engine, model, precision, n_photos), **options)
@@ -362,7 +370,8 @@ def embed_images(model, sources: Sequence[str | os.PathLike], *, batch_size: int
         raise ValueError(f"on_error={on_error!r}; expected 'skip' or 'raise'")
     _check_positive(batch_size=batch_size)
     n_photos = len(sources) * (model.room_views.n_views if room_views else 1)
-    encode = _auto_encoder(model, room_views=room_views, precision=precision, engine=engine, n_photos=n_photos)
+    encode = photo_encoder(model, room_views=room_views, precision=precision, engine=engine, n_photos=n_photos,
+                           fold_batch_norms=False)
     batches = _ShardBatches([0], max(1, len(sources)), len(sources), batch_size)
     loader, finish = _photo_loader(model, sources, batches, room_views=room_views, jpeg_draft=jpeg_draft,
                                    num_workers=num_workers)
@@ -615,7 +624,7 @@ def _embed_shards(model, ids, photos, texts, result: ShardedEmbeddings, pending:
         prefetch = max(2, ONNX_PREFETCH_PHOTOS // (batch_size * max(1, num_workers)))
         loader, finish = _photo_loader(model, photos, batches, prefetch_factor=prefetch, **options)
         batch_iterator = iter(loader)
-        encode = _auto_encoder(model, room_views=False, precision=precision, engine=engine,
+        encode = photo_encoder(model, room_views=False, precision=precision, engine=engine,
                                n_photos=n_photos, fold_batch_norms=True)
     else:
         encode = _encoder(model, room_views=False, precision=precision, fold_batch_norms=True)

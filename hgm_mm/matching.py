@@ -62,15 +62,15 @@ from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .embedding import photo_encoder, resolve_engine
 from .files import atomic_dir, atomic_text
 from .index import ProductIndex, model_fingerprint
-from .inference import FoldedImageEncoder
 from .profile import UserProfile
 from .scenes import combine_scene_probabilities, scene_words
 from .version import __version__
@@ -354,13 +354,17 @@ class Matcher:
     """Ranks catalogue products for a room photo and/or words; see the module docstring."""
 
     def __init__(self, model, index: ProductIndex, *, prior: SceneCategoryPrior | None = None,
-                 weights: RankingWeights | None = None):
+                 weights: RankingWeights | None = None, engine: str = "auto"):
         """
         Args:
             model: the `HGMModel` that built `index`.
             index: the catalogue `ProductIndex`, with "category" in its metadata for scene fit and sets.
             prior: P(category | scene); None turns the scene-fit term off.
             weights: term weights; default `RankingWeights()`.
+            engine: what runs the room views through the image tower, as in catalogue embedding:
+                "auto" (ONNX Runtime on a CPU when installed, exported at the first photo; the
+                tower in bf16 on CUDA), "onnxruntime", or "torch" (on a CPU the BatchNorm-folded
+                copy of the tower: no export, for a process that matches one photo).
 
         Raises:
             ValueError: the index was built by another model, or its dimension differs.
@@ -375,8 +379,8 @@ class Matcher:
                                  f"but the queries come from model {model.config.name!r} with other weights; their "
                                  "vectors are not comparable. Index the catalogue with this model (hgm-mm index)")
         self.model = model.eval()
-        # on a CPU, room views run through the BatchNorm-folded, channels-last copy of the tower
-        self._photo_encoder = FoldedImageEncoder(self.model) if self.model.device.type == "cpu" else None
+        self.engine = resolve_engine(engine, self.model, "auto", None)
+        self._view_encoder = None  # built at the first photo or by `warm_up`
         self.index = index
         self.prior = prior
         self.weights = weights if weights is not None else RankingWeights()
@@ -389,7 +393,7 @@ class Matcher:
 
     @classmethod
     def load(cls, index_dir: str | os.PathLike, *, device: str | torch.device | None = None, model=None,
-             weights: RankingWeights | None = None) -> "Matcher":
+             weights: RankingWeights | None = None, engine: str = "auto") -> "Matcher":
         """Opens a folder written by `build_catalog_index` (`hgm-mm index`).
 
         Args:
@@ -397,6 +401,7 @@ class Matcher:
             device: where to put the model.
             model: query with this model instead of the folder's; refused unless it built the index.
             weights: term weights instead of the folder's.
+            engine: what encodes room photos (see `Matcher`).
 
         Raises:
             FileNotFoundError: the folder or a file in it is missing.
@@ -414,7 +419,7 @@ class Matcher:
         prior = SceneCategoryPrior.load(folder / manifest["scene_categories"]) if manifest["scene_categories"] else None
         if weights is None:
             weights = RankingWeights.from_dict(manifest["weights"], origin=f"{folder / MATCHER_FILE}: weights")
-        return cls(model, index, prior=prior, weights=weights)
+        return cls(model, index, prior=prior, weights=weights, engine=engine)
 
     # -- encoding ------------------------------------------------------------------------------
     def encode_query(self, image=None, text: str | None = None) -> RoomQuery:
@@ -432,7 +437,7 @@ class Matcher:
             view_embeds = self._room_views(image) if image is not None else None  # (1, V, D)
             text_embeds = self.model.encode_scene_text([text]).float() if text else None  # (1, D)
             photo_scenes = self._scene_dict(self.model.photo_scene_log_probs(
-                [image] if not isinstance(image, torch.Tensor) else image)) if image is not None else None
+                [image] if not isinstance(image, torch.Tensor) else image, view_embeds)) if image is not None else None
             text_scenes = self._scene_dict(self.model.text_scene_log_probs([text])) if text else None
         query = self.query_from_embeddings(view_embeds, text_embeds,
                                            scene_probabilities=combine_scene_probabilities(photo_scenes, text_scenes))
@@ -444,12 +449,22 @@ class Matcher:
         probabilities = log_probs[0].exp().float().cpu().tolist()
         return dict(sorted(zip(self.model.scene_labels, probabilities), key=lambda kv: -kv[1]))
 
+    def warm_up(self) -> "Matcher":
+        """Builds the room-view encoder now (an ONNX export takes seconds) rather than at the first
+        photo; a service calls it before it listens, so its first shopper does not wait."""
+        with self._lock:
+            self._photo_views_encoder()
+        return self
+
+    def _photo_views_encoder(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        if self._view_encoder is None:
+            self._view_encoder = photo_encoder(self.model, room_views=True, engine=self.engine)
+        return self._view_encoder
+
     def _room_views(self, image) -> torch.Tensor:
-        """`model.encode_room_views(image)` -> (1, V, D), through the folded tower copy on a CPU."""
-        if self._photo_encoder is None:
-            return self.model.encode_room_views(image).float()
+        """`model.encode_room_views(image)` -> (1, V, D), through the engine of `self.engine`."""
         views = self.model.preprocess_room_views(image)  # (1, V, 3, S, S)
-        return self._photo_encoder(views.flatten(0, 1)).float().view(*views.shape[:2], -1)
+        return self._photo_views_encoder()(views).to(self.model.device)
 
     def query_from_embeddings(self, view_embeds: torch.Tensor | None, text_embeds: torch.Tensor | None = None,
                               *, scene_probabilities: Mapping[str, float] | None = None) -> RoomQuery:

@@ -237,14 +237,17 @@ class HGMModel(nn.Module):
             features = torch.cat([self._image_features(chunk) for chunk in flat.split(VIEW_PASS_IMAGES)])
         return F.normalize(self.image_proj(features), dim=-1).view(*views.shape[:2], -1)  # (R, V, D)
 
-    def encode_room(self, images: ImageInput | None = None, texts: Sequence[str | None] | str | None = None
-                    ) -> torch.Tensor:
+    def encode_room(self, images: ImageInput | None = None, texts: Sequence[str | None] | str | None = None,
+                    *, view_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """A room from its photo, its scene text, or both (a text entry may be None) -> (B, D).
 
-        The photo part is the mean of the room's view vectors. To rank products, prefer
+        The photo part is the mean of the room's view vectors; `view_embeds` (B, V, D), the views
+        already encoded by `encode_room_views`, stand in for `images`. To rank products, prefer
         `score_products`, which pools per-view scores and keeps small objects visible.
         """
-        image_embeds = _mean_view(self.encode_room_views(images)) if images is not None else None
+        if images is not None and view_embeds is None:
+            view_embeds = self.encode_room_views(images)
+        image_embeds = _mean_view(view_embeds) if view_embeds is not None else None
         text_embeds, text_present = self._optional_texts(texts, self.encode_scene_text)
         self._check_batch(image_embeds, text_embeds)
         return self.room_fusion(image_embeds, text_embeds, text_present=text_present)
@@ -354,11 +357,12 @@ class HGMModel(nn.Module):
         combined = logits.index_add(0, torch.tensor(rows, device=logits.device), text_logits.to(logits.dtype))
         return combined.log_softmax(dim=-1)
 
-    def photo_scene_log_probs(self, images: ImageInput) -> torch.Tensor:
+    def photo_scene_log_probs(self, images: ImageInput, view_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Calibrated scene log-probabilities (B, S) read from room photos alone by `scene_reader`
         (the photo scene head, or `scene_head` on the room vector), divided by
-        `config.photo_scene_temperature`."""
-        logits = self.scene_reader.logits(self, images)
+        `config.photo_scene_temperature`. `view_embeds` (B, V, D), the photos' room views from
+        `encode_room_views`, spare a reader of the room vector a second pass over the views."""
+        logits = self.scene_reader.logits(self, images, view_embeds)
         return (logits / self.config.photo_scene_temperature).log_softmax(dim=-1)
 
     def text_scene_log_probs(self, texts: TextInput) -> torch.Tensor:

@@ -41,9 +41,10 @@ class RoomVectorScenes:
         """A PIL photo -> the room views (V, 3, S, S) the reader pools."""
         return model.room_views
 
-    def logits(self, model, images) -> torch.Tensor:
-        """Uncalibrated scene logits (B, S) of room photos (paths, PIL images or room-view pixels)."""
-        return model.scene_head(model.encode_room(images))
+    def logits(self, model, images, view_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Uncalibrated scene logits (B, S) of room photos (paths, PIL images or room-view pixels);
+        `view_embeds` (B, V, D), the photos' views already encoded, spare encoding them again."""
+        return model.scene_head(model.encode_room(images, view_embeds=view_embeds))
 
     def logits_from_cache(self, model, features: torch.Tensor, stage: int | None) -> torch.Tensor:
         """Cached locked-layer outputs (B, V, ...) of the V views of each photo -> scene logits (B, S):
@@ -78,7 +79,8 @@ class WholePhotoScenes:
         """A PIL photo -> the whole photo (3, S, S) at `config.scene_image_size`."""
         return WholePhoto(model.config.image_tower, model.config.scene_image_size)
 
-    def logits(self, model, images) -> torch.Tensor:
+    def logits(self, model, images, view_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Scene logits (B, S) of whole photos; the head reads the photo itself, not `view_embeds`."""
         return model.photo_scene_logits(images)
 
     def logits_from_cache(self, model, features: torch.Tensor, stage: int | None) -> torch.Tensor:

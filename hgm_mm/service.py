@@ -202,7 +202,7 @@ def serve(index_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8080, d
 
     from .matching import Matcher
 
-    matcher = Matcher.load(index_dir, device=device, model=model)
+    matcher = Matcher.load(index_dir, device=device, model=model).warm_up()
     service = create_service(matcher, max_upload_bytes=max_upload_bytes, max_pixels=max_pixels)
     # the socket is bound here, not by uvicorn, so that port 0 gives a port known before serving
     listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)

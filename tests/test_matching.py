@@ -80,7 +80,8 @@ def test_scene_fit_moves_products_of_fitting_categories_up(model, vectors, photo
     categories = ["b" if pid in top5 else "a" for pid in ids_of()]  # the most similar ones in a misfit category
     matcher = Matcher(model, make_index(model, vectors, categories), prior=uniform_prior(model, {"a": 100, "b": 1}))
     assert order(matcher.rank(query, k=N, weights=SIMILARITY_ONLY)) == by_similarity
-    fitted = matcher.rank(query, k=N, weights=RankingWeights(scene_fit=1.0, profile=0.0, diversity=0.0))
+    # scene_fit is about -0.85 for "b", +0.06 for "a"; at weight 3 the gap passes any similarity gap (at most 2)
+    fitted = matcher.rank(query, k=N, weights=RankingWeights(scene_fit=3.0, profile=0.0, diversity=0.0))
     assert not top5 & set(order(fitted)[:5])
     assert set(order(fitted)[-5:]) == top5
     assert all(p.reasons["scene_fit"] < 0 for p in fitted.products if p.product_id in top5)
@@ -344,15 +345,31 @@ def test_index_vectors_reads_stored_vectors_by_id(kind):
         index.vectors([ids_of(1200)[7]])  # removed
 
 
-def test_query_views_equal_the_models_own_room_views(model, vectors, photo):
-    """On a CPU the matcher encodes through the folded tower copy; the vectors stay the model's."""
-    matcher = Matcher(model, make_index(model, vectors, ["sofa"] * N))
-    assert matcher._photo_encoder is not None
+@pytest.mark.parametrize("engine", ["torch", "onnxruntime", "auto"])
+def test_query_views_equal_the_models_own_room_views(model, vectors, photo, engine):
+    """Whatever runs the tower for queries (folded copy, ONNX Runtime), the vectors stay the model's."""
+    if engine == "onnxruntime":
+        pytest.importorskip("onnxruntime")
+    matcher = Matcher(model, make_index(model, vectors, ["sofa"] * N), engine=engine).warm_up()
+    assert matcher._view_encoder is not None
+    assert matcher.engine in ("torch", "onnxruntime") and (engine == "auto" or matcher.engine == engine)
     query = matcher.encode_query(photo)
     with torch.no_grad():
         expected = model.encode_room_views(photo)  # (1, V, D)
     assert query.view_embeds.shape == expected.shape
     assert torch.allclose(query.view_embeds, expected, rtol=0, atol=1e-4)
+    again = matcher.encode_query(photo)  # the encoder built at the first photo is reused
+    assert torch.allclose(again.view_embeds, query.view_embeds, rtol=0, atol=1e-6)
+
+
+def test_photo_scenes_from_encoded_views_equal_a_fresh_read(model, photo):
+    """A room-vector scene reader given the query's encoded views reads the same scenes as from the photo."""
+    assert model.photo_scene_head is None  # the reader pools the room vector
+    with torch.no_grad():
+        views = model.encode_room_views(photo)
+        fresh = model.photo_scene_log_probs([photo])
+        reused = model.photo_scene_log_probs([photo], views)
+    assert torch.allclose(fresh, reused, rtol=0, atol=1e-5)
 
 
 def test_a_photo_scene_head_decides_the_query_scene(vectors, photo):

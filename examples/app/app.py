@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     try:
-        matcher = Matcher.load(args.index, device=args.device)
+        matcher = Matcher.load(args.index, device=args.device).warm_up()
     except (FileNotFoundError, ValueError) as error:
         print(f"error: --index {args.index}: {error}", file=sys.stderr)
         return 2
