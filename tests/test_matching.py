@@ -147,7 +147,12 @@ def test_reasons_sum_to_the_score_and_json_is_ready(model, vectors, photo):
 
 
 @pytest.mark.parametrize("candidates", [100, 1])  # 1: set categories missing from the candidates are searched
-def test_product_set_has_the_best_product_of_each_fitting_category(model, vectors, photo, candidates):
+@pytest.mark.parametrize("score_whole_max", [2000, 0])  # 0: every category is too large to score whole
+def test_product_set_has_the_best_product_of_each_fitting_category(model, vectors, photo, candidates,
+                                                                    score_whole_max, monkeypatch):
+    """A small category is scored whole; a large one gives its best candidate, or when it has none
+    its best among its nearest products to the room (here all of them, so the set is exact either way)."""
+    monkeypatch.setattr(hgm_mm.matching, "SET_SCORE_WHOLE_MAX", score_whole_max)
     index = make_index(model, vectors, CATEGORIES)
     matcher = Matcher(model, index, prior=uniform_prior(model, SCENE_COUNTS),
                       weights=RankingWeights(candidates=candidates))
