@@ -109,14 +109,9 @@ def read_filter(value: str | Mapping | None) -> dict[str, Any] | None:
     Each value is a string or number (equal to), a list of them (any of), or ``{"min": x, "max": y}``
     (an inclusive range, either bound omitted): ``{"category": ["sofa", "chair"], "price": {"max": 800}}``.
     """
-    if value is None or value == "":
+    value = _json_field(value, "filter", 'an object such as {"category": ["sofa"], "price": {"max": 800}}')
+    if value is None:
         return None
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as err:
-            raise RequestRefused(f"filter is not valid JSON ({err.msg} at column {err.colno}); send an object "
-                                 'such as {"category": ["sofa"], "price": {"max": 800}}.') from None
     if not isinstance(value, Mapping):
         raise RequestRefused(f"filter must be a JSON object of attribute -> condition, got {type(value).__name__}.")
     conditions: dict[str, Any] = {}
@@ -144,6 +139,18 @@ def read_filter(value: str | Mapping | None) -> dict[str, Any] | None:
     return conditions or None
 
 
+def _json_field(value: Any, name: str, expected: str) -> Any:
+    """A form field that holds JSON text (or, from Python, the value itself); None when empty."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as err:
+        raise RequestRefused(f"{name} is not valid JSON ({err.msg} at column {err.colno}); send {expected}.") from None
+
+
 def _is_scalar(value: Any) -> bool:
     return isinstance(value, (str, bool)) or (isinstance(value, (int, float)) and math.isfinite(value))
 
@@ -157,14 +164,9 @@ def read_events(value: str | list | None, index) -> "Any":
     """
     from .profile import UserProfile, event_from_row
 
-    if value is None or value == "":
+    value = _json_field(value, "events", 'a list of {"product_id", "event", "timestamp"} objects')
+    if value is None:
         return None
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as err:
-            raise RequestRefused(f"events is not valid JSON ({err.msg} at column {err.colno}); send a list of "
-                                 '{"product_id", "event", "timestamp"} objects.') from None
     if not isinstance(value, list):
         raise RequestRefused(f"events must be a JSON list, got {type(value).__name__}.")
     if len(value) > MAX_EVENTS:

@@ -1,5 +1,11 @@
+import contextlib
 import io
 import os
+import queue
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -78,3 +84,39 @@ def photo_bytes(size=(320, 240), format="JPEG", mode="RGB") -> bytes:
     buffer = io.BytesIO()
     Image.new(mode, size, 128).save(buffer, format=format)
     return buffer.getvalue()
+
+
+SERVER_START_TIMEOUT_S = 180  # importing torch and loading the model on a busy 2-core runner
+
+
+@contextlib.contextmanager
+def running_server(arguments: list[str], log_path: Path, what: str):
+    """`python ARGUMENTS` (a server that prints "Serving on URL" once it listens) in its own
+    process with this checkout importable; yields the URL, then stops the process."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    with open(log_path, "wb") as stderr:
+        process = subprocess.Popen([sys.executable, *arguments], stdout=subprocess.PIPE, stderr=stderr, env=env,
+                                   text=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
+    url = None
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    while url is None and time.monotonic() < deadline and process.poll() is None:
+        try:
+            line = lines.get(timeout=0.5)
+        except queue.Empty:
+            continue
+        if line.startswith("Serving on "):
+            url = line.split()[2]
+    try:
+        if url is None:
+            pytest.fail(f"{what} did not start (exit code {process.poll()}):\n{log_path.read_text()[-3000:]}")
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -7,14 +7,11 @@ import importlib.util
 import io
 import json
 import os
-import queue
 import re
 import shutil
-import subprocess
 import sys
 import threading
 import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,7 +19,7 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
-from conftest import REPO_ROOT, photo_bytes
+from conftest import REPO_ROOT, photo_bytes, running_server
 
 flask = pytest.importorskip("flask", reason="the example app needs Flask: pip install -e '.[app]'")
 pytest.importorskip("waitress", reason="the example app needs waitress: pip install -e '.[app]'")
@@ -32,7 +29,6 @@ APP_DIR = REPO_ROOT / "examples" / "app"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
 CONCURRENT_UPLOADS = 20
-SERVER_START_TIMEOUT_S = 180  # importing torch and loading the model on a busy 2-core runner
 ROOM_WISH = "a bright room with a soft rug"
 # what a shopper must never read: term names, and numbers with 3 or more decimals (0.734, +0.012)
 RAW_SCORE = re.compile(r"similarity|scene[ _]fit|diversity|\bscores?\b|\d\.\d{3}", re.IGNORECASE)
@@ -81,35 +77,10 @@ def matcher(ikea_head_index: Path):
 @pytest.fixture(scope="module")
 def server(ikea_head_index: Path, tmp_path_factory) -> str:
     """`python examples/app/app.py --index DIR --port 0` in its own process; yields its URL."""
-    log_path = tmp_path_factory.mktemp("server") / "stderr.log"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
-           "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    with open(log_path, "wb") as stderr:
-        process = subprocess.Popen([sys.executable, str(APP_DIR / "app.py"), "--index", str(ikea_head_index),
-                                    "--host", "127.0.0.1", "--port", "0", "--threads", "8"],
-                                   stdout=subprocess.PIPE, stderr=stderr, env=env, text=True)
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
-    url = None
-    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-    while url is None and time.monotonic() < deadline and process.poll() is None:
-        try:
-            line = lines.get(timeout=0.5)
-        except queue.Empty:
-            continue
-        if line.startswith("Serving on "):
-            url = line.split("Serving on ", 1)[1].strip()
-    try:
-        if url is None:
-            pytest.fail(f"the app did not start (exit code {process.poll()}):\n{log_path.read_text()[-3000:]}")
+    with running_server([str(APP_DIR / "app.py"), "--index", str(ikea_head_index), "--host", "127.0.0.1",
+                         "--port", "0", "--threads", "8"], tmp_path_factory.mktemp("server") / "stderr.log",
+                        "the app") as url:
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @pytest.fixture(scope="module")

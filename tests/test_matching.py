@@ -146,12 +146,12 @@ def test_reasons_sum_to_the_score_and_json_is_ready(model, vectors, photo):
     assert document["products"][0]["product_id"] == result.products[0].product_id
 
 
-@pytest.mark.parametrize("candidates", [100, 1])  # 1: set categories missing from the candidates are searched
-@pytest.mark.parametrize("score_whole_max", [2000, 0])  # 0: every category is too large to score whole
+# candidates 1: set categories missing from the candidates are searched; score_whole_max 0: every
+# category is too large to be scored whole, and gives its best candidate (with 100 hits per query
+# vector every product is a candidate, so that is its best product)
+@pytest.mark.parametrize("candidates, score_whole_max", [(100, 2000), (1, 2000), (100, 0)])
 def test_product_set_has_the_best_product_of_each_fitting_category(model, vectors, photo, candidates,
                                                                     score_whole_max, monkeypatch):
-    """A small category is scored whole; a large one gives its best candidate, or when it has none
-    its best among its nearest products to the room (here all of them, so the set is exact either way)."""
     monkeypatch.setattr(hgm_mm.matching, "SET_SCORE_WHOLE_MAX", score_whole_max)
     index = make_index(model, vectors, CATEGORIES)
     matcher = Matcher(model, index, prior=uniform_prior(model, SCENE_COUNTS),

@@ -5,17 +5,12 @@ process started by the CLI, under 20 concurrent clients and asked by `hgm-mm mat
 every answer is compared with what `Matcher.match` says of the same input in this process."""
 import json
 import os
-import queue
-import subprocess
-import sys
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT, photo_bytes
+from conftest import photo_bytes, running_server
 
 pytest.importorskip("fastapi", reason="the service needs FastAPI: pip install -e '.[serve]'")
 pytest.importorskip("multipart", reason="the service reads forms with python-multipart: pip install -e '.[serve]'")
@@ -23,7 +18,6 @@ pytest.importorskip("uvicorn", reason="the service runs on uvicorn: pip install 
 httpx = pytest.importorskip("httpx", reason="the service tests post with httpx: pip install -e '.[serve]'")
 
 CONCURRENT_CLIENTS = 20
-SERVER_START_TIMEOUT_S = 180  # importing torch and loading the model on a busy 2-core runner
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -210,34 +204,9 @@ def test_openapi_describes_every_route(client):
 @pytest.fixture(scope="module")
 def service_url(ikea_head_index: Path, tmp_path_factory) -> str:
     """`hgm-mm serve --index DIR --port 0` in its own process; yields its URL."""
-    log_path = tmp_path_factory.mktemp("service") / "stderr.log"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-    with open(log_path, "wb") as stderr:
-        process = subprocess.Popen([sys.executable, "-m", "hgm_mm", "serve", "--index", str(ikea_head_index),
-                                    "--port", "0"], stdout=subprocess.PIPE, stderr=stderr, env=env, text=True)
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
-    url = None
-    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-    while url is None and time.monotonic() < deadline and process.poll() is None:
-        try:
-            line = lines.get(timeout=0.5)
-        except queue.Empty:
-            continue
-        if line.startswith("Serving on "):
-            url = line.split()[2]
-    try:
-        if url is None:
-            pytest.fail(f"the service did not start (exit code {process.poll()}):\n{log_path.read_text()[-3000:]}")
+    with running_server(["-m", "hgm_mm", "serve", "--index", str(ikea_head_index), "--port", "0"],
+                        tmp_path_factory.mktemp("service") / "stderr.log", "the service") as url:
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def test_twenty_concurrent_clients_all_get_the_matchers_answer(service_url, matcher, room_photos):
