@@ -172,6 +172,27 @@ def test_product_set_has_the_best_product_of_each_fitting_category(model, vector
         assert product.score == pytest.approx(best.score, abs=1e-5)
 
 
+def test_a_large_set_category_with_no_candidate_is_searched_near_the_room(model, vectors, photo, monkeypatch):
+    """Every category too large to score whole; "lamp" holds only products no query vector found,
+    so its set item comes from a search of lamps near the room vector (all 20 or fewer of them)."""
+    monkeypatch.setattr(hgm_mm.matching, "SET_SCORE_WHOLE_MAX", 0)
+    plain = Matcher(model, make_index(model, vectors, ["sofa"] * N))
+    query = plain.encode_query(photo)
+    search_vectors = np.concatenate([query.room_vector[None, :], query.view_embeds[0].numpy()])
+    found = set(plain.index.candidates(search_vectors, k=1))
+    lamps = [pid for pid in ids_of() if pid not in found][:10]  # at most SET_CANDIDATES (20): all searched
+    categories = ["lamp" if pid in lamps else "sofa" for pid in ids_of()]
+    assert lamps
+    index = make_index(model, vectors, categories)
+    prior = uniform_prior(model, {"sofa": 10, "lamp": 10})
+    result = Matcher(model, index, prior=prior, weights=RankingWeights(candidates=1)).rank(query, k=3)
+    full = Matcher(model, index, prior=prior).rank(query, k=N, weights=RankingWeights(diversity=0.0))
+    lamp = next(p for p in result.product_set if p.metadata["category"] == "lamp")
+    best_lamp = next(p for p in full.products if p.metadata["category"] == "lamp")
+    assert lamp.product_id == best_lamp.product_id and lamp.product_id not in found
+    assert lamp.score == pytest.approx(best_lamp.score, abs=1e-5)
+
+
 def test_the_guide_says_when_it_is_not_sure_of_the_scene(model, vectors, photo):
     from hgm_mm.matching import SCENE_CONFIDENCE
 
