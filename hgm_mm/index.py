@@ -236,6 +236,14 @@ class ProductIndex:
             raise KeyError(f"product {product_id!r} is not in the index")
         return dict(self._meta[self._label_of[product_id]])
 
+    def metadata_of(self, ids: Sequence[str]) -> list[dict[str, Any]]:
+        """Copies of the metadata of products, in the order of `ids`.
+
+        Raises:
+            KeyError: an id is not in the index.
+        """
+        return [self.metadata(product_id) for product_id in ids]
+
     def vectors(self, ids: Sequence[str]) -> np.ndarray:
         """The stored unit vectors of products, in the order of `ids` -> (N, D) float32.
 
@@ -256,25 +264,11 @@ class ProductIndex:
         """Metadata keys that filters may use (those held by at least one product)."""
         return sorted(k for k, n in self._key_counts.items() if n > 0)
 
-    # -- add / remove --------------------------------------------------------------------------
-    def _check_new_ids(self, ids: Sequence[str]) -> list[str]:
-        if isinstance(ids, str):
-            raise ValueError(f"ids must be a list of strings; got the string {ids!r}, wrap it: [{ids!r}]")
-        ids = list(ids)
-        bad = [i for i in ids if not isinstance(i, str) or not i]
-        if bad:
-            raise ValueError(f"ids must be non-empty strings; got {bad[:5]!r}")
-        ids = [str(i) for i in ids]  # numpy str_ -> str, for JSON
-        dupes = [i for i, n in Counter(ids).items() if n > 1]
-        if dupes:
-            raise ValueError(f"{len(dupes)} id(s) appear more than once in this batch, e.g. {dupes[:5]}; "
-                             "product ids must be unique")
-        existing = [i for i in ids if i in self._label_of]
-        if existing:
-            raise ValueError(f"{len(existing)} id(s) are already in the index, e.g. {existing[:5]}; to replace "
-                             "their vectors or metadata, remove(ids) them first, then add")
-        return ids
+    def value_counts(self, key: str) -> Counter:
+        """How many live products hold each (hashable) value of metadata `key`; None counts those without it."""
+        return Counter(meta.get(key) for meta in self._meta if meta is not None)
 
+    # -- add / remove --------------------------------------------------------------------------
     def add(self, ids: Sequence[str], vectors: Any, metadata: Sequence[Mapping[str, Any]] | None = None) -> None:
         """Adds products without rebuilding the index.
 
@@ -287,7 +281,7 @@ class ProductIndex:
             ValueError: wrong shape, NaN or non-unit vectors, duplicate or existing ids,
                 metadata that is not JSON, or too few vectors to train a new "ivfpq" index.
         """
-        ids = self._check_new_ids(ids)
+        ids = check_new_ids(ids, self._label_of)
         x = _as_unit_matrix(vectors, self.dim, "vectors")  # (N, D)
         if len(x) != len(ids):
             raise ValueError(f"{len(ids)} ids but {len(x)} vectors; give one vector per id")
@@ -727,6 +721,26 @@ def _bitmap_selector(mask: np.ndarray) -> tuple[faiss.IDSelectorBitmap, np.ndarr
 
 
 # -- input validation --------------------------------------------------------------------------
+def check_new_ids(ids: Sequence[str], existing) -> list[str]:
+    """`ids` as a list of str, refused when one is empty, repeated, or in `existing` (a container)."""
+    if isinstance(ids, str):
+        raise ValueError(f"ids must be a list of strings; got the string {ids!r}, wrap it: [{ids!r}]")
+    ids = list(ids)
+    bad = [i for i in ids if not isinstance(i, str) or not i]
+    if bad:
+        raise ValueError(f"ids must be non-empty strings; got {bad[:5]!r}")
+    ids = [str(i) for i in ids]  # numpy str_ -> str, for JSON
+    dupes = [i for i, n in Counter(ids).items() if n > 1]
+    if dupes:
+        raise ValueError(f"{len(dupes)} id(s) appear more than once in this batch, e.g. {dupes[:5]}; "
+                         "product ids must be unique")
+    already = [i for i in ids if i in existing]
+    if already:
+        raise ValueError(f"{len(already)} id(s) are already in the index, e.g. {already[:5]}; to replace "
+                         "their vectors or metadata, remove(ids) them first, then add")
+    return ids
+
+
 def _infer_dim(vectors: Any) -> int:
     shape = getattr(vectors, "shape", None)
     if shape is None:

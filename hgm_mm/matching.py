@@ -386,7 +386,7 @@ class Matcher:
         self.prior = prior
         self.weights = weights if weights is not None else RankingWeights()
         self._lock = threading.Lock()
-        counts = Counter(index.metadata(pid).get("category") for pid in index.ids)
+        counts = index.value_counts("category")
         counts.pop(None, None)
         total = sum(counts.values())
         self._category_count = {c: n for c, n in counts.items() if isinstance(c, str)}
@@ -513,7 +513,7 @@ class Matcher:
         ids = self.index.candidates(self._search_vectors(query), k=weights.candidates, filter=filter)
         if not ids:
             return MatchResult(scene, query.scene_probabilities, [], [], scene_confident=confident)
-        metas = [self.index.metadata(product_id) for product_id in ids]
+        metas = self.index.metadata_of(ids)
         vectors = self.index.vectors(ids)  # (N, D)
         terms = self._terms(query, ids, vectors, metas, category_fit, profile, weights)
         base = terms.sum(axis=1)  # (N,)
@@ -548,7 +548,7 @@ class Matcher:
         else:
             fit = np.array([category_fit.get(m.get("category"), 0.0) for m in metas])  # (N,)
         if profile is not None:
-            metas = metas if metas is not None else [self.index.metadata(product_id) for product_id in ids]
+            metas = metas if metas is not None else self.index.metadata_of(ids)
             affinity = profile.affinity(ids, vectors, metas)
         else:
             affinity = np.zeros(len(ids))

@@ -254,7 +254,7 @@ class UserProfile:
         mean = weights @ vectors  # (D,)
         if np.linalg.norm(mean) > 1e-8:
             profile.vector = (mean / np.linalg.norm(mean)).astype(np.float32)
-        metadata = [index.metadata(pid) for pid in product_ids]
+        metadata = index.metadata_of(product_ids)
         categories: dict[str, float] = defaultdict(float)
         styles: dict[str, float] = defaultdict(float)
         for weight, meta in zip(weights, metadata):
