@@ -70,6 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                         "classifier also learns from")
     train.add_argument("--no-scene-heads", action="store_true",
                        help="skip training the photo scene head and the scene-text classifier after retrieval")
+    train.add_argument("--report-to", nargs="+", metavar="TRACKER",
+                       help="trackers of losses, learning rates and validation metrics: tensorboard, wandb, mlflow, "
+                            "all or none (default: tensorboard when installed); files go to OUTPUT/tracking")
 
     scenes = sub.add_parser("train-scenes", help="train a model's scene heads alone (photo scene head by the "
                                                  "measured recipe, scene-text classifier), calibrated",
@@ -187,7 +190,7 @@ def _train(args: argparse.Namespace) -> int:
     from .training import TrainConfig, train
 
     overrides = {"model": args.model, "epochs": args.epochs, "max_steps": args.max_steps,
-                 "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed}
+                 "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "report_to": args.report_to}
     if args.config is not None:
         config = TrainConfig.from_file(args.config, **overrides)
     else:

@@ -13,6 +13,8 @@ from typing import Any
 
 PRECISIONS = ("no", "bf16", "fp16")
 IMAGE_ERROR_POLICIES = ("skip", "raise")
+TRACKERS = ("tensorboard", "wandb", "mlflow")  # accelerate trackers a run can report to (training/tracking.py)
+REPORT_TO_CHOICES = (*TRACKERS, "all", "none")
 
 
 @dataclass
@@ -65,6 +67,9 @@ class TrainConfig:
     num_workers: int = 2  # photo-decoding processes
     checkpoint_every_steps: int = 25
     log_every_steps: int = 5
+    report_to: list[str] | str | None = None  # trackers for losses, learning rates, validation metrics and this
+    # config: "tensorboard", "wandb", "mlflow", a list of them, "all" (every one installed) or "none"; None: tensorboard
+    # when it is installed (the behaviour before this setting existed), else none. Read as a list ("none" -> [])
 
     def __post_init__(self) -> None:
         _check_field_types(self)
@@ -110,12 +115,15 @@ class TrainConfig:
                              f"expected one of {list(IMAGE_ERROR_POLICIES)}")
         if self.product_loss_weight + self.room_loss_weight + self.scene_loss_weight == 0:
             raise ValueError("TrainConfig: every loss weight is 0; nothing would be trained")
+        self.report_to = _report_to_list(self.report_to)
 
     def to_dict(self) -> dict[str, Any]:
+        """Every setting by name, JSON-ready; `from_dict` reads it back to an equal config."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, origin: str = "training config") -> "TrainConfig":
+        """A config from a mapping of settings; unknown settings and bad values raise, naming `origin`."""
         if not isinstance(data, dict):
             raise ValueError(f"{origin}: expected a mapping of settings, got {type(data).__name__}")
         valid = {f.name for f in dataclasses.fields(cls)}
@@ -145,7 +153,8 @@ class TrainConfig:
         return cls.from_dict(data, origin=str(path))
 
 
-_TYPE_NAMES = {int: "an int", float: "a finite number", bool: "true or false", str: "a string", type(None): "null"}
+_TYPE_NAMES = {int: "an int", float: "a finite number", bool: "true or false", str: "a string", type(None): "null",
+               list[str]: "a list of strings"}
 
 
 def _check_field_types(config) -> None:
@@ -163,7 +172,27 @@ def _check_field_types(config) -> None:
                              f"expected {expected}")
 
 
+def _report_to_list(value: list[str] | str | None) -> list[str] | None:
+    """`report_to` as a list of distinct tracker names, in the order given; None stays None (the default)."""
+    if value is None:
+        return None
+    names = [value] if isinstance(value, str) else list(value)
+    names = list(dict.fromkeys(name.strip().lower() for name in names))
+    unknown = [name for name in names if name not in REPORT_TO_CHOICES]
+    if unknown:
+        raise ValueError(f"TrainConfig.report_to={value!r}: unknown tracker(s) {unknown}; expected one of "
+                         f"{list(REPORT_TO_CHOICES)} or a list of {list(TRACKERS)}")
+    if len(names) > 1 and ("all" in names or "none" in names):
+        raise ValueError(f"TrainConfig.report_to={value!r}: 'all' and 'none' stand alone; give one of them, or a "
+                         f"list of {list(TRACKERS)}")
+    return [] if names == ["none"] else names
+
+
 def _is_of(value: Any, kind: Any) -> bool:
+    origin = typing.get_origin(kind)
+    if origin is list:  # list[str]: a list whose items are all of the item type
+        (item,) = typing.get_args(kind)
+        return isinstance(value, list) and all(_is_of(v, item) for v in value)
     if kind is bool:
         return isinstance(value, bool)
     if kind is int:

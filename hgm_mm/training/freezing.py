@@ -84,7 +84,9 @@ def trainable_parameter_groups(model: nn.Module, *, lr: float, tower_lr: float, 
         in_tower = name.split(".")[0] in ("image_tower", "text_tower", "scene_text_tower")
         no_decay = param.ndim < 2 or name == "logit_scale"
         groups.setdefault((in_tower, no_decay), []).append(param)
-    return [{"params": params, "lr": tower_lr if in_tower else lr, "weight_decay": 0.0 if no_decay else weight_decay}
+    # "name" lets the tracked run log each learning rate under its own key (tracking.learning_rates)
+    return [{"params": params, "lr": tower_lr if in_tower else lr, "weight_decay": 0.0 if no_decay else weight_decay,
+             "name": "towers" if in_tower else "heads"}
             for (in_tower, no_decay), params in sorted(groups.items())]
 
 

@@ -26,6 +26,8 @@ from .feature_cache import FeatureCache, build_feature_cache, cacheable_image_st
 from .guide_heads import SCENE_REPORT_FILE, read_scene_data, train_guide_heads
 from .freezing import (keep_frozen_norms_eval, lock_image_tower, lock_text_tower, trainable_parameter_groups,
                        wise_ft)
+from .tracking import (PROJECT_NAME, TRACKING_DIR, flat_config, learning_rates, resolve_trackers, tracker_init_kwargs,
+                       validation_log)
 
 CHECKPOINT_DIR = "checkpoint"
 BEST_MODEL_DIR = "model"
@@ -70,7 +72,8 @@ def train(config: TrainConfig | None = None, *, data: str | os.PathLike, output:
         scene_data: an `images.jsonl` scene set (or its folder) the photo scene head also learns from.
         scene_texts: a `texts.jsonl` of scene-labelled phrases the scene-text classifier also learns from.
         output: the run folder: `model/` (best model, save format, with metrics and the training
-            pairs beside it), `checkpoint/` (the last state, for resuming) and `train_config.json`.
+            pairs beside it, and its model card `README.md`), `checkpoint/` (the last state, for
+            resuming), `train_config.json`, and `tracking/` (the trackers of `config.report_to`).
         resume: continue from `output/checkpoint` when it exists (the same config is required).
         progress: show progress bars.
     """
@@ -80,8 +83,9 @@ def train(config: TrainConfig | None = None, *, data: str | os.PathLike, output:
     config = config or TrainConfig()
     output = Path(output)
     started = time.perf_counter()
-    accelerator = Accelerator(mixed_precision=config.precision, log_with=_tensorboard_or_none(),
-                              project_dir=str(output))
+    # the trackers' local files (tensorboard's events, wandb's offline runs) go under the run folder
+    accelerator = Accelerator(mixed_precision=config.precision, log_with=resolve_trackers(config.report_to),
+                              project_dir=str(output / TRACKING_DIR))
     set_seed(config.seed)
     main = accelerator.is_main_process
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -161,7 +165,9 @@ def train(config: TrainConfig | None = None, *, data: str | os.PathLike, output:
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     if accelerator.log_with:
-        accelerator.init_trackers("hgm_mm", config=config.to_dict())
+        resolved = {**config.to_dict(), "report_to": [str(t) for t in accelerator.log_with]}
+        accelerator.init_trackers(PROJECT_NAME, config=flat_config(resolved),
+                                  init_kwargs=tracker_init_kwargs(output, run_name=output.resolve().name))
 
     contrastive = ContrastiveLoss(rank=rank, world_size=world)
     # rooms are scored as at inference: per-view scores pooled, plus the scene text
@@ -222,7 +228,7 @@ def train(config: TrainConfig | None = None, *, data: str | os.PathLike, output:
         bar.update(1)
         if state.step % config.log_every_steps == 0 or state.step == last_step:
             rate = window_samples / max(time.perf_counter() - window_start, 1e-9)
-            logged = {**_floats(losses), "samples_per_s": rate, "lr": scheduler.get_last_lr()[0]}
+            logged = {**_floats(losses), "samples_per_s": rate, **learning_rates(optimizer, scheduler)}
             bar.set_postfix(loss=f"{logged['loss']:.3f}", samples_s=f"{rate:.1f}")
             accelerator.log(logged, step=state.step)
             window_samples, window_start = 0, time.perf_counter()
@@ -234,7 +240,7 @@ def train(config: TrainConfig | None = None, *, data: str | os.PathLike, output:
             with average.applied(unwrapped) if average is not None else nullcontext():
                 stop = _evaluate_and_keep_best(unwrapped, state, dataset, train_rooms, val_rooms, train_pairs,
                                                scene_categories, output, config, start_state, main, progress,
-                                               cache, first_val_row=len(drawn_rooms))
+                                               cache, first_val_row=len(drawn_rooms), log=accelerator.log)
             if stop and state.step < last_step:
                 accelerator.print(f"stopping early at step {state.step}: no Recall@10 gain in "
                                   f"{config.patience} evaluations")
@@ -442,8 +448,9 @@ class _TrainerState:
 
 
 def _evaluate_and_keep_best(model, state, dataset, train_rooms, val_rooms, train_pairs, scene_categories, output,
-                            config, start_state, main, progress, cache, first_val_row) -> bool:
-    """Evaluates on the validation rooms, saves a new best model; True when it is time to stop early."""
+                            config, start_state, main, progress, cache, first_val_row, log=None) -> bool:
+    """Evaluates on the validation rooms, saves a new best model; True when it is time to stop early.
+    `log` (accelerator.log) sends the validation metrics to the run's trackers."""
     from ..evaluation import evaluate
 
     was_training = model.training
@@ -458,6 +465,8 @@ def _evaluate_and_keep_best(model, state, dataset, train_rooms, val_rooms, train
                           num_workers=config.num_workers)
     metrics = {"step": state.step, "seconds": round(state.seconds, 1), **result.metrics}
     state.history.append(metrics)
+    if log is not None:
+        log(validation_log(result), step=state.step)
     improved = result.metrics["recall@10"] > state.best_metrics.get("recall@10", -1.0)
     if improved:
         state.best_metrics, state.best_step, state.evals_without_gain = dict(result.metrics), state.step, 0
@@ -571,7 +580,10 @@ def _load_checkpoint(folder: Path, model, optimizer, scheduler, config: TrainCon
 
     saved = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
     saved_config = saved.pop("config")
-    resumable = ("epochs", "max_steps", "patience", "num_workers", "log_every_steps", "checkpoint_every_steps")
+    # settings that change what is logged or when the run ends, not the weights; report_to is also absent from
+    # checkpoints made before it existed
+    resumable = ("epochs", "max_steps", "patience", "num_workers", "log_every_steps", "checkpoint_every_steps",
+                 "report_to")
     differing = sorted(k for k, v in config.to_dict().items() if k not in resumable and saved_config.get(k) != v)
     if differing:
         raise ValueError(f"{folder}: the checkpoint was made with other settings ({differing}); resume with the "
@@ -605,14 +617,6 @@ def _warmup_cosine(warmup: int, total: int):
         progress = (step - warmup) / max(1, total - warmup)
         return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
     return factor
-
-
-def _tensorboard_or_none():
-    try:
-        import tensorboard  # noqa: F401
-    except ImportError:
-        return None
-    return "tensorboard"
 
 
 def _floats(terms: dict[str, torch.Tensor]) -> dict[str, float]:
