@@ -18,6 +18,7 @@ from .matching import RankedProduct as RankedProduct
 from .matching import RankingWeights as RankingWeights
 from .matching import SceneCategoryPrior as SceneCategoryPrior
 from .matching import build_catalog_index as build_catalog_index
+from .milvus_index import MilvusProductIndex as MilvusProductIndex
 from .model import HGMModel as HGMModel
 from .model import HGMOutput as HGMOutput
 from .model import load_model as load_model

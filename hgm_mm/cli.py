@@ -6,6 +6,8 @@ import os
 import sys
 from pathlib import Path
 
+from .milvus_index import MissingCollectionError
+
 DATA_ENV = "HGM_DATA"
 
 
@@ -98,7 +100,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                   "scene (default: the model folder's scene_categories.json)")
     index.add_argument("--rooms", type=Path, help="rooms.jsonl naming the scenes of the --pairs rooms")
     index.add_argument("--kind", default="auto", choices=["auto", "exact", "hnsw", "ivfpq"],
-                       help="index kind (auto: exact up to 100k products, HNSW beyond)")
+                       help="index kind (auto: exact up to 100k products, HNSW beyond; ivfpq: FAISS only)")
+    index.add_argument("--store", default="faiss",
+                       help="where the vectors live: faiss (inside --output, the default), milvus-lite:PATH.db "
+                            "(Milvus Lite in a local file) or milvus://HOST:PORT (a Milvus server that replicas "
+                            "share; a token comes from MILVUS_TOKEN)")
+    index.add_argument("--collection", help="the Milvus collection (default hgm_catalogue)")
     index.add_argument("--batch-size", type=int, default=32, help="product photos per forward pass")
 
     match = sub.add_parser("match", help="products (and a product set) for a room photo")
@@ -151,8 +158,8 @@ def main(argv: list[str] | None = None) -> int:
             return _match(args)
         if args.command == "serve":
             return _serve(args)
-    except (ValueError, FileNotFoundError) as err:  # input errors: one clear line, no traceback
-        print(f"hgm-mm {args.command}: {err}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, ConnectionError, MissingCollectionError, ImportError) as err:
+        print(f"hgm-mm {args.command}: {err}", file=sys.stderr)  # input errors: one clear line, no traceback
         return 2
     return 1
 
@@ -400,12 +407,20 @@ def _create_model(name: str):
 def _index(args: argparse.Namespace) -> int:
     from .data import read_pairs, read_products, read_rooms
     from .matching import SCENE_CATEGORIES_FILE, SceneCategoryPrior, build_catalog_index, check_output_dir
+    from .milvus_index import DEFAULT_COLLECTION, connect, parse_store_uri
 
     if (args.pairs is None) != (args.rooms is None):
         raise ValueError("the scene-category prior needs --pairs and --rooms together")
     check_output_dir(args.output)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size {args.batch_size}; expected a positive number")
+    store = parse_store_uri(args.store)
+    if store.engine == "milvus" and args.kind == "ivfpq":
+        raise ValueError("--kind ivfpq is FAISS's own; with a Milvus store use --kind hnsw (or auto)")
+    if store.engine == "faiss" and args.collection is not None:
+        raise ValueError("--collection names a table of a Milvus store; give --store milvus-lite:... or milvus://...")
+    if store.engine == "milvus":
+        connect(store)  # an unreachable server is named now, not after the model loads
     catalog = read_products(args.catalog)
     prior, prior_source = None, None
     if args.pairs is not None:
@@ -417,8 +432,10 @@ def _index(args: argparse.Namespace) -> int:
         prior_source = str(folder / SCENE_CATEGORIES_FILE)
         prior = SceneCategoryPrior.load(prior_source)
     model = _create_model(args.model)
-    built = build_catalog_index(model, catalog, args.output, prior=prior, kind=args.kind, batch_size=args.batch_size)
-    print(f"indexed {built.n_products} products into {built.folder}: {built.n_embedded} embedded, "
+    built = build_catalog_index(model, catalog, args.output, prior=prior, kind=args.kind, store=args.store,
+                                collection=args.collection, batch_size=args.batch_size)
+    where = "" if store.engine == "faiss" else f" (vectors in {store.canonical}, collection {args.collection or DEFAULT_COLLECTION})"
+    print(f"indexed {built.n_products} products into {built.folder}{where}: {built.n_embedded} embedded, "
           f"{built.n_reused} kept from the previous build (photo and text unchanged)"
           f"{f'; {len(built.skipped)} unreadable photos: indexed by their text' if built.skipped else ''}")
     for product_id, photo, reason in built.left_out:

@@ -57,6 +57,10 @@ CONNECT_TIMEOUT_S = 10.0
 _PROPERTY = "hgm_mm.{}"
 
 
+class MissingCollectionError(LookupError):
+    """The store holds no collection of that name."""
+
+
 @dataclass(frozen=True)
 class StoreURI:
     """A parsed store URI: `engine` is "faiss" (an index folder) or "milvus"."""
@@ -68,6 +72,11 @@ class StoreURI:
     @property
     def is_lite(self) -> bool:
         return self.engine == "milvus" and not self.address.startswith(("http://", "https://"))
+
+    @property
+    def canonical(self) -> str:
+        """The URI with a Milvus Lite path made absolute: what an index folder records."""
+        return f"milvus-lite:{self.address}" if self.is_lite else self.uri
 
 
 def parse_store_uri(uri: str) -> StoreURI:
@@ -185,7 +194,7 @@ class MilvusProductIndex:
                 raise ValueError(f"store {uri!r} already holds a collection {collection!r}; open it with "
                                  "MilvusProductIndex.open, choose another name, or pass replace=True")
             client.drop_collection(collection)
-        index = cls(client, collection, uri=store.uri, dim=int(dim), kind=kind,
+        index = cls(client, collection, uri=store.canonical, dim=int(dim), kind=kind,
                     params=params if params is not None else IndexParams(),
                     model_identity=_identity_string(model_identity))
         index._create_collection()
@@ -220,7 +229,7 @@ class MilvusProductIndex:
                 string or the model); refused if the collection was built with another model.
 
         Raises:
-            LookupError: the store has no such collection.
+            MissingCollectionError: the store has no such collection.
             ValueError: hgm_mm did not make the collection, it is newer than this hgm_mm, or
                 another model built it.
             ConnectionError: the server cannot be reached.
@@ -230,7 +239,7 @@ class MilvusProductIndex:
         client = connect(store)
         where = f"collection {collection!r} of store {uri!r}"
         if not client.has_collection(collection):
-            raise LookupError(f"{where} does not exist; build it with: hgm-mm index --store {uri} --collection "
+            raise MissingCollectionError(f"{where} does not exist; build it with: hgm-mm index --store {uri} --collection "
                               f"{collection} ...")
         properties = client.describe_collection(collection).get("properties", {})
         if _PROPERTY.format("format_version") not in properties:
@@ -251,7 +260,7 @@ class MilvusProductIndex:
         if kind not in KINDS:
             raise ValueError(f"{where}: kind={kind!r} is not valid; build it again")
         _check_identity(saved_identity, _identity_string(model_identity), where)
-        index = cls(client, collection, uri=store.uri, dim=dim, kind=kind, params=params,
+        index = cls(client, collection, uri=store.canonical, dim=dim, kind=kind, params=params,
                     model_identity=saved_identity, attributes=attributes)
         index.kind = _vector_index_kind(client, collection)
         client.load_collection(collection)

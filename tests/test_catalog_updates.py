@@ -45,8 +45,18 @@ def write_catalogue(folder, rows):
     return folder / "products.jsonl"
 
 
-def build(model, catalogue, output):
-    return build_catalog_index(model, catalogue, output, kind="exact", progress=False, num_workers=0)
+def build(model, catalogue, output, store="faiss", collection=None):
+    return build_catalog_index(model, catalogue, output, kind="exact", store=store, collection=collection,
+                               progress=False, num_workers=0)
+
+
+@pytest.fixture(params=["faiss", "milvus"])
+def store(request, tmp_path):
+    """A function giving (store URI, collection) for the n-th index of a test."""
+    if request.param == "faiss":
+        return lambda n: ("faiss", None)
+    pytest.importorskip("milvus_lite", reason="the Milvus backend needs pip install 'hgm-mm[milvus]'")
+    return lambda n: (f"milvus-lite:{tmp_path / 'catalogue.db'}", f"index_{n}")
 
 
 def folder_contents(folder):
@@ -55,9 +65,9 @@ def folder_contents(folder):
     return ids, matcher.index.vectors(ids), [matcher.index.metadata(i) for i in ids]
 
 
-def test_a_rebuild_embeds_only_new_and_changed_products_and_equals_a_fresh_build(model, tmp_path):
+def test_a_rebuild_embeds_only_new_and_changed_products_and_equals_a_fresh_build(model, tmp_path, store):
     rows = [(f"p{i:02d}", (20 * i, 100, 200 - 10 * i), f"product {i}", 10 + i) for i in range(10)]
-    first = build(model, write_catalogue(tmp_path / "v1", rows), tmp_path / "index")
+    first = build(model, write_catalogue(tmp_path / "v1", rows), tmp_path / "index", *store(1))
     assert (first.n_embedded, first.n_reused, first.n_products) == (10, 0, 10)
     first_vector = Matcher.load(tmp_path / "index").index.vectors(["p00"])
 
@@ -68,10 +78,10 @@ def test_a_rebuild_embeds_only_new_and_changed_products_and_equals_a_fresh_build
     del changed[4]  # removed
     changed += [("p10", (1, 2, 3), "product 10", 20), ("p11", (9, 9, 250), "product 11", 21)]
     catalogue = write_catalogue(tmp_path / "v2", changed)  # every photo is a new file: content decides, not paths
-    second = build(model, catalogue, tmp_path / "index")
+    second = build(model, catalogue, tmp_path / "index", *store(1))
     assert (second.n_embedded, second.n_reused, second.n_products) == (4, 7, 11)
 
-    fresh = build(model, catalogue, tmp_path / "fresh")
+    fresh = build(model, catalogue, tmp_path / "fresh", *store(2))
     assert fresh.n_embedded == 11
     ids, vectors, metadata = folder_contents(tmp_path / "index")
     fresh_ids, fresh_vectors, fresh_metadata = folder_contents(tmp_path / "fresh")
@@ -82,6 +92,25 @@ def test_a_rebuild_embeds_only_new_and_changed_products_and_equals_a_fresh_build
     np.testing.assert_allclose(Matcher.load(tmp_path / "index").index.vectors(["p00"]), first_vector,
                                rtol=0, atol=1e-7)
     assert not (tmp_path / ".index.vectors").exists()  # the shards are gone once the folder is written
+    assert len(Matcher.load(tmp_path / "index").index) == 11  # the removed product is gone from the store too
+
+
+def test_a_collection_another_model_built_is_refused_not_overwritten(model, tmp_path):
+    pytest.importorskip("milvus_lite", reason="the Milvus backend needs pip install 'hgm-mm[milvus]'")
+    uri = f"milvus-lite:{tmp_path / 'catalogue.db'}"
+    catalogue = write_catalogue(tmp_path, [(f"p{i:02d}", (30 * i, 0, 0), f"product {i}", 1) for i in range(4)])
+    build(model, catalogue, tmp_path / "index", uri)
+    torch.manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        other = hgm_mm.create_model("hgm-tiny")
+    with pytest.raises(ValueError, match=r"'hgm_catalogue' .* holds the vectors of model 'hgm-tiny' \(\w+\), not of the model 'hgm-tiny' \(\w+\) being indexed.*not overwritten.*--collection"):
+        build(other, catalogue, tmp_path / "other", uri)
+    assert not (tmp_path / "other").exists() and not (tmp_path / ".other.vectors").exists()  # refused before embedding
+    assert len(Matcher.load(tmp_path / "index").index) == 4
+    with pytest.raises(ValueError, match="built with model"):
+        Matcher.load(tmp_path / "index", model=other)
+    assert len(build(other, catalogue, tmp_path / "other", uri, "other_model").folder.name) > 0
 
 
 def test_another_models_folder_is_embedded_again_not_reused(model, tmp_path):

@@ -130,3 +130,48 @@ def test_index_refuses_to_replace_a_folder_it_did_not_write(catalog, capsys, tmp
     code = main(["index", "--model", "hgm-tiny", "--catalog", str(catalog["products"]), "--output",
                  str(tmp_path / "new"), "--pairs", "pairs.csv"])
     assert code == 2 and "--pairs and --rooms together" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def milvus_index_dir(index_dir, catalog, ikea, tmp_path_factory):
+    """The same catalogue and model as `index_dir`, its vectors in a Milvus Lite store."""
+    pytest.importorskip("milvus_lite", reason="the Milvus backend needs pip install 'hgm-mm[milvus]'")
+    root = tmp_path_factory.mktemp("milvus")
+    code = main(["index", "--model", str(index_dir / "model"), "--catalog", str(catalog["products"]),
+                 "--output", str(root / "catalogue"), "--store", f"milvus-lite:{root / 'store.db'}",
+                 "--collection", "ikea", "--pairs", str(ikea / "pairs.csv"), "--rooms", str(ikea / "rooms.jsonl")])
+    assert code == 0
+    return root / "catalogue"
+
+
+def test_match_on_a_milvus_store_equals_match_on_the_faiss_folder(index_dir, milvus_index_dir, catalog, capsys):
+    manifest = json.loads((milvus_index_dir / "matcher.json").read_text())
+    assert manifest["index"] is None and manifest["store"]["collection"] == "ikea"
+    assert not (milvus_index_dir / "index").exists()
+    documents = []
+    for folder in (index_dir, milvus_index_dir):
+        code, out, _ = run_match(capsys, "--index", folder, catalog["room_photo"], "--text", "a bright room",
+                                 "-k", 10, "--json")
+        assert code == 0
+        documents.append(json.loads(out))
+    faiss_doc, milvus_doc = documents
+    assert [p["product_id"] for p in milvus_doc["products"]] == [p["product_id"] for p in faiss_doc["products"]]
+    assert [p["product_id"] for p in milvus_doc["product_set"]] == [p["product_id"] for p in faiss_doc["product_set"]]
+    assert [p["metadata"] for p in milvus_doc["products"]] == [p["metadata"] for p in faiss_doc["products"]]
+    for a, b in zip(milvus_doc["products"], faiss_doc["products"]):
+        assert a["score"] == pytest.approx(b["score"], abs=1e-5)
+
+
+def test_index_names_a_store_it_cannot_reach_before_embedding(catalog, capsys, tmp_path):
+    code = main(["index", "--model", "hgm-tiny", "--catalog", str(catalog["products"]), "--output",
+                 str(tmp_path / "out"), "--store", "milvus://127.0.0.1:9"])
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot reach the Milvus store 'milvus://127.0.0.1:9'" in err
+    assert not (tmp_path / "out").exists()
+    for store, expected in (("milvus-lite:store.sqlite", "ends in .db"), ("redis://x", "not valid; expected faiss")):
+        code = main(["index", "--model", "hgm-tiny", "--catalog", str(catalog["products"]), "--output",
+                     str(tmp_path / "out"), "--store", store])
+        assert code == 2 and expected in capsys.readouterr().err
+    code = main(["index", "--model", "hgm-tiny", "--catalog", str(catalog["products"]), "--output",
+                 str(tmp_path / "out"), "--store", f"milvus-lite:{tmp_path / 's.db'}", "--kind", "ivfpq"])
+    assert code == 2 and "ivfpq is FAISS's own" in capsys.readouterr().err
