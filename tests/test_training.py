@@ -375,9 +375,14 @@ def test_train_ends_with_the_guides_scene_heads_trained_calibrated_and_saved(dat
     assert report["photo"]["n_train"] > 0 and report["photo"]["calibration"]["temperature"] > 0
     assert loaded.config.photo_scene_temperature == pytest.approx(report["photo"]["calibration"]["temperature"])
     assert "text" in report and loaded.scene_text_classifier is not None
+    card = (result.model_dir / "README.md").read_text()  # saved again with the heads: the card says what they measured
+    assert (f"- from the photo: accuracy {report['photo']['val_accuracy']:.4f} on {report['photo']['n_val']} "
+            "validation photos") in card
+    assert "| metric | value |" in card and "## Recipe" in card  # and still holds the retrieval run's record
     without = run(tiny_config(max_steps=2), dataset, tmp_path / "plain")
     assert hgm_mm.load_model(without.model_dir).scene_reader.source == "room"
     assert not (without.model_dir / "scene_heads.json").exists()
+    assert "Scene heads" not in (without.model_dir / "README.md").read_text()
 
 
 def test_config_refuses_unknown_settings_and_reads_yaml(tmp_path):

@@ -18,6 +18,7 @@ from ..files import atomic_dir, atomic_text
 from ..data.split import split_rooms
 from ..data.text import product_text, room_text
 from ..losses import ContrastiveLoss, MultiPositiveContrastiveLoss, grad_cache_step, pad_positive_ids, scene_loss
+from ..model_card import TrainingRecord
 from ..pretrained import RandomInitWarning, load_torch_file
 from .batches import StepPlan, StepPhotos
 from .config import TrainConfig
@@ -101,6 +102,9 @@ def train(config: TrainConfig | None = None, *, data: str | os.PathLike, output:
     train_room_ids = {r.room_id for r in train_rooms}
     train_pairs = [(r, p) for r, p in dataset.pairs if r in train_room_ids]
     scene_categories = _scene_category_counts(train_rooms, dataset.products, train_pairs)
+    # for the model card: the dataset by its folder's name (a local path means nothing on the hub)
+    data_summary = {"name": Path(dataset.root).name, "products": len(dataset.products), "train_rooms": len(train_rooms),
+                    "train_pairs": len(train_pairs), "val_rooms": len(val_rooms)}
 
     from ..factory import create_model
 
@@ -240,7 +244,8 @@ def train(config: TrainConfig | None = None, *, data: str | os.PathLike, output:
             with average.applied(unwrapped) if average is not None else nullcontext():
                 stop = _evaluate_and_keep_best(unwrapped, state, dataset, train_rooms, val_rooms, train_pairs,
                                                scene_categories, output, config, start_state, main, progress,
-                                               cache, first_val_row=len(drawn_rooms), log=accelerator.log)
+                                               cache, first_val_row=len(drawn_rooms), log=accelerator.log,
+                                               data_summary=data_summary)
             if stop and state.step < last_step:
                 accelerator.print(f"stopping early at step {state.step}: no Recall@10 gain in "
                                   f"{config.patience} evaluations")
@@ -257,7 +262,7 @@ def train(config: TrainConfig | None = None, *, data: str | os.PathLike, output:
     if config.scene_heads and main and (output / BEST_MODEL_DIR / "hgm_config.json").is_file():
         # after end_training (which closes the process group): the main process alone, the others are done
         _train_scene_heads(output / BEST_MODEL_DIR, train_rooms, val_rooms, extra_scenes, config, progress,
-                           accelerator.print)
+                           accelerator.print, data_summary)
     result = TrainResult(model_dir=output / BEST_MODEL_DIR, best_metrics=state.best_metrics, best_step=state.best_step,
                          steps=state.step, wall_seconds=seconds_before + time.perf_counter() - started,
                          history=state.history, skipped_images=state.skipped_images,
@@ -268,8 +273,8 @@ def train(config: TrainConfig | None = None, *, data: str | os.PathLike, output:
 
 
 def _train_scene_heads(folder: Path, train_rooms, val_rooms, extra_scenes, config: TrainConfig, progress: bool,
-                       say) -> None:
-    """Trains the best model's scene heads and saves it in place, with what they measured."""
+                       say, data_summary: dict | None = None) -> None:
+    """Trains the best model's scene heads and saves it in place, with what they measured (in its card too)."""
     from ..model import load_model
 
     started = time.perf_counter()
@@ -277,7 +282,10 @@ def _train_scene_heads(folder: Path, train_rooms, val_rooms, extra_scenes, confi
     report = train_guide_heads(model, train_rooms, val_rooms, extra_scenes, seed=config.seed,
                                num_workers=config.num_workers, progress=progress,
                                scene_image_size=config.scene_image_size, epochs=config.scene_epochs)
-    model.save_pretrained(folder)
+    saved = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))  # the retrieval weights' validation
+    model.save_pretrained(folder, training=TrainingRecord(config=config.to_dict(), data=data_summary or {},
+                                                          step=saved.get("step"), validation=saved.get("validation"),
+                                                          scene_heads=report))
     report["seconds"] = time.perf_counter() - started
     _write_json(folder / SCENE_REPORT_FILE, report)
     photo, text = report.get("photo", {}), report.get("text", {})
@@ -448,9 +456,11 @@ class _TrainerState:
 
 
 def _evaluate_and_keep_best(model, state, dataset, train_rooms, val_rooms, train_pairs, scene_categories, output,
-                            config, start_state, main, progress, cache, first_val_row, log=None) -> bool:
+                            config, start_state, main, progress, cache, first_val_row, log=None,
+                            data_summary=None) -> bool:
     """Evaluates on the validation rooms, saves a new best model; True when it is time to stop early.
-    `log` (accelerator.log) sends the validation metrics to the run's trackers."""
+    `log` (accelerator.log) sends the validation metrics to the run's trackers; `data_summary` (what the
+    run trained on) goes into the saved model's card."""
     from ..evaluation import evaluate
 
     was_training = model.training
@@ -472,7 +482,7 @@ def _evaluate_and_keep_best(model, state, dataset, train_rooms, val_rooms, train
         state.best_metrics, state.best_step, state.evals_without_gain = dict(result.metrics), state.step, 0
         if main:
             _save_best_model(model, output / BEST_MODEL_DIR, result, train_rooms, train_pairs, scene_categories,
-                             val_rooms, config, state)
+                             val_rooms, config, state, data_summary)
     else:
         state.evals_without_gain += 1
     if start_state:
@@ -485,9 +495,11 @@ def _evaluate_and_keep_best(model, state, dataset, train_rooms, val_rooms, train
 
 
 def _save_best_model(model, folder, result, train_rooms, train_pairs, scene_categories, val_rooms, config,
-                     state) -> None:
+                     state, data_summary=None) -> None:
     model.eval()
-    (merged_copy(model) if config.lora_rank else model).save_pretrained(folder)
+    record = TrainingRecord(config=config.to_dict(), data=data_summary or {}, step=state.step,
+                            validation=result.to_dict())
+    (merged_copy(model) if config.lora_rank else model).save_pretrained(folder, training=record)
     _write_json(folder / "metrics.json", {"step": state.step, "seconds": round(state.seconds, 1),
                                           "validation": result.to_dict()})
     _write_json(folder / SCENE_CATEGORIES_FILE, {"format": 1, "counts": scene_categories})
