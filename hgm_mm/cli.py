@@ -407,7 +407,7 @@ def _create_model(name: str):
 def _index(args: argparse.Namespace) -> int:
     from .data import read_pairs, read_products, read_rooms
     from .matching import SCENE_CATEGORIES_FILE, SceneCategoryPrior, build_catalog_index, check_output_dir
-    from .milvus_index import DEFAULT_COLLECTION, connect, parse_store_uri
+    from .milvus_index import DEFAULT_COLLECTION, parse_store_uri
 
     if (args.pairs is None) != (args.rooms is None):
         raise ValueError("the scene-category prior needs --pairs and --rooms together")
@@ -419,8 +419,10 @@ def _index(args: argparse.Namespace) -> int:
         raise ValueError("--kind ivfpq is FAISS's own; with a Milvus store use --kind hnsw (or auto)")
     if store.engine == "faiss" and args.collection is not None:
         raise ValueError("--collection names a table of a Milvus store; give --store milvus-lite:... or milvus://...")
-    if store.engine == "milvus":
-        connect(store)  # an unreachable server is named now, not after the model loads
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under accelerate launch or torchrun
+        from accelerate import PartialState
+
+        PartialState()  # joins the process group the launcher set up: each process embeds its share
     catalog = read_products(args.catalog)
     prior, prior_source = None, None
     if args.pairs is not None:
@@ -434,7 +436,10 @@ def _index(args: argparse.Namespace) -> int:
     model = _create_model(args.model)
     built = build_catalog_index(model, catalog, args.output, prior=prior, kind=args.kind, store=args.store,
                                 collection=args.collection, batch_size=args.batch_size)
-    where = "" if store.engine == "faiss" else f" (vectors in {store.canonical}, collection {args.collection or DEFAULT_COLLECTION})"
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # process 0 reports
+    where = "" if store.engine == "faiss" else \
+        f" (vectors in {store.canonical}, collection {args.collection or DEFAULT_COLLECTION})"
     print(f"indexed {built.n_products} products into {built.folder}{where}: {built.n_embedded} embedded, "
           f"{built.n_reused} kept from the previous build (photo and text unchanged)"
           f"{f'; {len(built.skipped)} unreadable photos: indexed by their text' if built.skipped else ''}")

@@ -69,7 +69,7 @@ import torch
 import torch.nn.functional as F
 
 from .embedding import photo_encoder, resolve_engine
-from .files import atomic_dir, atomic_text
+from .files import atomic_dir, atomic_text, atomic_write
 from .index import ProductIndex, model_fingerprint
 from .profile import UserProfile
 from .scenes import combine_scene_probabilities, scene_words
@@ -510,7 +510,9 @@ class Matcher:
         scene = next(iter(query.scene_probabilities))
         confident = query.scene_probabilities[scene] >= SCENE_CONFIDENCE
         category_fit = self._category_fit(query.scene_probabilities)
-        ids = self.index.candidates(self._search_vectors(query), k=weights.candidates, filter=filter)
+        # in id order: products that score the same (copies of one photo and text) rank the same way
+        # whichever index found them first
+        ids = sorted(self.index.candidates(self._search_vectors(query), k=weights.candidates, filter=filter))
         if not ids:
             return MatchResult(scene, query.scene_probabilities, [], [], scene_confident=confident)
         metas = self.index.metadata_of(ids)
@@ -715,6 +717,10 @@ def build_catalog_index(model, products: Sequence | str | os.PathLike, output_di
     ranking weights), written last. The whole folder is written beside its place and swapped in,
     so an interrupted build leaves the previous one intact.
 
+    Under `accelerate launch` (an initialised torch.distributed group) every process embeds its
+    share of the new products' shards; process 0 alone reads the previous build, writes the
+    index or store and the folder, and the others wait for it and return the same summary.
+
     With a Milvus `store` the vectors and metadata go to its collection instead of `index/`, and
     `matcher.json` names the store. The collection is updated in place: every product is
     upserted, then products no longer in the catalogue are deleted, so replicas reading it always
@@ -752,13 +758,22 @@ def build_catalog_index(model, products: Sequence | str | os.PathLike, output_di
     weights = weights if weights is not None else RankingWeights()
     model.eval()
     fingerprint = model_fingerprint(model)
-    # the store is reached, and its collection checked, before any embedding
-    stored = _open_store_for_build(store, collection, kind, model, fingerprint)
+    group = _ProcessGroup()
+    # the store is reached, and its collection checked, before any embedding (by one process:
+    # Milvus Lite serves one process at a time)
+    stored = group.first(lambda: _open_store_for_build(store, collection, kind, model, fingerprint))
     # new vectors stream into resumable shards beside the output: a killed build picks up where it stopped
     shards_dir = output_dir.parent / f".{output_dir.name}.vectors"
+    previous = group.first_shared(lambda: _previous_vectors(output_dir, fingerprint),
+                                  output_dir.parent / f".{output_dir.name}.previous.safetensors")
     found = catalog_vectors(model, fingerprint, [p.product_id for p in products], [p.image for p in products],
-                            [product_text(p) for p in products], _previous_vectors(output_dir, fingerprint, stored),
-                            shards_dir, batch_size=batch_size, num_workers=num_workers, progress=progress)
+                            [product_text(p) for p in products], previous, shards_dir, batch_size=batch_size,
+                            num_workers=num_workers, progress=progress)
+    summary = CatalogIndex(output_dir, len(found.ids), [(photo, reason) for _, photo, reason in found.text_only],
+                           left_out=found.left_out, n_embedded=found.n_embedded, n_reused=found.n_reused)
+    if group.rank != 0:
+        group.barrier()  # process 0 writes the index and the folder
+        return summary
     if not found.ids:
         first = found.left_out[0]
         raise ValueError(f"none of the {len(products)} products could be indexed: no readable photo and no text "
@@ -793,8 +808,65 @@ def build_catalog_index(model, products: Sequence | str | os.PathLike, output_di
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     atomic_dir(output_dir, write)
     shutil.rmtree(shards_dir, ignore_errors=True)  # only now: a kill before the swap keeps the new vectors
-    return CatalogIndex(output_dir, len(found.ids), [(photo, reason) for _, photo, reason in found.text_only],
-                        left_out=found.left_out, n_embedded=found.n_embedded, n_reused=found.n_reused)
+    group.barrier()
+    return summary
+
+
+class _ProcessGroup:
+    """The torch.distributed group `build_catalog_index` runs in (one process when there is none)."""
+
+    def __init__(self) -> None:
+        from .embedding import _process_share
+
+        self.rank, self.world_size, self._barrier = _process_share(None, None)
+
+    def barrier(self) -> None:
+        if self._barrier is not None:
+            self._barrier()
+
+    def first(self, work: Callable[[], Any]) -> Any:
+        """`work()` on process 0, whose failure every process raises (none waits for a process that gave up)."""
+        if self._barrier is None:
+            return work()
+        import torch.distributed as dist
+
+        result, error, failure = None, None, [None]
+        if self.rank == 0:
+            try:
+                result = work()
+            except (ValueError, OSError, LookupError, ImportError) as err:
+                error, failure = err, [(type(err).__name__, str(err))]
+        dist.broadcast_object_list(failure, src=0)
+        if error is not None:
+            raise error
+        if failure[0] is not None:
+            kind = {"FileNotFoundError": FileNotFoundError, "ConnectionError": ConnectionError}.get(failure[0][0],
+                                                                                                  ValueError)
+            raise kind(failure[0][1])
+        return result
+
+    def first_shared(self, work: Callable[[], tuple[list[str], np.ndarray, dict[str, str]] | None], path: Path):
+        """`work()`'s (ids, vectors, keys) computed by process 0 and handed to the others through `path`."""
+        if self._barrier is None:
+            return work()
+        from safetensors import safe_open
+        from safetensors.numpy import load_file, save_file
+
+        if self.rank == 0:
+            previous = work()
+            ids, vectors, keys = previous if previous is not None else ([], np.zeros((0, 1), np.float32), None)
+            atomic_write(path, lambda tmp: save_file({"vectors": np.ascontiguousarray(vectors)}, str(tmp),
+                                                     metadata={"ids": json.dumps(ids), "keys": json.dumps(keys)}))
+        self.barrier()
+        if self.rank != 0:
+            with safe_open(str(path), framework="numpy") as f:
+                meta = f.metadata()
+            keys = json.loads(meta["keys"])
+            previous = None if keys is None else (json.loads(meta["ids"]), load_file(str(path))["vectors"], keys)
+        self.barrier()
+        if self.rank == 0:
+            path.unlink(missing_ok=True)
+        return previous
 
 
 def _open_store_for_build(store: str, collection: str | None, kind: str, model, fingerprint: str):
@@ -824,20 +896,19 @@ def _open_store_for_build(store: str, collection: str | None, kind: str, model, 
     return existing
 
 
-def _previous_vectors(folder: Path, fingerprint: str, stored=None) -> tuple[list[str], np.ndarray, dict[str, str]] | None:
+def _previous_vectors(folder: Path, fingerprint: str) -> tuple[list[str], np.ndarray, dict[str, str]] | None:
     """(ids, vectors, content keys) of the index a previous build of the same model wrote into
-    `folder` (or into the Milvus collection `stored`), or None."""
+    `folder`, wherever its manifest says the vectors are (its FAISS index or a Milvus collection,
+    whichever store the new build writes to), or None."""
     from .catalog_vectors import CONTENT_KEYS_FILE, read_content_keys
 
     if not (folder / MATCHER_FILE).is_file() or not (folder / CONTENT_KEYS_FILE).is_file():
         return None
-    index = stored
-    if index is None:
-        try:
-            index = ProductIndex.load(folder / INDEX_DIR, model_identity=fingerprint)
-        except (OSError, ValueError) as err:  # another model's index, or a damaged one: embed everything
-            logger.info("%s: its vectors are not reused (%s)", folder, str(err).splitlines()[0])
-            return None
+    try:
+        index = _open_index(folder, _read_manifest(folder), fingerprint)
+    except (OSError, LookupError, ValueError) as err:  # another model's index, or a damaged one: embed everything
+        logger.info("%s: its vectors are not reused (%s)", folder, str(err).splitlines()[0])
+        return None
     keys = read_content_keys(folder / CONTENT_KEYS_FILE, fingerprint)
     ids = [i for i in index.ids if i in keys]
     return ids, index.vectors(ids), keys

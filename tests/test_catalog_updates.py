@@ -2,6 +2,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -43,6 +44,13 @@ def write_catalogue(folder, rows):
         lines.append(json.dumps({key: value for key, value in row.items() if value is not None}))
     (folder / "products.jsonl").write_text("\n".join(lines), encoding="utf-8")
     return folder / "products.jsonl"
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now: other tests' process groups may hold the default one."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def build(model, catalogue, output, store="faiss", collection=None):
@@ -180,3 +188,32 @@ def test_a_build_killed_mid_way_resumes_from_its_shards(model, tmp_path):
     fresh_ids, fresh_vectors, fresh_metadata = folder_contents(tmp_path / "fresh")
     assert ids == fresh_ids and metadata == fresh_metadata
     np.testing.assert_allclose(vectors, fresh_vectors, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_two_accelerate_processes_write_one_store_equal_to_a_one_process_build(model, tmp_path):
+    """accelerate launch -m hgm_mm index with two real CPU processes (gloo): each embeds its share
+    of the shards, process 0 writes the Milvus collection and the folder, equal to one process's."""
+    pytest.importorskip("milvus_lite", reason="the Milvus backend needs pip install 'hgm-mm[milvus]'")
+    model_dir = model.save_pretrained(tmp_path / "model")
+    rows = [(f"p{i:02d}", (7 * i, 255 - 5 * i, 40), f"product {i}", 10 + i) for i in range(40)]
+    catalogue = write_catalogue(tmp_path / "catalogue", rows)
+    uri = f"milvus-lite:{tmp_path / 'store.db'}"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()), "-m", "hgm_mm",
+               "index", "--model", str(model_dir), "--catalog", str(catalogue), "--output", str(tmp_path / "two"),
+               "--store", uri, "--collection", "two", "--kind", "exact", "--batch-size", "4"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("hgm-mm ")]
+    assert done.returncode == 0, errors or done.stderr[-3000:]
+    assert done.stdout.count("indexed 40 products") == 1  # process 0 reports; both embedded
+    assert not (tmp_path / ".two.vectors").exists() and not (tmp_path / ".two.previous.safetensors").exists()
+
+    one = build(hgm_mm.load_model(model_dir), catalogue, tmp_path / "one", uri, "one")
+    assert one.n_embedded == 40
+    ids, vectors, metadata = folder_contents(tmp_path / "two")
+    one_ids, one_vectors, one_metadata = folder_contents(tmp_path / "one")
+    assert ids == one_ids == [row[0] for row in rows] and metadata == one_metadata
+    np.testing.assert_allclose(vectors, one_vectors, atol=1e-5)
