@@ -14,11 +14,16 @@ client is `pymilvus.MilvusClient`, whose API is the same for all three.
 Decisions, in one place:
   - One row per product: `id` (primary key), `seq` (insertion order, for `ids`), `vector`
     (unit vectors, inner-product metric), `meta` (the metadata as given, returned by searches)
-    and `attrs` (the same values as the engine filters them, below).
-  - Filters run inside Milvus as a boolean expression over `attrs`, with the meaning
-    `ProductIndex.search` gives them. `attrs` keeps numbers as numbers (ranges and equality),
-    turns strings into "s:value" and booleans into "b:true"/"b:false", because Milvus compares
-    JSON `true` equal to `1`, and a `{"in_stock": True}` filter must not match a count of 1.
+    and `attrs` (the same values as the engine filters them, below), plus `category` (text) and
+    `price` (a number) as typed columns with a scalar index.
+  - Filters run inside Milvus as a boolean expression, with the meaning `ProductIndex.search`
+    gives them. A condition on a string category or a numeric price uses the typed column: a
+    JSON path is evaluated row by row (on Milvus Lite about 1 s per query over 20k products,
+    against 35 ms on the indexed column), and the guide filters by category for every product
+    set. Any other condition reads `attrs`, which keeps numbers as numbers (ranges and
+    equality), turns strings into "s:value" and booleans into "b:true"/"b:false", because
+    Milvus compares JSON `true` equal to `1`, and a `{"in_stock": True}` filter must not match a
+    count of 1.
   - The collection carries the hgm_mm format version, the model identity, the kind and
     parameters, and the metadata keys ever added, as collection properties. `open` refuses a
     collection another model built, or one hgm_mm did not create.
@@ -52,6 +57,8 @@ DEFAULT_COLLECTION = "hgm_catalogue"
 TOKEN_ENV = "MILVUS_TOKEN"
 KINDS = ("auto", "exact", "hnsw")
 MAX_ID_LENGTH = 512
+MAX_CATEGORY_LENGTH = 1024
+TYPED_FIELDS = {"category": "text", "price": "number"}  # attributes with their own indexed column
 BATCH_ROWS = 2_000  # rows per insert/upsert call and per page of a scan
 CONNECT_TIMEOUT_S = 10.0
 _PROPERTY = "hgm_mm.{}"
@@ -276,6 +283,8 @@ class MilvusProductIndex:
         schema.add_field("vector", DataType.FLOAT_VECTOR, dim=self.dim)
         schema.add_field("meta", DataType.JSON)
         schema.add_field("attrs", DataType.JSON)
+        schema.add_field("category", DataType.VARCHAR, max_length=MAX_CATEGORY_LENGTH, nullable=True)
+        schema.add_field("price", DataType.DOUBLE, nullable=True)
         self._client.create_collection(self.collection, schema=schema, index_params=self._index_params(self.kind),
                                        consistency_level="Strong")
         self._client.alter_collection_properties(self.collection, properties={
@@ -288,20 +297,23 @@ class MilvusProductIndex:
             _PROPERTY.format("attributes"): "[]",
         })
 
-    def _index_params(self, kind: str):
+    def _index_params(self, kind: str, *, columns: bool = True):
+        """The vector index of `kind`, and with `columns` the scalar indexes of the typed columns."""
         index_params = self._client.prepare_index_params()
         if kind == "hnsw":
             index_params.add_index("vector", index_type="HNSW", metric_type="IP",
                                    params={"M": self.params.hnsw_m, "efConstruction": self.params.ef_construction})
         else:
             index_params.add_index("vector", index_type="FLAT", metric_type="IP")
+        for field in TYPED_FIELDS if columns else ():
+            index_params.add_index(field, index_type="INVERTED")
         return index_params
 
     def _set_vector_index(self, kind: str) -> None:
         """Replaces the collection's vector index (exact <-> hnsw); the rows stay."""
         self._client.release_collection(self.collection)
         self._client.drop_index(self.collection, "vector")
-        self._client.create_index(self.collection, self._index_params(kind))
+        self._client.create_index(self.collection, self._index_params(kind, columns=False))
         self._client.load_collection(self.collection)
         self.kind = kind
 
@@ -412,6 +424,11 @@ class MilvusProductIndex:
         if len(x) != len(ids):
             raise ValueError(f"{len(ids)} ids but {len(x)} vectors; give one vector per id")
         metas = _check_metadata(metadata, ids)
+        long = [i for i, meta in zip(ids, metas) if isinstance(meta.get("category"), str)
+                and len(meta["category"].encode("utf-8")) > MAX_CATEGORY_LENGTH]
+        if long:
+            raise ValueError(f"{len(long)} product(s) have a category longer than {MAX_CATEGORY_LENGTH} bytes, e.g. "
+                             f"{long[0]!r}; a category is a short name such as 'sofa'")
         if not ids:
             return
         new_keys = {key for meta in metas for key in meta} - self._attributes
@@ -424,7 +441,8 @@ class MilvusProductIndex:
         for start in range(0, len(ids), BATCH_ROWS):
             stop = min(start + BATCH_ROWS, len(ids))
             write(self.collection, [{"id": ids[i], "seq": first + i, "vector": x[i], "meta": metas[i],
-                                     "attrs": _filter_values(metas[i])} for i in range(start, stop)])
+                                     "attrs": _filter_values(metas[i]), **_typed_values(metas[i])}
+                                    for i in range(start, stop)])
         if self.requested_kind == "auto" and self.kind == "exact" and len(self) > self.params.exact_max:
             self._set_vector_index("hnsw")
 
@@ -523,30 +541,36 @@ class MilvusProductIndex:
 
 
 def _condition_expression(key: str, condition: Any) -> str | None:
-    """One filter condition as a Milvus expression over `attrs`; None when it can match nothing."""
+    """One filter condition as a Milvus expression; None when it can match nothing."""
     field = f"attrs[{json.dumps(key, ensure_ascii=False)}]"
+    typed = TYPED_FIELDS.get(key)
     if isinstance(condition, tuple):
         if len(condition) != 2 or not all(b is None or _is_number(b) for b in condition):
             raise ValueError(f"filter {key!r}: a range is a (min, max) pair of numbers or None; got {condition!r}")
         low, high = condition
         if low is not None and high is not None and low > high:
             raise ValueError(f"filter {key!r}: range min {low} > max {high}")
+        if typed == "number":  # the column holds exactly the product's numeric values
+            field = key
         if low is None and high is None:  # any number
             return f"({field} >= {-np.finfo(np.float64).max!r})"
         parts = ([f"{field} >= {float(low)!r}"] if low is not None else []) + \
                 ([f"{field} <= {float(high)!r}"] if high is not None else [])
         return "(" + " and ".join(parts) + ")"
     values = list(condition) if isinstance(condition, (list, set, frozenset)) else [condition]
-    literals = []
+    on_column, on_attrs = [], []
     for value in values:
         if _value_key(value) is None or isinstance(value, (list, dict)):
             raise ValueError(f"filter {key!r}: {value!r} is not a JSON scalar; use a value, a list of values, or "
                              "a (min, max) tuple")
-        literals.append(_literal(_filter_value(value)))
-    if not literals:
-        return None
-    # Milvus's `in` takes only top-level fields, not JSON paths: a disjunction of equalities
-    return "(" + " or ".join(f"{field} == {literal}" for literal in dict.fromkeys(literals)) + ")"
+        if (typed == "text" and isinstance(value, str)) or (typed == "number" and _is_number(value)):
+            on_column.append(_literal(value))
+        else:
+            on_attrs.append(_literal(_filter_value(value)))
+    # Milvus's `in` takes only columns, not JSON paths: there, a disjunction of equalities
+    clauses = [f"{key} in [{', '.join(dict.fromkeys(on_column))}]"] if on_column else []
+    clauses += [f"{field} == {literal}" for literal in dict.fromkeys(on_attrs)]
+    return "(" + " or ".join(clauses) + ")" if clauses else None
 
 
 def _filter_value(value: Any) -> Any:
@@ -564,6 +588,13 @@ def _filter_value(value: Any) -> Any:
 
 def _filter_values(meta: Mapping[str, Any]) -> dict[str, Any]:
     return {key: _filter_value(value) for key, value in meta.items()}
+
+
+def _typed_values(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """The typed columns of a product: its category if a string, its price if a number, else null."""
+    category, price = meta.get("category"), meta.get("price")
+    return {"category": category if isinstance(category, str) else None,
+            "price": float(price) if _is_number(price) else None}
 
 
 def _literal(value: Any) -> str:

@@ -295,6 +295,22 @@ def test_bool_filter_does_not_match_numbers(backend):
     assert index.search(x[0], k=4, filter={"flag": (0, 5)})[0].ids == ["b"]  # a range holds numbers alone
 
 
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_category_and_price_of_any_json_type_filter_by_their_values(backend):
+    """Milvus keeps string categories and numeric prices in typed columns; other types still match."""
+    x = clustered(4, seed=6)
+    index = backend.build(list("abcd"), x, [{"category": "sofa", "price": 5}, {"category": 5, "price": "cheap"},
+                                             {"category": True, "price": 5.0}, {"category": "bed", "price": True}])
+    def found(flt):
+        return sorted(index.search(x[0], k=4, filter=flt)[0].ids)
+    assert found({"category": ["sofa", 5]}) == ["a", "b"]
+    assert found({"category": True}) == ["c"]
+    assert found({"price": (0, 10)}) == ["a", "c"]
+    assert found({"price": "cheap"}) == ["b"]
+    assert found({"price": 5}) == ["a", "c"]
+    assert found({"category": ["bed", "sofa"], "price": (None, 5)}) == ["a"]
+
+
 # -- add / remove -------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend,kind", BACKEND_KINDS, indirect=["backend"])
 def test_add_and_remove_without_rebuild(catalogue, backend, kind):
