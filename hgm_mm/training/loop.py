@@ -20,6 +20,7 @@ from ..data.text import product_text, room_text
 from ..losses import ContrastiveLoss, MultiPositiveContrastiveLoss, grad_cache_step, pad_positive_ids, scene_loss
 from ..model_card import TrainingRecord
 from ..pretrained import RandomInitWarning, load_torch_file
+from ..prior import SCENE_CATEGORIES_FILE, SceneCategoryPrior
 from .batches import StepPlan, StepPhotos
 from .config import TrainConfig
 from .lora import add_lora, merged_copy
@@ -34,7 +35,6 @@ CHECKPOINT_DIR = "checkpoint"
 BEST_MODEL_DIR = "model"
 EMA_FILE = "ema.safetensors"  # the checkpoint's moving average of the weights (ema_decay > 0)
 HISTORY_FILE = "history.json"  # the finished run: every validation evaluation, best step, wall time
-SCENE_CATEGORIES_FILE = "scene_categories.json"  # category counts per scene of the training pairs
 MAX_CACHE_BYTES = 8 << 30  # larger feature caches are not built: the run recomputes the locked layers
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's clamp: temperature never below 0.01
 
@@ -101,7 +101,7 @@ def train(config: TrainConfig | None = None, *, data: str | os.PathLike, output:
     room_positives = [[product_index[pid] for pid in positives[r.room_id]] for r in train_rooms]
     train_room_ids = {r.room_id for r in train_rooms}
     train_pairs = [(r, p) for r, p in dataset.pairs if r in train_room_ids]
-    scene_categories = _scene_category_counts(train_rooms, dataset.products, train_pairs)
+    scene_categories = SceneCategoryPrior.count_pairs(train_rooms, dataset.products, train_pairs)
     # for the model card: the dataset by its folder's name (a local path means nothing on the hub)
     data_summary = {"name": Path(dataset.root).name, "products": len(dataset.products), "train_rooms": len(train_rooms),
                     "train_pairs": len(train_pairs), "val_rooms": len(val_rooms)}
@@ -502,7 +502,7 @@ def _save_best_model(model, folder, result, train_rooms, train_pairs, scene_cate
     (merged_copy(model) if config.lora_rank else model).save_pretrained(folder, training=record)
     _write_json(folder / "metrics.json", {"step": state.step, "seconds": round(state.seconds, 1),
                                           "validation": result.to_dict()})
-    _write_json(folder / SCENE_CATEGORIES_FILE, {"format": 1, "counts": scene_categories})
+    SceneCategoryPrior(scene_categories).save(folder / SCENE_CATEGORIES_FILE)
     _write_json(folder / "train_config.json", config.to_dict())
     lines = ["room_id,product_id"] + [f"{r},{p}" for r, p in train_pairs]
     atomic_text(folder / "train_pairs.csv", "\n".join(lines) + "\n")
@@ -610,18 +610,6 @@ def _load_checkpoint(folder: Path, model, optimizer, scheduler, config: TrainCon
 
 
 # -- small helpers ----------------------------------------------------------------------------------
-def _scene_category_counts(rooms, products, pairs) -> dict[str, dict[str, int]]:
-    """{scene: {category: products of that category in training rooms of that scene}}."""
-    scene_of = {r.room_id: r.scene or "unknown" for r in rooms}
-    category_of = {p.product_id: p.category or "unknown" for p in products}
-    counts: dict[str, dict[str, int]] = {}
-    for room_id, product_id in pairs:
-        if room_id in scene_of and product_id in category_of:
-            per_scene = counts.setdefault(scene_of[room_id], {})
-            per_scene[category_of[product_id]] = per_scene.get(category_of[product_id], 0) + 1
-    return {scene: dict(sorted(c.items())) for scene, c in sorted(counts.items())}
-
-
 def _warmup_cosine(warmup: int, total: int):
     def factor(step: int) -> float:
         if step < warmup:
