@@ -6,12 +6,12 @@ built-in ones. Unknown keys are an error, never silently dropped.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .json_config import JsonConfig
 from .scenes import DEFAULT_SCENE_LABELS  # the scene vocabulary, re-exported here as before
 
 IMAGE_TOWER_SOURCES = ("timm", "open_clip")
@@ -28,7 +28,7 @@ def _check_choice(owner: str, name: str, value: Any, allowed: tuple) -> None:
 
 
 @dataclass
-class ImageTowerConfig:
+class ImageTowerConfig(JsonConfig):
     """An image tower and how to feed it."""
 
     source: str = "timm"  # "timm": any timm model; "open_clip": the visual tower of an open_clip model
@@ -57,7 +57,7 @@ class ImageTowerConfig:
 
 
 @dataclass
-class TextTowerConfig:
+class TextTowerConfig(JsonConfig):
     """A text tower (a BERT-style transformers encoder, or an open_clip text tower)."""
 
     source: str = "hf"  # "hf": any transformers encoder; "open_clip": the text tower of an open_clip model
@@ -78,7 +78,7 @@ class TextTowerConfig:
 
 
 @dataclass
-class FusionConfig:
+class FusionConfig(JsonConfig):
     """How two L2-normalised embeddings (image, text) become one."""
 
     hidden_dim: int = 0  # 0: gated average only; > 0: add a residual MLP of this width
@@ -92,7 +92,7 @@ class FusionConfig:
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(JsonConfig):
     """A whole hgm_mm model: towers, shared embedding space, fusion and scene head."""
 
     name: str = "custom"
@@ -176,21 +176,14 @@ class ModelConfig:
                              "use a timm image tower to pair with a transformers text tower")
 
     # -- JSON ---------------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(dataclasses.asdict(self)))
-
     @classmethod
-    def from_dict(cls, data: dict[str, Any], *, origin: str = "config") -> "ModelConfig":
-        """Builds a config from a dict, refusing unknown keys with the list of valid ones."""
-        if not isinstance(data, dict):
-            raise ValueError(f"{origin}: expected a JSON object, got {type(data).__name__}")
-        data = dict(data)
+    def _nested(cls, data: dict[str, Any], origin: str) -> dict[str, Any]:
         nested = {"image_tower": ImageTowerConfig, "text_tower": TextTowerConfig,
                   "scene_text_tower": TextTowerConfig, "fusion": FusionConfig}
         for key, sub_cls in nested.items():
             if data.get(key) is not None:
-                data[key] = _build(sub_cls, data[key], f"{origin}: {key}")
-        return _build(cls, data, origin)
+                data[key] = sub_cls.from_dict(data[key], origin=f"{origin}: {key}")
+        return data
 
     @classmethod
     def from_json(cls, path: str | Path) -> "ModelConfig":
@@ -200,16 +193,3 @@ class ModelConfig:
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}: not valid JSON ({err}); fix or regenerate the file") from err
         return cls.from_dict(data, origin=str(path))
-
-
-def _build(cls: type, data: Any, origin: str) -> Any:
-    if not isinstance(data, dict):
-        raise ValueError(f"{origin}: expected a JSON object, got {type(data).__name__}")
-    valid = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - valid)
-    if unknown:
-        raise ValueError(f"{origin}: unknown key(s) {unknown} for {cls.__name__}; valid keys are {sorted(valid)}")
-    try:
-        return cls(**data)
-    except TypeError as err:
-        raise ValueError(f"{origin}: {err}") from err

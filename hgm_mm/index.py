@@ -48,7 +48,7 @@ import math
 import os
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,7 @@ import faiss
 import numpy as np
 
 from .files import atomic_write, check_file_digest, file_sha256
+from .json_config import JsonConfig
 from .version import __version__
 
 FORMAT_VERSION = 1  # bump when the folder layout or the meaning of a saved key changes
@@ -74,7 +75,7 @@ HNSW_EF_PER_K = 4  # HNSW's efSearch is at least this many times k
 
 
 @dataclass
-class IndexParams:
+class IndexParams(JsonConfig):
     """Index parameters; the search-time ones (`ef_search`, `nprobe`, `k_factor`) may be changed
     on a built index through `index.params`."""
 
@@ -99,18 +100,6 @@ class IndexParams:
                 raise ValueError(f"IndexParams.{f.name}={value!r}; expected a positive int"
                                  + (" or None" if f.name in ("nlist", "pq_m") else ""))
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Any, *, origin: str = "params") -> "IndexParams":
-        if not isinstance(data, dict):
-            raise ValueError(f"{origin}: expected a JSON object, got {type(data).__name__}")
-        valid = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - valid)
-        if unknown:
-            raise ValueError(f"{origin}: unknown key(s) {unknown} for IndexParams; valid keys are {sorted(valid)}")
-        return cls(**data)
 
 
 @dataclass

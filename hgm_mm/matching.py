@@ -59,7 +59,7 @@ import os
 import shutil
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -70,6 +70,7 @@ import torch.nn.functional as F
 from .embedding import photo_encoder, resolve_engine
 from .files import atomic_dir, atomic_text, atomic_write
 from .index import ProductIndex, model_fingerprint
+from .json_config import JsonConfig
 from .prior import SCENE_CATEGORIES_FILE, SceneCategoryPrior
 from .profile import UserProfile
 from .scenes import combine_scene_probabilities, scene_words
@@ -94,7 +95,7 @@ SET_SCORE_WHOLE_MAX = 2000  # a product set's category of at most this many prod
 
 # -- weights and results --------------------------------------------------------------------------
 @dataclass
-class RankingWeights:
+class RankingWeights(JsonConfig):
     """How much each term counts; see the module docstring for the measurements behind the defaults."""
 
     similarity: float = 1.0  # the model's room-product score (views pooled)
@@ -113,21 +114,6 @@ class RankingWeights:
                     or value < 0:
                 raise ValueError(f"RankingWeights.{f.name}={value!r}; expected a non-negative number")
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any], *, origin: str = "weights") -> "RankingWeights":
-        if not isinstance(data, Mapping):
-            raise ValueError(f"{origin}: expected a JSON object, got {type(data).__name__}")
-        valid = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - valid)
-        if unknown:
-            raise ValueError(f"{origin}: unknown key(s) {unknown} for RankingWeights; valid keys are {sorted(valid)}")
-        try:
-            return cls(**data)
-        except ValueError as err:
-            raise ValueError(f"{origin}: {err}") from err
 
 
 @dataclass

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..json_config import JsonConfig
+
 PRECISIONS = ("no", "bf16", "fp16")
 IMAGE_ERROR_POLICIES = ("skip", "raise")
 TRACKERS = ("tensorboard", "wandb", "mlflow")  # accelerate trackers a run can report to (training/tracking.py)
@@ -18,8 +20,10 @@ REPORT_TO_CHOICES = (*TRACKERS, "all", "none")
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(JsonConfig):
     """A fine-tuning run. The defaults follow the measurements in docs/training.md."""
+
+    _key_noun = "setting"
 
     model: str = "hgm-lite-en"  # starting model: any name create_model takes
     epochs: int = 33  # passes over the catalogue's products
@@ -116,24 +120,6 @@ class TrainConfig:
         if self.product_loss_weight + self.room_loss_weight + self.scene_loss_weight == 0:
             raise ValueError("TrainConfig: every loss weight is 0; nothing would be trained")
         self.report_to = _report_to_list(self.report_to)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Every setting by name, JSON-ready; `from_dict` reads it back to an equal config."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], *, origin: str = "training config") -> "TrainConfig":
-        """A config from a mapping of settings; unknown settings and bad values raise, naming `origin`."""
-        if not isinstance(data, dict):
-            raise ValueError(f"{origin}: expected a mapping of settings, got {type(data).__name__}")
-        valid = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - valid)
-        if unknown:
-            raise ValueError(f"{origin}: unknown setting(s) {unknown}; valid settings are {sorted(valid)}")
-        try:
-            return cls(**data)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"{origin}: {err}") from err
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> "TrainConfig":
