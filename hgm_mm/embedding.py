@@ -55,6 +55,7 @@ from .data.images import DEFAULT_MAX_PIXELS, ImageError, load_image
 from .files import atomic_text, atomic_write
 from .inference import FoldedImageEncoder, OnnxExportError, OnnxImageEncoder, onnxruntime_available
 from .model import VIEW_PASS_IMAGES
+from .processes import process_share
 from .version import __version__
 
 if TYPE_CHECKING:
@@ -565,7 +566,7 @@ def embed_to_shards(model, ids: Sequence[str], photos: Sequence[str | os.PathLik
         batch_size = 8 if model.device.type == "cpu" else 64
     _check_positive(shard_size=shard_size, batch_size=batch_size)
     _check_inputs(ids, photos, texts)
-    rank, world_size, barrier = _process_share(rank, world_size)
+    rank, world_size, barrier = process_share(rank, world_size)
     from .index import model_fingerprint
 
     output = Path(output)
@@ -705,23 +706,6 @@ def _write_shard(path: Path, shard: int, ids: list[str], vectors: torch.Tensor,
                 "skipped": json.dumps(skipped, ensure_ascii=False), "plan_sha256": plan,
                 "vectors_sha256": _vectors_digest(ids, tensors["vectors"])}
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-
-
-def _process_share(rank: int | None, world_size: int | None) -> tuple[int, int, Callable[[], None] | None]:
-    """(rank, world_size, barrier or None) from the arguments or the torch.distributed process group."""
-    import torch.distributed as dist
-
-    group = dist.is_available() and dist.is_initialized()
-    if rank is None and world_size is None:
-        if group:
-            return dist.get_rank(), dist.get_world_size(), dist.barrier
-        return 0, 1, None
-    if rank is None or world_size is None:
-        raise ValueError(f"rank={rank}, world_size={world_size}: give both or neither")
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank={rank} is outside 0..{world_size - 1} (world_size={world_size})")
-    same_group = group and dist.get_world_size() == world_size and dist.get_rank() == rank
-    return rank, world_size, dist.barrier if same_group else None
 
 
 def _check_positive(**values: int) -> None:
