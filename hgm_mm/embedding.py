@@ -530,7 +530,7 @@ def embed_to_shards(model, ids: Sequence[str], photos: Sequence[str | os.PathLik
         photos: one photo path per item; None for an item without a photo.
         output: the folder (created if needed).
         texts: product texts, one per item (None or "" for none): then each vector is the
-            product vector, photo fused with text (`model.product_fusion`), and an item whose
+            product vector, photo fused with text (`model.product_vector`), and an item whose
             photo is unreadable keeps its text. Without texts, vectors are photo vectors and an
             unreadable photo gives no row.
         shard_size: items per shard; a killed run loses at most one shard per process.
@@ -678,7 +678,7 @@ def _batch_vectors(model, batch: _Batch, photo_vectors: torch.Tensor | None, tex
         if bool(has_text.any()):
             text_embeds[has_text] = model.encode_text([t for t in batch_texts if t]).float().cpu()
         device = model.device
-        fused = model.product_fusion(image_embeds[keep].to(device), text_embeds[keep].to(device),
+        fused = model.product_vector(image_embeds[keep].to(device), text_embeds[keep].to(device),
                                      image_present=has_photo[keep].to(device),
                                      text_present=has_text[keep].to(device)).float().cpu()  # (rows, D)
     return [p for p, k in zip(batch.positions, keep.tolist()) if k], fused.clone()

@@ -62,7 +62,6 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .catalog import MATCHER_FILE, open_index, read_manifest
 from .embedding import photo_encoder, resolve_engine
@@ -309,8 +308,7 @@ class Matcher:
         if view_embeds is None and text_embeds is None:
             raise ValueError("nothing to match: give view embeddings, text embeddings, or both")
         with torch.no_grad():
-            mean_view = F.normalize(view_embeds.mean(dim=1), dim=-1) if view_embeds is not None else None  # (1, D)
-            room = self.model.room_fusion(mean_view, text_embeds)  # (1, D)
+            room = self.model.room_vector(view_embeds, text_embeds)  # (1, D)
             if scene_probabilities is None:
                 scene_probabilities = self._scene_dict(self.model.scene_head(room).log_softmax(dim=-1))
         scenes = dict(sorted(((k, float(v)) for k, v in scene_probabilities.items()), key=lambda kv: -kv[1]))

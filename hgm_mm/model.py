@@ -250,9 +250,16 @@ class HGMModel(nn.Module):
         """
         if images is not None and view_embeds is None:
             view_embeds = self.encode_room_views(images)
-        image_embeds = _mean_view(view_embeds) if view_embeds is not None else None
         text_embeds, text_present = self._optional_texts(texts, self.encode_scene_text)
-        self._check_batch(image_embeds, text_embeds)
+        self._check_batch(view_embeds, text_embeds)
+        return self.room_vector(view_embeds, text_embeds, text_present=text_present)
+
+    def room_vector(self, view_embeds: torch.Tensor | None = None, text_embeds: torch.Tensor | None = None, *,
+                    text_present: torch.Tensor | None = None) -> torch.Tensor:
+        """The room vector, defined here once: the normalised mean of the room's view vectors
+        (R, V, D), fused with its scene-text vector (R, D) by `room_fusion` -> unit vectors (R, D).
+        Either part may be None; `text_present` (R,) marks the rooms that have words."""
+        image_embeds = _mean_view(view_embeds) if view_embeds is not None else None
         return self.room_fusion(image_embeds, text_embeds, text_present=text_present)
 
     def score_products(self, product_embeds: torch.Tensor, *, view_embeds: torch.Tensor | None = None,
@@ -317,7 +324,16 @@ class HGMModel(nn.Module):
         image_embeds = self.encode_image(images) if images is not None else None
         text_embeds, text_present = self._optional_texts(texts, self.encode_text)
         self._check_batch(image_embeds, text_embeds)
-        return self.product_fusion(image_embeds, text_embeds, text_present=text_present)
+        return self.product_vector(image_embeds, text_embeds, text_present=text_present)
+
+    def product_vector(self, image_embeds: torch.Tensor | None = None, text_embeds: torch.Tensor | None = None, *,
+                       image_present: torch.Tensor | None = None, text_present: torch.Tensor | None = None
+                       ) -> torch.Tensor:
+        """The product vector, defined here once: the photo vector (B, D) fused with the text vector
+        (B, D) by `product_fusion` -> unit vectors (B, D). Either part may be None; `image_present`
+        and `text_present` (B,) mark the rows that have it (an unreadable photo, a product without
+        text), whose other values are ignored."""
+        return self.product_fusion(image_embeds, text_embeds, image_present=image_present, text_present=text_present)
 
     # -- scenes -------------------------------------------------------------------------------
     @property
@@ -526,7 +542,7 @@ class HGMModel(nn.Module):
                 out.room_text_embeds = self.encode_scene_text(room_tokens)
                 if room_text_present is not None:
                     out.room_text_embeds = out.room_text_embeds * room_text_present.unsqueeze(1)
-            out.room_embeds = self.room_fusion(out.room_image_embeds, out.room_text_embeds,
+            out.room_embeds = self.room_vector(out.room_view_embeds, out.room_text_embeds,
                                                text_present=room_text_present)
             out.scene_logits = self.scene_head(out.room_embeds)
         if product_pixels is not None or product_tokens is not None:
@@ -534,7 +550,7 @@ class HGMModel(nn.Module):
                 out.product_image_embeds = self.encode_image(product_pixels)
             if product_tokens is not None:
                 out.product_text_embeds = self.encode_text(product_tokens)
-            out.product_embeds = self.product_fusion(out.product_image_embeds, out.product_text_embeds)
+            out.product_embeds = self.product_vector(out.product_image_embeds, out.product_text_embeds)
         return out
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:

@@ -88,7 +88,7 @@ def embed_catalog(model, products: Sequence[Product], *, batch_size: int = 32, p
         image_embeds[photos.kept] = photos.embeddings
         image_present = torch.zeros(len(products), dtype=torch.bool)
         image_present[photos.kept] = True
-        fused = model.product_fusion(image_embeds.to(model.device), texts.to(model.device),
+        fused = model.product_vector(image_embeds.to(model.device), texts.to(model.device),
                                      image_present=image_present.to(model.device))
     return fused.float().cpu(), photos.skipped
 

@@ -192,9 +192,8 @@ def evaluate_cached(model, cache: FeatureCache, products: Sequence[Product], roo
                 model.encode_text(cache.text_inputs(cache.product_text, range(i, min(i + batch_size, len(products))),
                                                     model.tokenizer, texts[i:i + batch_size]))
                 for i in range(0, len(products), batch_size)])
-            image_present = cache.product_readable.to(model.device)
-            image_embeds = image_embeds * image_present.unsqueeze(1).to(image_embeds.dtype)
-            product_vectors = model.product_fusion(image_embeds, text_embeds, image_present=image_present)
+            product_vectors = model.product_vector(image_embeds, text_embeds,
+                                                   image_present=cache.product_readable.to(model.device))
             kept = [k for k, position in enumerate(room_positions) if cache.room_readable[position]]
             views = cache.room_views[[room_positions[k] for k in kept]]
             view_embeds = torch.cat([model.encode_room_views(views[i:i + 16]) for i in range(0, len(kept), 16)])
