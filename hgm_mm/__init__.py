@@ -11,6 +11,7 @@ from .config import TextTowerConfig as TextTowerConfig
 from .evaluation import evaluate as evaluate
 from .factory import create_model as create_model
 from .index import ProductIndex as ProductIndex
+from .log import log_to_console as log_to_console
 from .index import model_fingerprint as model_fingerprint
 from .matching import MatchResult as MatchResult
 from .matching import Matcher as Matcher

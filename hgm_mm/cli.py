@@ -6,16 +6,24 @@ import os
 import sys
 from pathlib import Path
 
+from .log import LEVELS, log_to_console
 from .milvus_index import MissingCollectionError
+from .version import __version__
 
 DATA_ENV = "HGM_DATA"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="hgm-mm", description="Scene-aware furniture matching.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    # every subcommand takes these: what hgm_mm logs is shown on the console at this level
+    logs = argparse.ArgumentParser(add_help=False)
+    logs.add_argument("--log-level", choices=LEVELS, default="INFO", type=str.upper,
+                      help="show hgm_mm's messages of this level and above (default: %(default)s)")
+    logs.add_argument("--quiet", action="store_true", help="warnings and errors only (--log-level WARNING)")
 
-    demo = sub.add_parser("demo", help="train briefly on the IKEA room dataset, index its catalogue, match held-out "
+    demo = sub.add_parser("demo", parents=[logs], help="train briefly on the IKEA room dataset, index its catalogue, match held-out "
                                        "rooms and draw a contact sheet")
     demo.add_argument("--data", type=Path, default=None,
                       help=f"dataset folder (products.jsonl, rooms.jsonl, pairs.csv) or a folder holding ikea/; "
@@ -30,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     demo.add_argument("--batch-size", type=int, default=32, help="catalogue products per training step")
     demo.add_argument("-k", "--top-k", type=int, default=5, help="products shown per room")
 
-    evaluate = sub.add_parser("evaluate", help="room -> product retrieval metrics over a whole catalogue")
+    evaluate = sub.add_parser("evaluate", parents=[logs], help="room -> product retrieval metrics over a whole catalogue")
     evaluate.add_argument("--model", help="model name or local-dir:PATH of a saved model (with --guide: the trained "
                                            "model folder, whose recorded training rooms are left out)")
     evaluate.add_argument("--catalog", type=Path, help="products.jsonl of the gallery")
@@ -54,7 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                "alone, product-set precision and coverage; needs --rooms and --pairs")
     evaluate.add_argument("--texts", type=Path, help="with --guide: texts.jsonl phrases whose scene is measured")
 
-    train = sub.add_parser("train", help="fine-tune a model on a dataset folder (also under accelerate launch)")
+    train = sub.add_parser("train", parents=[logs], help="fine-tune a model on a dataset folder (also under accelerate launch)")
     train.add_argument("--data", type=Path, required=True, help="dataset folder: products.jsonl, rooms.jsonl, pairs.csv")
     train.add_argument("--output", type=Path, default=None,
                        help="run folder: best model, checkpoint, config (default: runs/<model name>)")
@@ -76,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="trackers of losses, learning rates and validation metrics: tensorboard, wandb, mlflow, "
                             "all or none (default: tensorboard when installed); files go to OUTPUT/tracking")
 
-    scenes = sub.add_parser("train-scenes", help="train a model's scene heads alone (photo scene head by the "
+    scenes = sub.add_parser("train-scenes", parents=[logs], help="train a model's scene heads alone (photo scene head by the "
                                                  "measured recipe, scene-text classifier), calibrated",
                             epilog="example: hgm-mm train-scenes --data ../shared/data/places365-rooms "
                                    "--model hgm-lite-en --output runs/scenes")
@@ -92,7 +100,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     scenes.add_argument("--scene-image-size", type=int, help="side the whole photo is resized to (default 384)")
     scenes.add_argument("--seed", type=int, default=0)
 
-    index = sub.add_parser("index", help="embed a catalogue into a folder that `hgm-mm match` searches")
+    index = sub.add_parser("index", parents=[logs], help="embed a catalogue into a folder that `hgm-mm match` searches")
     index.add_argument("--model", required=True, help="model name, or the folder of a trained model")
     index.add_argument("--catalog", type=Path, required=True, help="products.jsonl of the catalogue")
     index.add_argument("--output", type=Path, required=True, help="folder to write (index, model copy, prior)")
@@ -108,7 +116,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     index.add_argument("--collection", help="the Milvus collection (default hgm_catalogue)")
     index.add_argument("--batch-size", type=int, default=32, help="product photos per forward pass")
 
-    match = sub.add_parser("match", help="products (and a product set) for a room photo")
+    match = sub.add_parser("match", parents=[logs], help="products (and a product set) for a room photo")
     match.add_argument("photo", nargs="?", type=Path, help="the room photo")
     where = match.add_mutually_exclusive_group(required=True)
     where.add_argument("--index", type=Path, help="folder written by `hgm-mm index`")
@@ -124,7 +132,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                        "(refused unless it built the index)")
     match.add_argument("--json", action="store_true", help="print the result as JSON")
 
-    serve = sub.add_parser("serve", help="serve an index folder as a JSON HTTP API (OpenAPI at /docs); needs "
+    serve = sub.add_parser("serve", parents=[logs], help="serve an index folder as a JSON HTTP API (OpenAPI at /docs); needs "
                                          "pip install 'hgm-mm[serve]'")
     serve.add_argument("--index", type=Path, required=True, help="folder written by `hgm-mm index`")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
@@ -135,12 +143,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     serve.add_argument("--model", help="query with this model instead of the index folder's copy "
                                        "(refused unless it built the index)")
 
-    sub.add_parser("models", help="list the built-in models")
+    sub.add_parser("models", parents=[logs], help="list the built-in models")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    log_to_console("WARNING" if args.quiet else args.log_level)
     try:
         if args.command == "models":
             return _models()

@@ -1,9 +1,11 @@
 """The `hgm-mm` command line."""
 import json
+import logging
 
 import pytest
 from PIL import Image
 
+import hgm_mm
 from hgm_mm.cli import main
 
 
@@ -147,3 +149,22 @@ def test_evaluate_a_trained_model_leaves_out_its_training_rooms_and_writes_a_rep
     assert main(["evaluate", "--model", "hgm-tiny", "--catalog", str(data / "products.jsonl"), "--rooms",
                  str(data / "rooms.jsonl"), "--pairs", str(data / "pairs.csv"), "--report", str(photos)]) == 2
     assert (photos / "keep.jpg").exists()
+
+
+def test_version_and_log_levels(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"hgm-mm {hgm_mm.__version__}"
+    logger = logging.getLogger("hgm_mm.training.loop")
+    for flags, shown in (([], True), (["--quiet"], False), (["--log-level", "warning"], False),
+                         (["--log-level", "DEBUG"], True)):
+        assert main(["models", *flags]) == 0
+        assert "hgm-tiny" in capsys.readouterr().out  # the command's answer, whatever the level
+        logger.info("a line of the run")
+        logger.warning("a warning")
+        said = capsys.readouterr()
+        assert ("a line of the run" in said.err) == shown, flags
+        assert "a warning" in said.err and "a warning" not in said.out  # logs keep standard output clean
+        assert len(logging.getLogger("hgm_mm").handlers) == 1  # each call replaces the last one's handler
+    with pytest.raises(ValueError, match="log level 'LOUD'"):
+        hgm_mm.log_to_console("LOUD")

@@ -115,7 +115,7 @@ def train_guide_heads(model, train_rooms: Sequence[Room], val_rooms: Sequence[Ro
         # calibrated and measured on the rooms' validation photos when there are enough: those are what
         # the guide is shown; the scene set's validation photos are measured apart
         val_images = rooms_out if len(rooms_out) >= MIN_CALIBRATION_ROOMS else rooms_out + data.val_images
-        logger.info("photo scene head: %d rooms (drawn %d times an epoch) and %d scene-set photos; %d validation "
+        logger.info("training the photo scene head on %d rooms (drawn %d times an epoch) and %d scene-set photos; %d validation "
                     "photos", len(rooms_in), room_repeats, len(data.train_images), len(val_images))
         result = train_scenes(model, train_images, val_images=val_images or None, seed=seed, num_workers=num_workers,
                               repeats=[room_repeats] * len(rooms_in) + [1] * len(data.train_images),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -30,6 +31,8 @@ from .freezing import (keep_frozen_norms_eval, lock_image_tower, lock_text_tower
                        wise_ft)
 from .tracking import (PROJECT_NAME, TRACKING_DIR, flat_config, learning_rates, resolve_trackers, tracker_init_kwargs,
                        validation_log)
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoint"
 BEST_MODEL_DIR = "model"
@@ -89,6 +92,7 @@ def train(config: TrainConfig | None = None, *, data: str | os.PathLike, output:
                               project_dir=str(output / TRACKING_DIR))
     set_seed(config.seed)
     main = accelerator.is_main_process
+    say = logger.info if main else _silent  # the run's lines come from the main process alone
     rank, world = accelerator.process_index, accelerator.num_processes
 
     dataset = load_dataset(data)
@@ -126,7 +130,7 @@ def train(config: TrainConfig | None = None, *, data: str | os.PathLike, output:
         lock_text_tower(model.scene_text_tower, config.unlocked_text_layers)
     if config.lora_rank:
         adapted = add_lora(model, rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout)
-        accelerator.print(f"LoRA rank {config.lora_rank} on {adapted} linear layers")
+        say(f"LoRA rank {config.lora_rank} on {adapted} linear layers")
     if config.temperature:  # a fixed contrastive temperature: the logit scale is set and locked
         with torch.no_grad():
             model.logit_scale.fill_(math.log(1.0 / config.temperature))
@@ -139,7 +143,7 @@ def train(config: TrainConfig | None = None, *, data: str | os.PathLike, output:
     locked_towers = [tower for tower in (model.image_tower, model.text_tower, model.scene_text_tower)
                      if tower is not None and not any(p.requires_grad for p in tower.parameters())]
 
-    accelerator.print(f"training {config.model} on {len(train_rooms)} rooms and {len(dataset.products)} products "
+    say(f"training {config.model} on {len(train_rooms)} rooms and {len(dataset.products)} products "
                       f"({len(val_rooms)} validation rooms); processes: {world}; run folder: {output}")
     plan = StepPlan(len(dataset.products), room_positives, batch_size=config.batch_size,
                     rooms_per_batch=config.rooms_per_batch, positives_per_room=config.positives_per_room,
@@ -155,7 +159,7 @@ def train(config: TrainConfig | None = None, *, data: str | os.PathLike, output:
     checkpoint = output / CHECKPOINT_DIR
     if resume and (checkpoint / "trainer_state.json").is_file():
         state = _load_checkpoint(checkpoint, model, optimizer, scheduler, config, average)
-        accelerator.print(f"resuming from {checkpoint} at step {state.step}")
+        say(f"resuming from {checkpoint} at step {state.step}")
     elif main:
         output.mkdir(parents=True, exist_ok=True)
         _write_json(output / "train_config.json", config.to_dict())
@@ -163,7 +167,7 @@ def train(config: TrainConfig | None = None, *, data: str | os.PathLike, output:
     # the cache holds what this process's steps and the validation read: a short run caches a short run's rooms
     drawn_rooms = plan.rooms_drawn(steps, rank, world)
     cache = _feature_cache(model, config, dataset.products, [train_rooms[i] for i in drawn_rooms] + val_rooms,
-                           main and progress, accelerator.print)
+                           main and progress, say)
     if cache is not None:
         state.skipped_images += len(cache.skipped)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -212,7 +216,7 @@ def train(config: TrainConfig | None = None, *, data: str | os.PathLike, output:
             if not config.skip_nonfinite:
                 raise NonFiniteLossError(f"step {step}: non-finite loss {_floats(losses)} on {described}; "
                                          "lower the learning rate, use precision 'no', or set skip_nonfinite")
-            accelerator.print(f"step {step}: non-finite loss, batch skipped ({described})")
+            say(f"step {step}: non-finite loss, batch skipped ({described})")
             optimizer.zero_grad(set_to_none=True)
             state.skipped_batches += 1
         else:
@@ -247,7 +251,7 @@ def train(config: TrainConfig | None = None, *, data: str | os.PathLike, output:
                                                cache, first_val_row=len(drawn_rooms), log=accelerator.log,
                                                data_summary=data_summary)
             if stop and state.step < last_step:
-                accelerator.print(f"stopping early at step {state.step}: no Recall@10 gain in "
+                say(f"stopping early at step {state.step}: no Recall@10 gain in "
                                   f"{config.patience} evaluations")
                 last_step = state.step
         if main and (state.step % config.checkpoint_every_steps == 0 or epoch_done or state.step == last_step):
@@ -258,11 +262,11 @@ def train(config: TrainConfig | None = None, *, data: str | os.PathLike, output:
     bar.close()
     accelerator.end_training()
     if state.skipped_images:
-        accelerator.print(f"{state.skipped_images} unreadable photos were skipped")
+        say(f"{state.skipped_images} unreadable photos were skipped")
     if config.scene_heads and main and (output / BEST_MODEL_DIR / "hgm_config.json").is_file():
         # after end_training (which closes the process group): the main process alone, the others are done
         _train_scene_heads(output / BEST_MODEL_DIR, train_rooms, val_rooms, extra_scenes, config, progress,
-                           accelerator.print, data_summary)
+                           say, data_summary)
     result = TrainResult(model_dir=output / BEST_MODEL_DIR, best_metrics=state.best_metrics, best_step=state.best_step,
                          steps=state.step, wall_seconds=seconds_before + time.perf_counter() - started,
                          history=state.history, skipped_images=state.skipped_images,
@@ -489,8 +493,8 @@ def _evaluate_and_keep_best(model, state, dataset, train_rooms, val_rooms, train
         model.load_state_dict({**model.state_dict(), **original})
     model.train(was_training)
     if main:
-        print(f"step {state.step}: validation " + ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()
-                                                           if k in ("recall@10", "ndcg@10", "map")))
+        logger.info("step %d: validation %s", state.step, ", ".join(
+            f"{k} {v:.4f}" for k, v in result.metrics.items() if k in ("recall@10", "ndcg@10", "map")))
     return state.evals_without_gain >= config.patience
 
 
@@ -617,6 +621,10 @@ def _warmup_cosine(warmup: int, total: int):
         progress = (step - warmup) / max(1, total - warmup)
         return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
     return factor
+
+
+def _silent(*args, **kwargs) -> None:
+    pass
 
 
 def _floats(terms: dict[str, torch.Tensor]) -> dict[str, float]:
