@@ -23,7 +23,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="show hgm_mm's messages of this level and above (default: %(default)s)")
     logs.add_argument("--quiet", action="store_true", help="warnings and errors only (--log-level WARNING)")
 
-    demo = sub.add_parser("demo", parents=[logs], help="train briefly on the IKEA room dataset, index its catalogue, match held-out "
+    demo = sub.add_parser("demo", parents=[logs], epilog="example: hgm-mm demo --data ../shared/data --output runs/demo", help="train briefly on the IKEA room dataset, index its catalogue, match held-out "
                                        "rooms and draw a contact sheet")
     demo.add_argument("--data", type=Path, default=None,
                       help=f"dataset folder (products.jsonl, rooms.jsonl, pairs.csv) or a folder holding ikea/; "
@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     demo.add_argument("--batch-size", type=int, default=32, help="catalogue products per training step")
     demo.add_argument("-k", "--top-k", type=int, default=5, help="products shown per room")
 
-    evaluate = sub.add_parser("evaluate", parents=[logs], help="room -> product retrieval metrics over a whole catalogue")
+    evaluate = sub.add_parser("evaluate", parents=[logs], epilog="example: hgm-mm evaluate --model runs/ikea/model --catalog ikea/products.jsonl --rooms ikea/rooms.jsonl --pairs ikea/pairs.csv --baselines", help="room -> product retrieval metrics over a whole catalogue")
     evaluate.add_argument("--model", help="model name or local-dir:PATH of a saved model (with --guide: the trained "
                                            "model folder, whose recorded training rooms are left out)")
     evaluate.add_argument("--catalog", type=Path, help="products.jsonl of the gallery")
@@ -62,27 +62,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                "alone, product-set precision and coverage; needs --rooms and --pairs")
     evaluate.add_argument("--texts", type=Path, help="with --guide: texts.jsonl phrases whose scene is measured")
 
-    train = sub.add_parser("train", parents=[logs], help="fine-tune a model on a dataset folder (also under accelerate launch)")
+    train = sub.add_parser("train", parents=[logs], help="fine-tune a model on a dataset folder (also under accelerate launch)",
+                           epilog="example: hgm-mm train --data ../shared/data/ikea --scene-data "
+                                  "../shared/data/places365-rooms --output runs/ikea")
     train.add_argument("--data", type=Path, required=True, help="dataset folder: products.jsonl, rooms.jsonl, pairs.csv")
     train.add_argument("--output", type=Path, default=None,
                        help="run folder: best model, checkpoint, config (default: runs/<model name>)")
-    train.add_argument("--model", help="starting model (default: the recipe's)")
-    train.add_argument("--config", type=Path, help="YAML or JSON file of TrainConfig settings")
-    train.add_argument("--epochs", type=int)
-    train.add_argument("--max-steps", type=int)
-    train.add_argument("--batch-size", type=int, help="catalogue products per step")
-    train.add_argument("--lr", type=float, help="learning rate of projections and heads")
-    train.add_argument("--seed", type=int)
+    train.add_argument("--config", type=Path, help="YAML or JSON file of TrainConfig settings; the flags below win")
     train.add_argument("--no-resume", action="store_true", help="start afresh even if a checkpoint exists")
     train.add_argument("--scene-data", type=Path, help="images.jsonl scene set (or its folder, e.g. places365-rooms) "
                                                        "the photo scene head also learns from")
     train.add_argument("--scene-texts", type=Path, help="texts.jsonl of scene-labelled phrases the scene-text "
                                                         "classifier also learns from")
-    train.add_argument("--no-scene-heads", action="store_true",
-                       help="skip training the photo scene head and the scene-text classifier after retrieval")
-    train.add_argument("--report-to", nargs="+", metavar="TRACKER",
-                       help="trackers of losses, learning rates and validation metrics: tensorboard, wandb, mlflow, "
-                            "all or none (default: tensorboard when installed); files go to OUTPUT/tracking")
+    _add_train_settings(train.add_argument_group("training settings (TrainConfig; files of trackers go to "
+                                                 "OUTPUT/tracking)"))
 
     scenes = sub.add_parser("train-scenes", parents=[logs], help="train a model's scene heads alone (photo scene head by the "
                                                  "measured recipe, scene-text classifier), calibrated",
@@ -100,7 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     scenes.add_argument("--scene-image-size", type=int, help="side the whole photo is resized to (default 384)")
     scenes.add_argument("--seed", type=int, default=0)
 
-    index = sub.add_parser("index", parents=[logs], help="embed a catalogue into a folder that `hgm-mm match` searches")
+    index = sub.add_parser("index", parents=[logs], epilog="example: hgm-mm index --model runs/ikea/model --catalog ikea/products.jsonl --output runs/catalogue", help="embed a catalogue into a folder that `hgm-mm match` searches")
     index.add_argument("--model", required=True, help="model name, or the folder of a trained model")
     index.add_argument("--catalog", type=Path, required=True, help="products.jsonl of the catalogue")
     index.add_argument("--output", type=Path, required=True, help="folder to write (index, model copy, prior)")
@@ -116,7 +109,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     index.add_argument("--collection", help="the Milvus collection (default hgm_catalogue)")
     index.add_argument("--batch-size", type=int, default=32, help="product photos per forward pass")
 
-    match = sub.add_parser("match", parents=[logs], help="products (and a product set) for a room photo")
+    match = sub.add_parser("match", parents=[logs], epilog='example: hgm-mm match --index runs/catalogue room.jpg --text "a Nordic living room, warm light"', help="products (and a product set) for a room photo")
     match.add_argument("photo", nargs="?", type=Path, help="the room photo")
     where = match.add_mutually_exclusive_group(required=True)
     where.add_argument("--index", type=Path, help="folder written by `hgm-mm index`")
@@ -132,7 +125,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                        "(refused unless it built the index)")
     match.add_argument("--json", action="store_true", help="print the result as JSON")
 
-    serve = sub.add_parser("serve", parents=[logs], help="serve an index folder as a JSON HTTP API (OpenAPI at /docs); needs "
+    serve = sub.add_parser("serve", parents=[logs], epilog="example: hgm-mm serve --index runs/catalogue --port 8080", help="serve an index folder as a JSON HTTP API (OpenAPI at /docs); needs "
                                          "pip install 'hgm-mm[serve]'")
     serve.add_argument("--index", type=Path, required=True, help="folder written by `hgm-mm index`")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
@@ -143,8 +136,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     serve.add_argument("--model", help="query with this model instead of the index folder's copy "
                                        "(refused unless it built the index)")
 
-    sub.add_parser("models", parents=[logs], help="list the built-in models")
+    sub.add_parser("models", parents=[logs], epilog="example: hgm-mm models", help="list the built-in models")
     return parser.parse_args(argv)
+
+
+def _add_train_settings(group) -> None:
+    """One flag per `TrainConfig` setting (`--max-steps` for max_steps), with its meaning and default;
+    a flag left out keeps the --config file's value, else the default."""
+    import dataclasses
+    import typing
+
+    from .training.config import TrainConfig, setting_help
+
+    meaning, types = setting_help(), typing.get_type_hints(TrainConfig)
+    for setting in dataclasses.fields(TrainConfig):
+        flag = "--" + setting.name.replace("_", "-")
+        default = setting.default if setting.default is not dataclasses.MISSING else setting.default_factory()
+        text = f"{meaning.get(setting.name, '')} (default: {default})".strip().replace("%", "%%")
+        kinds = {t for t in typing.get_args(types[setting.name]) or (types[setting.name],) if t is not type(None)}
+        if kinds == {bool}:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif any(typing.get_origin(t) is list for t in kinds):
+            group.add_argument(flag, nargs="+", metavar=setting.name.upper(), default=None, help=text)
+        else:
+            (kind,) = kinds - {str} or kinds  # int | None -> int; str | ... -> str
+            group.add_argument(flag, type=kind, default=None, metavar=setting.name.upper(), help=text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -202,19 +218,23 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train(args: argparse.Namespace) -> int:
-    from .training import TrainConfig, train
+def train_config(args: argparse.Namespace):
+    """The `TrainConfig` of `hgm-mm train`: the --config file's settings (if any), the flags given over them."""
+    import dataclasses
 
-    overrides = {"model": args.model, "epochs": args.epochs, "max_steps": args.max_steps,
-                 "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "report_to": args.report_to}
+    from .training import TrainConfig
+
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     if args.config is not None:
-        config = TrainConfig.from_file(args.config, **overrides)
-    else:
-        config = TrainConfig.from_dict({k: v for k, v in overrides.items() if v is not None},
-                                       origin="command line")
+        return TrainConfig.from_file(args.config, **overrides)
+    return TrainConfig.from_dict({k: v for k, v in overrides.items() if v is not None}, origin="command line")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .training import train
+
+    config = train_config(args)
     output = args.output or Path("runs") / config.model.replace(":", "-").replace("/", "-")
-    if args.no_scene_heads:
-        config.scene_heads = False
     result = train(config, data=find_dataset(args.data), output=output, resume=not args.no_resume,
                    scene_data=args.scene_data, scene_texts=args.scene_texts)
     if not result.main_process:  # under accelerate launch, the main process alone reports

@@ -168,3 +168,44 @@ def test_version_and_log_levels(capsys):
         assert len(logging.getLogger("hgm_mm").handlers) == 1  # each call replaces the last one's handler
     with pytest.raises(ValueError, match="log level 'LOUD'"):
         hgm_mm.log_to_console("LOUD")
+
+
+def test_every_training_setting_has_a_flag_that_reaches_the_config(tmp_path):
+    import dataclasses
+
+    from hgm_mm.cli import parse_args, train_config
+    from hgm_mm.training import TrainConfig
+
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text("epochs: 7\nwarmup_steps: 9\n")
+    args = parse_args(["train", "--data", str(tmp_path), "--config", str(config_file), "--warmup-steps", "3",
+                       "--no-freeze-norm-stats", "--report-to", "none", "--precision", "bf16", "--max-steps", "2"])
+    config = train_config(args)
+    assert (config.epochs, config.warmup_steps, config.max_steps) == (7, 3, 2)  # the file's, then the flags over it
+    assert config.freeze_norm_stats is False and config.report_to == [] and config.precision == "bf16"
+    untouched = train_config(parse_args(["train", "--data", str(tmp_path)]))
+    assert untouched == TrainConfig()  # a flag left out keeps the default
+    help_text = help_of(["train"])
+    for setting in dataclasses.fields(TrainConfig):
+        assert "--" + setting.name.replace("_", "-") in help_text, setting.name
+    assert "(default: 33)" in help_text and "example: hgm-mm train" in help_text
+    with pytest.raises(ValueError, match="TrainConfig.lr=inf"):
+        train_config(parse_args(["train", "--data", str(tmp_path), "--lr", "inf"]))
+
+
+def help_of(command: list[str]) -> str:
+    """What `hgm-mm COMMAND --help` prints."""
+    import contextlib
+    import io
+
+    from hgm_mm.cli import parse_args
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        parse_args([*command, "--help"])
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("command", ["demo", "evaluate", "train", "train-scenes", "index", "match", "serve", "models"])
+def test_each_subcommand_shows_an_example(command):
+    assert f"example: hgm-mm {command}" in help_of([command])

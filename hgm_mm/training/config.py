@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import re
@@ -33,8 +34,8 @@ class TrainConfig(JsonConfig):
     positives_per_room: int = 16  # products of each room added to the step's products
     lr: float = 1e-3  # projections, fusion, scene head, temperature
     tower_lr: float = 3e-4  # unlocked tower layers
-    weight_decay: float = 0.05
-    warmup_steps: int = 20
+    weight_decay: float = 0.05  # AdamW decay of weight matrices (not biases, norms or the temperature)
+    warmup_steps: int = 20  # linear learning-rate warm-up before the cosine decay
     product_loss_weight: float = 2.0  # product photo <-> product text
     temperature: float = 0.0  # > 0: contrastive temperature fixed at this value (logit scale log(1 / temperature),
     # not trained; at least 0.01, CLIP's clamp); 0: the model's learned logit scale
@@ -52,25 +53,25 @@ class TrainConfig(JsonConfig):
     unlocked_text_layers: int = 0  # top transformer layers of the text towers left trainable
     freeze_norm_stats: bool = True  # BatchNorm statistics of locked image layers stay as pretrained
     lora_rank: int = 0  # > 0: LoRA adapters of this rank on the towers' linear layers (needs peft)
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
+    lora_alpha: float = 16.0  # LoRA scaling (alpha / rank)
+    lora_dropout: float = 0.0  # dropout on the LoRA adapters' inputs
     wise_alpha: float = 1.0  # WiSE-FT: 1 keeps fine-tuned weights, 0 the starting weights
     ema_decay: float = 0.0  # > 0: validate and save an exponential moving average of the trained weights
     # (decay min(ema_decay, (1 + t) / (10 + t)) at step t); 0: the raw weights
     val_fraction: float = 0.2  # rooms held out for validation, by room
-    seed: int = 0
-    eval_every_epochs: int = 4
+    seed: int = 0  # the validation split, every step's batch and the initial weights of new layers
+    eval_every_epochs: int = 4  # validation (and keeping the best model) every this many epochs
     patience: int = 5  # evaluations without Recall@10 improvement before stopping early
     precision: str = "no"  # "bf16" or "fp16" autocast where the hardware supports it
     grad_cache_chunk: int = 0  # > 0: embed in chunks of this size and keep the whole contrastive batch
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute the towers' activations in the backward pass (less memory)
     cache_frozen_features: bool = True  # compute locked layers once per photo/text (training/feature_cache.py)
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0  # gradients clipped to this global norm
     skip_nonfinite: bool = False  # skip a batch whose loss is NaN/inf instead of stopping
     image_errors: str = "skip"  # unreadable photos: "skip" (and count) or "raise"
     num_workers: int = 2  # photo-decoding processes
-    checkpoint_every_steps: int = 25
-    log_every_steps: int = 5
+    checkpoint_every_steps: int = 25  # a resumable checkpoint every this many steps
+    log_every_steps: int = 5  # losses and learning rates to the trackers every this many steps
     report_to: list[str] | str | None = None  # trackers for losses, learning rates, validation metrics and this
     # config: "tensorboard", "wandb", "mlflow", a list of them, "all" (every one installed) or "none"; None: tensorboard
     # when it is installed (the behaviour before this setting existed), else none. Read as a list ("none" -> [])
@@ -137,6 +138,28 @@ class TrainConfig(JsonConfig):
             raise ValueError(f"{path}: expected a mapping of settings at the top level")
         data.update({k: v for k, v in overrides.items() if v is not None})
         return cls.from_dict(data, origin=str(path))
+
+
+def setting_help() -> dict[str, str]:
+    """What each `TrainConfig` setting means: the comment beside its field above (and the comment
+    lines under it), for the command line's help. Empty where the source cannot be read."""
+    try:
+        lines = inspect.getsource(TrainConfig).splitlines()
+    except (OSError, TypeError):  # a build without source files: flags without help
+        return {}
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    found: dict[str, str] = {}
+    current = None
+    for line in lines:
+        setting = re.match(r"    (\w+): [^#]*(?:#\s*(.*))?$", line)
+        if setting and setting.group(1) in names:
+            current = setting.group(1)
+            found[current] = (setting.group(2) or "").strip()
+        elif current is not None and line.startswith("    #"):
+            found[current] = f"{found[current]} {line.strip().lstrip('#').strip()}".strip()
+        else:
+            current = None
+    return found
 
 
 _TYPE_NAMES = {int: "an int", float: "a finite number", bool: "true or false", str: "a string", type(None): "null",
