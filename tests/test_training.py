@@ -172,6 +172,8 @@ def test_a_fixed_temperature_sets_and_locks_the_logit_scale(dataset, tmp_path):
 
 
 def test_the_room_loss_can_have_its_own_fixed_temperature():
+    from hgm_mm.training.objective import RetrievalObjective, StepOutputs
+
     scales = {}
 
     def recorder(name):
@@ -180,15 +182,32 @@ def test_the_room_loss_can_have_its_own_fixed_temperature():
             return torch.tensor(1.0)
         return loss
 
-    inputs = {"product_ids": None, "room_positive_ids": None, "room_labels": None}
+    targets = {"product_ids": None, "room_positive_ids": None, "room_labels": None}
+    outputs = StepOutputs(None, None, None, None, None, log_logit_scale=torch.tensor(20.0).log())
     for room_temperature, expected in ((0.0, 20.0), (0.1, 10.0)):
         config = TrainConfig(room_temperature=room_temperature, scene_loss_weight=0.0)
-        terms = training_loop._loss_terms(None, None, None, None, None, torch.tensor(20.0).log(), inputs, config,
-                                          recorder("product"), recorder("room"), 1)
+        objective = RetrievalObjective(product_weight=config.product_loss_weight, room_weight=config.room_loss_weight,
+                                       scene_weight=0.0, room_temperature=room_temperature,
+                                       contrastive=recorder("product"), room_contrastive=recorder("room"))
+        terms = objective(outputs, targets)
         assert scales == {"product": pytest.approx(20.0), "room": pytest.approx(expected)}
+        assert set(terms) == {"product_loss", "room_loss", "loss"}  # a term of weight 0 is not computed
         assert float(terms["loss"]) == pytest.approx(config.product_loss_weight + config.room_loss_weight)
     with pytest.raises(ValueError, match="room_temperature"):
         TrainConfig(room_temperature=0.001)
+
+
+def test_grad_cache_steps_train_the_same_weights_as_whole_batch_steps(dataset, tmp_path):
+    # no dropout and no BatchNorm batch statistics, so chunked embedding computes what one pass computes
+    settings = dict(max_steps=2, unlocked_image_groups=0, unlocked_text_layers=0, cache_frozen_features=False)
+    run(tiny_config(**settings), dataset, tmp_path / "whole")
+    run(tiny_config(grad_cache_chunk=2, **settings), dataset, tmp_path / "chunked")
+    whole, chunked = checkpoint_weights(tmp_path / "whole"), checkpoint_weights(tmp_path / "chunked")
+    for name in whole:
+        assert torch.allclose(whole[name], chunked[name], atol=1e-5), name
+    run(tiny_config(**{**settings, "max_steps": 1}), dataset, tmp_path / "one_step")
+    one_step = checkpoint_weights(tmp_path / "one_step")
+    assert any(not torch.allclose(one_step[name], whole[name], atol=1e-4) for name in whole)  # the second step trained
 
 
 def test_resume_refuses_other_settings(dataset, tmp_path):
@@ -236,7 +255,9 @@ def test_a_killed_checkpoint_write_leaves_the_last_checkpoint_whole(dataset, tmp
 
 
 def _nan_on_step(monkeypatch, bad_step):
-    original = training_loop._loss_terms
+    from hgm_mm.training.objective import RetrievalObjective
+
+    original = RetrievalObjective.__call__
     calls = []
 
     def poisoned(*args, **kwargs):
@@ -246,7 +267,7 @@ def _nan_on_step(monkeypatch, bad_step):
             terms["loss"] = terms["loss"] * float("nan")
         return terms
 
-    monkeypatch.setattr(training_loop, "_loss_terms", poisoned)
+    monkeypatch.setattr(RetrievalObjective, "__call__", poisoned)
 
 
 def test_a_nan_loss_stops_the_run_naming_the_step_and_batch(dataset, tmp_path, monkeypatch):

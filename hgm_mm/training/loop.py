@@ -18,13 +18,14 @@ from ..data import load_dataset
 from ..files import atomic_dir, atomic_text
 from ..data.split import split_rooms
 from ..data.text import product_text, room_text
-from ..losses import ContrastiveLoss, MultiPositiveContrastiveLoss, grad_cache_step, pad_positive_ids, scene_loss
+from ..losses import grad_cache_step, pad_positive_ids
 from ..model_card import TrainingRecord
 from ..pretrained import RandomInitWarning, load_torch_file
 from ..prior import SCENE_CATEGORIES_FILE, SceneCategoryPrior
 from .batches import StepPlan, StepPhotos
 from .config import TrainConfig
 from .lora import add_lora, merged_copy
+from .objective import RetrievalObjective, StepOutputs, rooms_packed
 from .feature_cache import FeatureCache, build_feature_cache, cacheable_image_stage, evaluate_cached
 from .guide_heads import SCENE_REPORT_FILE, read_scene_data, train_guide_heads
 from .freezing import (keep_frozen_norms_eval, lock_image_tower, lock_text_tower, trainable_parameter_groups,
@@ -177,10 +178,7 @@ def train(config: TrainConfig | None = None, *, data: str | os.PathLike, output:
         accelerator.init_trackers(PROJECT_NAME, config=flat_config(resolved),
                                   init_kwargs=tracker_init_kwargs(output, run_name=output.resolve().name))
 
-    contrastive = ContrastiveLoss(rank=rank, world_size=world)
-    # rooms are scored as at inference: per-view scores pooled, plus the scene text
-    room_contrastive = MultiPositiveContrastiveLoss(rank=rank, world_size=world,
-                                                    similarity=unwrapped.packed_room_scores)
+    objective = RetrievalObjective.from_config(config, unwrapped, rank=rank, world_size=world)
     if cache is not None:
         loader = _cached_batches(plan, steps, cache, {room: row for row, room in enumerate(drawn_rooms)}, rank, world)
     else:
@@ -207,9 +205,9 @@ def train(config: TrainConfig | None = None, *, data: str | os.PathLike, output:
                               accelerator.device, cache)
         with accelerator.autocast(), unwrapped.image_inputs_from_stage(image_stage):
             if config.grad_cache_chunk:
-                losses = _grad_cache_losses(unwrapped, inputs, config, contrastive, room_contrastive, world)
+                losses = _grad_cache_losses(unwrapped, inputs, objective, config.grad_cache_chunk, world)
             else:
-                losses = _losses(model, inputs, config, contrastive, room_contrastive, world)
+                losses = _losses(model, inputs, objective)
                 total = losses["loss"]
         if not all(torch.isfinite(v).all() for v in losses.values()):
             described = _describe_batch(batch, train_rooms, dataset.products)
@@ -377,49 +375,20 @@ def _step_inputs(batch, model, rooms, products, room_positives, room_labels, dev
     }
 
 
-def _loss_terms(packed_rooms, scene_logits, product_image, product_text_, product_fused, logit_scale, inputs, config,
-                contrastive, room_contrastive, world) -> dict[str, torch.Tensor]:
-    """The weighted objectives; `packed_rooms` is (R, V + 1, D) from `HGMModel.pack_rooms`."""
-    scale = logit_scale.exp()
-    terms = {}
-    if config.product_loss_weight:
-        terms["product_loss"] = contrastive(product_image, product_text_, scale, ids=inputs["product_ids"])
-    if config.room_loss_weight:
-        room_scale = 1.0 / config.room_temperature if config.room_temperature else scale
-        terms["room_loss"] = room_contrastive(packed_rooms, product_fused, room_scale,
-                                              room_positive_ids=inputs["room_positive_ids"],
-                                              product_ids=inputs["product_ids"])
-    if config.scene_loss_weight:
-        terms["scene_loss"] = scene_loss(scene_logits, inputs["room_labels"], world_size=world)
-    weights = {"product_loss": config.product_loss_weight, "room_loss": config.room_loss_weight,
-               "scene_loss": config.scene_loss_weight}
-    terms["loss"] = sum(weights[name] * value for name, value in terms.items())
-    return terms
-
-
-def _losses(model, inputs, config, contrastive, room_contrastive, world) -> dict[str, torch.Tensor]:
+def _losses(model, inputs, objective: RetrievalObjective) -> dict[str, torch.Tensor]:
     out = model(room_pixels=inputs["room_pixels"], room_tokens=inputs["room_tokens"],
                 room_text_present=inputs["room_text_present"], product_pixels=inputs["product_pixels"],
                 product_tokens=inputs["product_tokens"])
-    logit_scale = out.logit_scale.log()
-    packed = _pack(model, out)
-    return _loss_terms(packed, out.scene_logits, out.product_image_embeds, out.product_text_embeds,
-                       out.product_embeds, logit_scale, inputs, config, contrastive, room_contrastive, world)
+    return objective(StepOutputs.from_model(model, out), inputs)
 
 
-def _pack(model, out) -> torch.Tensor | None:
-    if out.room_view_embeds is None:
-        return None
-    unwrapped = model.module if hasattr(model, "module") else model
-    return unwrapped.pack_rooms(out.room_view_embeds, out.room_text_embeds)
-
-
-def _grad_cache_losses(model, inputs, config, contrastive, room_contrastive, world) -> dict[str, torch.Tensor]:
-    """The same losses, embedded `grad_cache_chunk` samples at a time; gradients are left on the parameters."""
+def _grad_cache_losses(model, inputs, objective: RetrievalObjective, chunk_size: int, world: int
+                       ) -> dict[str, torch.Tensor]:
+    """The same losses, embedded `chunk_size` samples at a time; gradients are left on the parameters."""
     def embed_rooms(chunk):
         out = model(room_pixels=chunk["pixels"], room_tokens={k: chunk[k] for k in inputs["room_tokens"]},
                     room_text_present=chunk["present"])
-        return _pack(model, out), out.scene_logits
+        return rooms_packed(model, out), out.scene_logits
 
     def embed_products(chunk):
         out = model(product_pixels=chunk["pixels"], product_tokens={k: chunk[k] for k in inputs["product_tokens"]})
@@ -428,14 +397,13 @@ def _grad_cache_losses(model, inputs, config, contrastive, room_contrastive, wor
     terms: dict[str, torch.Tensor] = {}
 
     def loss_fn(room_outputs, product_outputs):
-        computed = _loss_terms(*room_outputs, *product_outputs,
-                               model.logit_scale, inputs, config, contrastive, room_contrastive, world)
+        computed = objective(StepOutputs(*room_outputs, *product_outputs, log_logit_scale=model.logit_scale), inputs)
         terms.update({k: v.detach() for k, v in computed.items()})
         return computed["loss"]
 
     rooms = {"pixels": inputs["room_pixels"], "present": inputs["room_text_present"], **inputs["room_tokens"]}
     products = {"pixels": inputs["product_pixels"], **inputs["product_tokens"]}
-    grad_cache_step([(embed_rooms, rooms), (embed_products, products)], loss_fn, chunk_size=config.grad_cache_chunk)
+    grad_cache_step([(embed_rooms, rooms), (embed_products, products)], loss_fn, chunk_size=chunk_size)
     if world > 1:  # the chunks ran outside DDP's hooks: average the gradients as DDP would
         import torch.distributed as dist
 
