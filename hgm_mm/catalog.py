@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .files import atomic_dir, atomic_text
+from .files import atomic_dir, atomic_text, read_versioned_manifest
 from .index import ProductIndex, model_fingerprint
 from .prior import SCENE_CATEGORIES_FILE, SceneCategoryPrior
 from .processes import ProcessGroup
@@ -256,16 +256,7 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{folder} holds no {MATCHER_FILE}: it is not a finished index folder; build one "
                                 "with: hgm-mm index --model M --catalog products.jsonl --output DIR")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err}); build the index again") from err
-    if not isinstance(manifest, dict):
-        raise ValueError(f"{path}: expected a JSON object; build the index again")
-    version = manifest.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise ValueError(f"{path}: format_version={version!r}; this hgm_mm {__version__} reads formats up to "
-                         f"{FORMAT_VERSION}. Upgrade: pip install -U hgm-mm")
+    manifest = read_versioned_manifest(path, reads_up_to=FORMAT_VERSION, fix="build the index again")
     store = manifest.get("store")
     if store is not None and not (isinstance(store, dict) and isinstance(store.get("uri"), str)
                                   and isinstance(store.get("collection"), str)):

@@ -52,7 +52,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .data.images import DEFAULT_MAX_PIXELS, ImageError, load_image
-from .files import atomic_text, atomic_write
+from .files import atomic_text, atomic_write, read_versioned_manifest
 from .inference import FoldedImageEncoder, OnnxExportError, OnnxImageEncoder, onnxruntime_available
 from .model import VIEW_PASS_IMAGES
 from .processes import process_share
@@ -741,18 +741,8 @@ def _inputs_digest(ids: Sequence[str], photos: Sequence, texts: Sequence | None)
 def _read_manifest(path: Path) -> dict | None:
     if not path.is_file():
         return None
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err}); the folder is damaged, delete it and embed again") from None
-    missing = [key for key in ("format_version", "n_shards", *_PLAN_KEYS) if not isinstance(manifest, dict)
-               or key not in manifest]
-    if missing:
-        raise ValueError(f"{path}: keys {missing} are missing; the folder is damaged, delete it and embed again")
-    if not isinstance(manifest["format_version"], int) or manifest["format_version"] > FORMAT_VERSION:
-        raise ValueError(f"{path}: format_version={manifest['format_version']!r} is newer than this hgm_mm "
-                         f"reads ({FORMAT_VERSION}); upgrade hgm_mm")
-    return manifest
+    return read_versioned_manifest(path, reads_up_to=FORMAT_VERSION, required=("n_shards", *_PLAN_KEYS),
+                                   fix="the folder is damaged, delete it and embed again")
 
 
 def _check_same_plan(folder: Path, existing: dict, plan: dict) -> None:

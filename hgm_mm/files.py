@@ -1,11 +1,15 @@
-"""Writing files so that a crash or a kill never leaves one half-written."""
+"""Writing files so that a crash or a kill never leaves one half-written, and reading the manifests of saved folders."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
+
+from .version import __version__
 
 
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
@@ -61,3 +65,39 @@ def check_file_digest(path: Path, expected: str | None, fix: str) -> None:
         raise ValueError(f"{path}: its content (sha256 {actual[:12]}...) is not the file its manifest recorded "
                          f"(sha256 {expected[:12]}...): it was replaced or changed since it was saved, perhaps by "
                          f"a file of another model or index. {fix}")
+
+
+def read_versioned_manifest(path: Path, *, reads_up_to: int, fix: str, required: Sequence[str] = ()) -> dict[str, Any]:
+    """The JSON manifest of a saved folder (model, index, catalogue, embedding shards), checked
+    before anything else in the folder is read: a JSON object with `required` keys and a
+    `format_version` this hgm_mm reads.
+
+    Args:
+        path: the manifest file.
+        reads_up_to: the newest `format_version` this hgm_mm reads for the folder.
+        fix: what to do about a damaged manifest ("save the index again"), ending each message.
+        required: keys the manifest holds besides `format_version`.
+
+    Raises:
+        FileNotFoundError: there is no file at `path`.
+        ValueError: not JSON, not an object, keys missing, an invalid `format_version`, or a newer
+            one (naming the hgm_mm that wrote it, and saying to upgrade).
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; {fix}")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err}); {fix}") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(manifest).__name__}; {fix}")
+    missing = [key for key in ("format_version", *required) if key not in manifest]
+    if missing:
+        raise ValueError(f"{path}: key(s) {missing} are missing; {fix}")
+    version = manifest["format_version"]
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError(f"{path}: format_version={version!r} is not valid; {fix}")
+    if version > reads_up_to:
+        raise ValueError(f"{path}: format_version={version}, saved by hgm_mm {manifest.get('library_version', '?')}; "
+                         f"this hgm_mm {__version__} reads formats up to {reads_up_to}. Upgrade: pip install -U hgm-mm")
+    return manifest

@@ -55,7 +55,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from .files import atomic_write, check_file_digest, file_sha256
+from .files import atomic_write, check_file_digest, file_sha256, read_versioned_manifest
 from .json_config import JsonConfig
 from .version import __version__
 
@@ -571,9 +571,11 @@ class ProductIndex:
         manifest_path = folder / MANIFEST_FILE
         if not folder.is_dir():
             raise FileNotFoundError(f"{folder} is not a folder; expected a ProductIndex saved with index.save()")
-        manifest = _read_json(manifest_path, "the index folder is incomplete or not a ProductIndex")
+        manifest = read_versioned_manifest(manifest_path, reads_up_to=FORMAT_VERSION,
+                                           fix="the index folder is incomplete or damaged; save the index again",
+                                           required=("dimension", "kind", "count", "labels", "files",
+                                                     "model_identity", "params"))
         try:
-            version = manifest["format_version"]
             dim, kind, count, n_labels = (manifest["dimension"], manifest["kind"], manifest["count"],
                                           manifest["labels"])
             sizes, saved_identity = manifest["files"], manifest["model_identity"]
@@ -584,9 +586,6 @@ class ProductIndex:
         except (KeyError, TypeError) as err:
             raise ValueError(f"{manifest_path}: missing or malformed key {err}; the folder is damaged, "
                              "save the index again") from err
-        if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise ValueError(f"{manifest_path}: format_version={version!r}; this hgm_mm {__version__} reads "
-                             f"formats up to {FORMAT_VERSION}. Upgrade: pip install -U hgm-mm")
         if kind not in KINDS[1:] or not all(isinstance(v, int) and v >= 0 for v in (dim, count, n_labels)):
             raise ValueError(f"{manifest_path}: kind={kind!r}, dimension={dim!r}, count={count!r}, "
                              f"labels={n_labels!r} are not valid; the folder is damaged")

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .files import atomic_dir, atomic_write, check_file_digest, file_sha256
+from .files import atomic_dir, atomic_write, check_file_digest, file_sha256, read_versioned_manifest
 from .fusion import GatedFusion
 from .preprocess import RoomViews, TextTokenizer, build_image_transform
 from .pretrained import HF_HUB_PREFIX, HGM_CONFIG_NAME, OPEN_CLIP_CONFIG_NAME, hub_hgm_folder, is_hub_repo_id
@@ -622,19 +622,8 @@ def load_model(folder: str | os.PathLike, *, device: str | torch.device | None =
         hint = (f" It holds {OPEN_CLIP_CONFIG_NAME}: create it with "
                 f"hgm_mm.create_model('local-dir:{folder}').") if (folder / OPEN_CLIP_CONFIG_NAME).is_file() else ""
         raise FileNotFoundError(f"{folder} is not an hgm_mm model folder: {HGM_CONFIG_NAME} is missing.{hint}")
-    try:
-        document = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{config_path}: not valid JSON ({err}); the folder is damaged, save the model again") from err
-    if not isinstance(document, dict) or "model" not in document or "format_version" not in document:
-        raise ValueError(f"{config_path}: expected keys 'format_version' and 'model'; the folder is damaged")
-    version = document["format_version"]
-    if not isinstance(version, int) or version < 1:
-        raise ValueError(f"{config_path}: format_version={version!r} is not valid")
-    if version > FORMAT_VERSION:
-        raise ValueError(f"{folder} was saved by hgm_mm {document.get('library_version', '?')} in format "
-                         f"{version}; this hgm_mm {__version__} reads formats up to {FORMAT_VERSION}. "
-                         "Upgrade: pip install -U hgm-mm")
+    document = read_versioned_manifest(config_path, reads_up_to=FORMAT_VERSION, required=("model",),
+                                       fix="the folder is damaged, save the model again")
     try:
         config = ModelConfig.from_dict(document["model"], origin=str(config_path))
     except ValueError as err:

@@ -70,3 +70,15 @@ def test_a_saved_matcher_folder_is_rebuilt_in_place_without_embedding_again(tmp_
     after = Matcher.load(folder, engine="torch").index
     assert after.ids == before.ids
     assert close(after.vectors(after.ids), before.vectors(before.ids))
+
+
+@pytest.mark.parametrize("manifest", ["matcher.json", "index/manifest.json", "model/hgm_config.json"])
+def test_a_folder_of_a_newer_format_is_refused_the_same_way_whatever_its_kind(tmp_path, manifest):
+    folder = tmp_path / "matcher"
+    shutil.copytree(SAVED / "matcher", folder)
+    document = json.loads((folder / manifest).read_text())
+    document.update(format_version=99, library_version="9.0.0")
+    (folder / manifest).write_text(json.dumps(document))
+    with pytest.raises(ValueError, match=r"format_version=99, saved by hgm_mm 9\.0\.0; this hgm_mm .* reads formats "
+                                         r"up to \d+\. Upgrade: pip install -U hgm-mm"):
+        Matcher.load(folder, engine="torch")
