@@ -81,6 +81,9 @@ def train(config: TrainConfig | None = None, *, data: str | os.PathLike, output:
             resuming), `train_config.json`, and `tracking/` (the trackers of `config.report_to`).
         resume: continue from `output/checkpoint` when it exists (the same config is required).
         progress: show progress bars.
+
+    The loop stays in this one function so that a step's order (inputs, losses, update, logging,
+    validation, checkpoint) reads top to bottom in one place; each part is a helper below.
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -96,65 +99,30 @@ def train(config: TrainConfig | None = None, *, data: str | os.PathLike, output:
     say = logger.info if main else _silent  # the run's lines come from the main process alone
     rank, world = accelerator.process_index, accelerator.num_processes
 
-    dataset = load_dataset(data)
-    if not dataset.products or not dataset.rooms or not dataset.pairs:
-        raise ValueError(f"{data}: training needs products.jsonl, rooms.jsonl and pairs.csv")
-    train_rooms, val_rooms = split_rooms(dataset.rooms, val_fraction=config.val_fraction, seed=config.seed)
-    product_index = {p.product_id: i for i, p in enumerate(dataset.products)}
-    positives = dataset.positives()
-    train_rooms = [r for r in train_rooms if positives.get(r.room_id)]
-    room_positives = [[product_index[pid] for pid in positives[r.room_id]] for r in train_rooms]
-    train_room_ids = {r.room_id for r in train_rooms}
-    train_pairs = [(r, p) for r, p in dataset.pairs if r in train_room_ids]
-    scene_categories = SceneCategoryPrior.count_pairs(train_rooms, dataset.products, train_pairs)
-    # for the model card: the dataset by its folder's name (a local path means nothing on the hub)
-    data_summary = {"name": Path(dataset.root).name, "products": len(dataset.products), "train_rooms": len(train_rooms),
-                    "train_pairs": len(train_pairs), "val_rooms": len(val_rooms)}
-
-    from ..factory import create_model
-
-    with warnings.catch_warnings():
-        if not main:  # one warning per run, not one per process
-            warnings.simplefilter("ignore", RandomInitWarning)
-        model = create_model(config.model)
+    run = _read_run_data(config, data)
+    dataset, train_rooms, val_rooms, train_pairs = run.dataset, run.train_rooms, run.val_rooms, run.train_pairs
+    model = _starting_model(config, main, say)
     extra_scenes = read_scene_data(scene_data, scene_texts, labels=model.scene_labels) \
         if config.scene_heads else None  # read and checked before the long work
     scene_index = {label: i for i, label in enumerate(model.scene_labels)}
     room_labels = torch.tensor([scene_index.get(r.scene, -100) for r in train_rooms])
     frozen_norms = lock_image_tower(model.image_tower, config.unlocked_image_groups,
                                     freeze_norm_stats=config.freeze_norm_stats)
-    lock_text_tower(model.text_tower, config.unlocked_text_layers)
-    for head in (model.scene_text_classifier, model.photo_scene_head, model.photo_scene_branch):
-        if head is not None:  # the guide's scene heads train after retrieval (guide_heads.py), not in its loss
-            head.requires_grad_(False)
-    if model.scene_text_tower is not None:
-        lock_text_tower(model.scene_text_tower, config.unlocked_text_layers)
-    if config.lora_rank:
-        adapted = add_lora(model, rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout)
-        say(f"LoRA rank {config.lora_rank} on {adapted} linear layers")
-    if config.temperature:  # a fixed contrastive temperature: the logit scale is set and locked
-        with torch.no_grad():
-            model.logit_scale.fill_(math.log(1.0 / config.temperature))
-        model.logit_scale.requires_grad_(False)
     start_state = {k: v.detach().clone() for k, v in model.state_dict().items()
                    if k.startswith(("image_tower.", "text_tower.", "scene_text_tower."))} \
         if config.wise_alpha < 1.0 else {}
-    if config.gradient_checkpointing:
-        model.set_grad_checkpointing(True)
     locked_towers = [tower for tower in (model.image_tower, model.text_tower, model.scene_text_tower)
                      if tower is not None and not any(p.requires_grad for p in tower.parameters())]
 
     say(f"training {config.model} on {len(train_rooms)} rooms and {len(dataset.products)} products "
-                      f"({len(val_rooms)} validation rooms); processes: {world}; run folder: {output}")
-    plan = StepPlan(len(dataset.products), room_positives, batch_size=config.batch_size,
+        f"({len(val_rooms)} validation rooms); processes: {world}; run folder: {output}")
+    plan = StepPlan(len(dataset.products), run.room_positives, batch_size=config.batch_size,
                     rooms_per_batch=config.rooms_per_batch, positives_per_room=config.positives_per_room,
                     room_text_probability=config.room_text_probability, seed=config.seed)
     schedule_steps = plan.steps_per_epoch * config.epochs
     last_step = min(schedule_steps, config.max_steps) if config.max_steps else schedule_steps
 
-    optimizer = torch.optim.AdamW(trainable_parameter_groups(model, lr=config.lr, tower_lr=config.tower_lr,
-                                                             weight_decay=config.weight_decay))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(config.warmup_steps, schedule_steps))
+    optimizer, scheduler = _optimiser(model, config, schedule_steps)
     state = _TrainerState()
     average = WeightAverage(model, config.ema_decay) if config.ema_decay else None
     checkpoint = output / CHECKPOINT_DIR
@@ -173,19 +141,10 @@ def train(config: TrainConfig | None = None, *, data: str | os.PathLike, output:
         state.skipped_images += len(cache.skipped)
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
-    if accelerator.log_with:
-        resolved = {**config.to_dict(), "report_to": [str(t) for t in accelerator.log_with]}
-        accelerator.init_trackers(PROJECT_NAME, config=flat_config(resolved),
-                                  init_kwargs=tracker_init_kwargs(output, run_name=output.resolve().name))
+    _start_trackers(accelerator, config, output)
 
     objective = RetrievalObjective.from_config(config, unwrapped, rank=rank, world_size=world)
-    if cache is not None:
-        loader = _cached_batches(plan, steps, cache, {room: row for row, room in enumerate(drawn_rooms)}, rank, world)
-    else:
-        loader = torch.utils.data.DataLoader(
-            StepPhotos(plan, train_rooms, dataset.products, unwrapped.image_transform, unwrapped.room_views,
-                       steps=steps, rank=rank, world_size=world, image_errors=config.image_errors),
-            batch_size=None, num_workers=config.num_workers, persistent_workers=False)
+    loader = _step_batches(config, run, plan, steps, cache, drawn_rooms, unwrapped, rank, world)
     image_stage = cache.image_stage if cache is not None else 0
     seconds_before = state.seconds
 
@@ -201,33 +160,16 @@ def train(config: TrainConfig | None = None, *, data: str | os.PathLike, output:
             tower.eval()
         torch.manual_seed(config.seed * 1_000_003 + step * 101 + rank)  # dropout: a function of the step
         state.skipped_images += len(batch["skipped"])
-        inputs = _step_inputs(batch, unwrapped, train_rooms, dataset.products, room_positives, room_labels,
+        inputs = _step_inputs(batch, unwrapped, train_rooms, dataset.products, run.room_positives, room_labels,
                               accelerator.device, cache)
         with accelerator.autocast(), unwrapped.image_inputs_from_stage(image_stage):
             if config.grad_cache_chunk:
                 losses = _grad_cache_losses(unwrapped, inputs, objective, config.grad_cache_chunk, world)
             else:
                 losses = _losses(model, inputs, objective)
-                total = losses["loss"]
-        if not all(torch.isfinite(v).all() for v in losses.values()):
-            described = _describe_batch(batch, train_rooms, dataset.products)
-            if not config.skip_nonfinite:
-                raise NonFiniteLossError(f"step {step}: non-finite loss {_floats(losses)} on {described}; "
-                                         "lower the learning rate, use precision 'no', or set skip_nonfinite")
-            say(f"step {step}: non-finite loss, batch skipped ({described})")
-            optimizer.zero_grad(set_to_none=True)
+        if not _apply_update(accelerator, unwrapped, optimizer, losses, config, average, step,
+                             lambda: _describe_batch(batch, train_rooms, dataset.products), say):
             state.skipped_batches += 1
-        else:
-            if not config.grad_cache_chunk:
-                accelerator.backward(total)
-            if config.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(unwrapped.parameters(), config.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                unwrapped.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-            if average is not None:
-                average.update(unwrapped, step)
         scheduler.step()
         state.step = step + 1
         window_samples += (len(inputs["products"]) + len(inputs["rooms"])) * world
@@ -245,12 +187,11 @@ def train(config: TrainConfig | None = None, *, data: str | os.PathLike, output:
             state.seconds = seconds_before + time.perf_counter() - started
             with average.applied(unwrapped) if average is not None else nullcontext():
                 stop = _evaluate_and_keep_best(unwrapped, state, dataset, train_rooms, val_rooms, train_pairs,
-                                               scene_categories, output, config, start_state, main, progress,
+                                               run.scene_categories, output, config, start_state, main, progress,
                                                cache, first_val_row=len(drawn_rooms), log=accelerator.log,
-                                               data_summary=data_summary)
+                                               data_summary=run.data_summary)
             if stop and state.step < last_step:
-                say(f"stopping early at step {state.step}: no Recall@10 gain in "
-                                  f"{config.patience} evaluations")
+                say(f"stopping early at step {state.step}: no Recall@10 gain in {config.patience} evaluations")
                 last_step = state.step
         if main and (state.step % config.checkpoint_every_steps == 0 or epoch_done or state.step == last_step):
             _save_checkpoint(checkpoint, unwrapped, optimizer, scheduler, state, config, average)
@@ -264,7 +205,7 @@ def train(config: TrainConfig | None = None, *, data: str | os.PathLike, output:
     if config.scene_heads and main and (output / BEST_MODEL_DIR / "hgm_config.json").is_file():
         # after end_training (which closes the process group): the main process alone, the others are done
         _train_scene_heads(output / BEST_MODEL_DIR, train_rooms, val_rooms, extra_scenes, config, progress,
-                           say, data_summary)
+                           say, run.data_summary)
     result = TrainResult(model_dir=output / BEST_MODEL_DIR, best_metrics=state.best_metrics, best_step=state.best_step,
                          steps=state.step, wall_seconds=seconds_before + time.perf_counter() - started,
                          history=state.history, skipped_images=state.skipped_images,
@@ -272,6 +213,117 @@ def train(config: TrainConfig | None = None, *, data: str | os.PathLike, output:
     if main:
         _write_json(output / HISTORY_FILE, {k: v for k, v in result.__dict__.items() if k != "model_dir"})
     return result
+
+
+@dataclass
+class _RunData:
+    """The dataset of a run, split, with what the steps and the saved model read of it."""
+
+    dataset: Any
+    train_rooms: list  # rooms with products, outside the validation split
+    val_rooms: list
+    room_positives: list[list[int]]  # catalogue rows of each training room's products
+    train_pairs: list[tuple[str, str]]
+    scene_categories: dict[str, dict[str, int]]  # the training pairs' categories per scene
+    data_summary: dict[str, Any]  # for the model card
+
+
+def _read_run_data(config: TrainConfig, data) -> _RunData:
+    dataset = load_dataset(data)
+    if not dataset.products or not dataset.rooms or not dataset.pairs:
+        raise ValueError(f"{data}: training needs products.jsonl, rooms.jsonl and pairs.csv")
+    train_rooms, val_rooms = split_rooms(dataset.rooms, val_fraction=config.val_fraction, seed=config.seed)
+    product_index = {p.product_id: i for i, p in enumerate(dataset.products)}
+    positives = dataset.positives()
+    train_rooms = [r for r in train_rooms if positives.get(r.room_id)]
+    train_room_ids = {r.room_id for r in train_rooms}
+    train_pairs = [(r, p) for r, p in dataset.pairs if r in train_room_ids]
+    # for the model card: the dataset by its folder's name (a local path means nothing on the hub)
+    summary = {"name": Path(dataset.root).name, "products": len(dataset.products), "train_rooms": len(train_rooms),
+               "train_pairs": len(train_pairs), "val_rooms": len(val_rooms)}
+    return _RunData(dataset, train_rooms, val_rooms,
+                    room_positives=[[product_index[pid] for pid in positives[r.room_id]] for r in train_rooms],
+                    train_pairs=train_pairs,
+                    scene_categories=SceneCategoryPrior.count_pairs(train_rooms, dataset.products, train_pairs),
+                    data_summary=summary)
+
+
+def _starting_model(config: TrainConfig, main: bool, say):
+    """The model the run starts from, with what it trains unlocked (the image tower's top groups,
+    locked by the caller, which keeps its BatchNorms), LoRA and the fixed temperature applied."""
+    from ..factory import create_model
+
+    with warnings.catch_warnings():
+        if not main:  # one warning per run, not one per process
+            warnings.simplefilter("ignore", RandomInitWarning)
+        model = create_model(config.model)
+    lock_text_tower(model.text_tower, config.unlocked_text_layers)
+    for head in (model.scene_text_classifier, model.photo_scene_head, model.photo_scene_branch):
+        if head is not None:  # the guide's scene heads train after retrieval (guide_heads.py), not in its loss
+            head.requires_grad_(False)
+    if model.scene_text_tower is not None:
+        lock_text_tower(model.scene_text_tower, config.unlocked_text_layers)
+    if config.lora_rank:
+        adapted = add_lora(model, rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout)
+        say(f"LoRA rank {config.lora_rank} on {adapted} linear layers")
+    if config.temperature:  # a fixed contrastive temperature: the logit scale is set and locked
+        with torch.no_grad():
+            model.logit_scale.fill_(math.log(1.0 / config.temperature))
+        model.logit_scale.requires_grad_(False)
+    if config.gradient_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model
+
+
+def _optimiser(model, config: TrainConfig, schedule_steps: int):
+    """AdamW over the trainable parameters (`trainable_parameter_groups`) and its warm-up, cosine schedule."""
+    optimizer = torch.optim.AdamW(trainable_parameter_groups(model, lr=config.lr, tower_lr=config.tower_lr,
+                                                             weight_decay=config.weight_decay))
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(config.warmup_steps, schedule_steps))
+
+
+def _start_trackers(accelerator, config: TrainConfig, output: Path) -> None:
+    """Starts the trackers of `config.report_to` with the resolved config (their files under `output`)."""
+    if accelerator.log_with:
+        resolved = {**config.to_dict(), "report_to": [str(t) for t in accelerator.log_with]}
+        accelerator.init_trackers(PROJECT_NAME, config=flat_config(resolved),
+                                  init_kwargs=tracker_init_kwargs(output, run_name=output.resolve().name))
+
+
+def _step_batches(config: TrainConfig, run: _RunData, plan: StepPlan, steps: range, cache: FeatureCache | None,
+                  drawn_rooms: list[int], model, rank: int, world: int):
+    """This process's share of each step's batch: cached locked-layer outputs, or photos decoded by workers."""
+    if cache is not None:
+        return _cached_batches(plan, steps, cache, {room: row for row, room in enumerate(drawn_rooms)}, rank, world)
+    return torch.utils.data.DataLoader(
+        StepPhotos(plan, run.train_rooms, run.dataset.products, model.image_transform, model.room_views,
+                   steps=steps, rank=rank, world_size=world, image_errors=config.image_errors),
+        batch_size=None, num_workers=config.num_workers, persistent_workers=False)
+
+
+def _apply_update(accelerator, model, optimizer, losses: dict[str, torch.Tensor], config: TrainConfig, average,
+                  step: int, describe, say) -> bool:
+    """Backward (unless GradCache left the gradients), clipping, the optimiser step and the moving
+    average; a non-finite loss stops the run, or with `skip_nonfinite` skips the batch. Returns
+    whether the step was applied."""
+    if not all(torch.isfinite(v).all() for v in losses.values()):
+        if not config.skip_nonfinite:
+            raise NonFiniteLossError(f"step {step}: non-finite loss {_floats(losses)} on {describe()}; "
+                                     "lower the learning rate, use precision 'no', or set skip_nonfinite")
+        say(f"step {step}: non-finite loss, batch skipped ({describe()})")
+        optimizer.zero_grad(set_to_none=True)
+        return False
+    if not config.grad_cache_chunk:
+        accelerator.backward(losses["loss"])
+    if config.max_grad_norm > 0:
+        accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+    if average is not None:
+        average.update(model, step)
+    return True
 
 
 def _train_scene_heads(folder: Path, train_rooms, val_rooms, extra_scenes, config: TrainConfig, progress: bool,
