@@ -441,3 +441,19 @@ def test_a_scene_branch_tunes_its_own_copy_of_the_top_stages_and_survives_save_a
         assert torch.equal(loaded.scene_logits(paths), model.scene_logits(paths))
     with pytest.raises(ValueError, match="scene_branch_stages=1 belongs to the photo scene head"):
         hgm_mm.ModelConfig(scene_branch_stages=1)
+
+
+def test_a_scene_config_and_settings_by_name_train_the_same_head(toy):
+    from hgm_mm.training import SceneTrainConfig
+
+    train_images, _ = toy
+    by_config, by_name = tiny_model(), tiny_model()
+    config = SceneTrainConfig(epochs=2, batch_size=8, **HEAD_ONLY)
+    assert SceneTrainConfig.from_dict(config.to_dict()) == config  # JSON round trip
+    train_scenes(by_config, train_images, config=config, num_workers=0, progress=False)
+    train_scenes(by_name, train_images, epochs=2, batch_size=8, num_workers=0, progress=False, **HEAD_ONLY)
+    assert torch.equal(by_config.photo_scene_head.weight, by_name.photo_scene_head.weight)
+    assert SceneTrainConfig(scene_source="room").resolved().branch_stages == 0  # left to the scene source
+    assert SceneTrainConfig().resolved().branch_stages == 4  # the measured recipe's photo head
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['epoch'\]"):
+        train_scenes(tiny_model(), train_images, epoch=2, num_workers=0, progress=False)

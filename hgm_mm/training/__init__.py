@@ -1,4 +1,5 @@
 """Fine-tuning: contrastive and scene objectives under accelerate (the only place accelerate is used)."""
+from .config import SceneTrainConfig as SceneTrainConfig
 from .config import TrainConfig as TrainConfig
 from .loop import NonFiniteLossError as NonFiniteLossError
 from .loop import TrainResult as TrainResult

@@ -12,10 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..config import SCENE_SOURCES
 from ..json_config import JsonConfig
 
 PRECISIONS = ("no", "bf16", "fp16")
 IMAGE_ERROR_POLICIES = ("skip", "raise")
+TRAIN_VIEWS = ("all", "whole")
 TRACKERS = ("tensorboard", "wandb", "mlflow")  # accelerate trackers a run can report to (training/tracking.py)
 REPORT_TO_CHOICES = (*TRACKERS, "all", "none")
 
@@ -138,6 +140,112 @@ class TrainConfig(JsonConfig):
             raise ValueError(f"{path}: expected a mapping of settings at the top level")
         data.update({k: v for k, v in overrides.items() if v is not None})
         return cls.from_dict(data, origin=str(path))
+
+
+@dataclass
+class SceneTrainConfig(JsonConfig):
+    """How `train_scenes` trains a scene head. The defaults are the measured recipe (Places365 rooms
+    val accuracy 0.88 for hgm-lite-en, docs/training.md): the photo at 384 px through the head's own
+    copy of the top 4 image-tower stages, tuned on the photo, its mirror image and 2 random crops
+    for 6 epochs. `branch_stages=0, random_crops=0` trains the linear head alone, several times faster.
+
+    "photo" settings apply to the photo scene head, "room" ones to `scene_head` on the room vector.
+    """
+
+    # what the model reads scenes from afterwards: "photo" gives it a new photo_scene_head on the whole
+    # photo's tower features and trains it; "room" trains scene_head on the room vector (dropping a photo head)
+    scene_source: str = "photo"
+    # "photo": side the whole photo is resized to (None: the tower's image size); 384 beat 224 by 0.02-0.03
+    # accuracy for hgm-lite-en on Places365 rooms, at about 3x the compute per photo (docs/training.md)
+    scene_image_size: int | None = 384
+    flip_average: bool = True  # "photo": at inference, average the scene of each photo and its mirror image
+    epochs: int = 6  # passes over the training photos
+    lr: float = 1e-2  # peak learning rate of the scene head (AdamW, warm-up then cosine decay)
+    batch_size: int = 64  # photos per step
+    label_smoothing: float = 0.1  # of the cross-entropy
+    weight_decay: float = 1e-4  # AdamW decay of the weight matrices
+    # "room": > 0 also trains the image projection at this rate; it is shared with products and rooms, so this
+    # changes retrieval vectors too
+    projection_lr: float = 0.0
+    # "room": top layer groups of the image tower trained too (as TrainConfig.unlocked_image_groups); 0 keeps
+    # the tower and retrieval as they are
+    unlocked_image_groups: int = 0
+    tower_lr: float = 2e-4  # learning rate of the unlocked tower groups, or of the scene branch
+    # "photo": > 0 gives the head its own copy of the image tower's top stages, tuned with it (its BatchNorms
+    # keep their statistics; the tower, and retrieval, stay as they were); for EfficientNet-Lite0, 4 copies the
+    # last two block stages and the head convolution. None: 4 for "photo", 0 for "room"
+    branch_stages: int | None = None
+    # "photo": random crops cached per training photo besides it and its mirror image (each mirrored at random,
+    # covering crop_scale to all of the photo, aspect 3/4 to 4/3), one version drawn per photo and epoch; a
+    # function of seed and the photo's path. None: 2 for "photo", 0 for "room"
+    random_crops: int | None = None
+    crop_scale: float = 0.4  # smallest area of a random crop, as a fraction of the photo
+    # cache each photo's mirror image too and draw one of the two per photo and epoch; None: True for "photo"
+    mirror: bool | None = None
+    # "room": "whole" trains on the whole-photo view alone (1/V of the caching); "all" on the mean of all the
+    # room views, as inference scores it; both measured the same within noise. Validation uses all the views
+    train_views: str = "whole"
+    seed: int = 0  # the order of the photos, the mirror draws and the crops; the same seed gives the same weights
+    image_errors: str = "skip"  # unreadable photos: "skip" (left out and listed) or "raise"
+    # with validation photos, fit the head's temperature on them afterwards (accuracy is unchanged); else it is 1
+    calibrate: bool = True
+
+    def resolved(self) -> "SceneTrainConfig":
+        """A copy with the settings left to `scene_source` (None) filled in."""
+        photo = self.scene_source == "photo"
+        return dataclasses.replace(
+            self, branch_stages=(4 if photo else 0) if self.branch_stages is None else self.branch_stages,
+            random_crops=(2 if photo else 0) if self.random_crops is None else self.random_crops,
+            mirror=photo if self.mirror is None else self.mirror)
+
+    def __post_init__(self) -> None:
+        if None in (self.branch_stages, self.random_crops, self.mirror):
+            self.resolved()  # checks the filled-in values; this config keeps its Nones for `scene_source` to decide
+            return
+        for name in ("epochs", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r}; expected an int >= 1")
+        for name in ("unlocked_image_groups", "seed", "branch_stages", "random_crops"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name}={value!r}; expected an int >= 0")
+        for name in ("lr", "tower_lr"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name}={value!r}; expected a finite number > 0")
+        for name in ("projection_lr", "weight_decay"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name}={value!r}; expected a finite number >= 0")
+        if isinstance(self.crop_scale, bool) or not (isinstance(self.crop_scale, (int, float))
+                                                     and 0.0 < self.crop_scale <= 1.0):
+            raise ValueError(f"crop_scale={self.crop_scale!r}; expected a fraction of the photo's area in (0, 1]")
+        if not (isinstance(self.label_smoothing, (int, float)) and 0.0 <= self.label_smoothing < 1.0):
+            raise ValueError(f"label_smoothing={self.label_smoothing!r}; expected a value in [0, 1)")
+        for name, allowed in (("image_errors", IMAGE_ERROR_POLICIES), ("train_views", TRAIN_VIEWS),
+                              ("scene_source", tuple(sorted(SCENE_SOURCES)))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r}; expected one of {list(allowed)}")
+        if self.scene_image_size is not None and (isinstance(self.scene_image_size, bool)
+                                                  or not isinstance(self.scene_image_size, int)
+                                                  or self.scene_image_size < 8):
+            raise ValueError(f"scene_image_size={self.scene_image_size!r}; expected None or an int >= 8")
+        for name in ("flip_average", "mirror", "calibrate"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r}; expected True or False")
+        if self.scene_source == "photo":
+            for name in ("projection_lr", "unlocked_image_groups"):
+                if getattr(self, name):
+                    raise ValueError(f"{name}={getattr(self, name)!r} trains layers the photo scene head does not "
+                                     "own (they make room and product vectors); use scene_source='room' for it, or "
+                                     "leave it at 0; branch_stages tunes a copy of the top stages that the scene "
+                                     "head owns")
+        else:
+            for name in ("branch_stages", "random_crops"):
+                if getattr(self, name):
+                    raise ValueError(f"{name}={getattr(self, name)!r} is for the photo scene head; use "
+                                     "scene_source='photo' or leave it at 0")
 
 
 def setting_help() -> dict[str, str]:

@@ -1,6 +1,6 @@
 """The scene heads the shopping guide reads, trained after retrieval by `hgm-mm train` and `hgm-mm train-scenes`.
 
-- The photo scene head, by the measured recipe (`scenes.PHOTO_RECIPE`), on the training rooms'
+- The photo scene head, by the measured recipe (`SceneTrainConfig`), on the training rooms'
   own photos and scenes and, when given, an `images.jsonl` scene set (e.g. Places365 rooms);
   calibrated on the validation rooms and the set's validation photos.
 - The scene-text classifier, on the training rooms' captions, an optional `texts.jsonl` and the

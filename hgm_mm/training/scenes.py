@@ -38,17 +38,15 @@ from torch.utils.data import DataLoader
 from ..data.images import ImageError
 from ..data.records import SceneImage, read_scene_images
 from ..calibration import fit_temperature
-from ..config import SCENE_SOURCES
 from ..evaluation import metrics
 from ..embedding import PhotoDecoder, PhotoFiles
 from ..inference import folded_copy, locked_outputs
 from ..preprocess import RoomViews
 from ..towers import TimmImageTower
+from .config import SceneTrainConfig
 from .freezing import keep_frozen_norms_eval, lock_image_tower
 from .optim import adamw, warmup_cosine
 
-IMAGE_ERROR_POLICIES = ("skip", "raise")
-TRAIN_VIEWS = ("all", "whole")
 
 
 
@@ -75,71 +73,28 @@ class SceneTrainResult:
                 "train_seconds": self.train_seconds}
 
 
-# The measured recipe (docs/training.md): the photo at 384 px through the head's own copy of the top
-# 4 image-tower stages, tuned on the photo, its mirror image and 2 random crops for 6 epochs.
-PHOTO_RECIPE = {"scene_image_size": 384, "branch_stages": 4, "random_crops": 2, "tower_lr": 2e-4, "epochs": 6}
-
 
 def train_scenes(model, train_images: Sequence[SceneImage] | str | os.PathLike, *,
-                 val_images: Sequence[SceneImage] | str | os.PathLike | None = None, scene_source: str = "photo",
-                 scene_image_size: int | None = 384, flip_average: bool = True, epochs: int = 6,
-                 lr: float = 1e-2, batch_size: int = 64, label_smoothing: float = 0.1, weight_decay: float = 1e-4,
-                 projection_lr: float = 0.0, unlocked_image_groups: int = 0, tower_lr: float = 2e-4,
-                 branch_stages: int | None = None, random_crops: int | None = None, crop_scale: float = 0.4,
-                 mirror: bool | None = None, train_views: str = "whole", seed: int = 0, image_errors: str = "skip",
-                 num_workers: int | None = None, calibrate: bool = True, repeats: Sequence[int] | None = None,
-                 progress: bool = True) -> SceneTrainResult:
+                 val_images: Sequence[SceneImage] | str | os.PathLike | None = None,
+                 config: SceneTrainConfig | None = None, repeats: Sequence[int] | None = None,
+                 num_workers: int | None = None, progress: bool = True, **settings) -> SceneTrainResult:
     """Trains a scene head of the model on scene-labelled photos, in place.
 
-    The defaults are the measured recipe (`PHOTO_RECIPE`: Places365 rooms val accuracy 0.88 for
-    hgm-lite-en, docs/training.md); `branch_stages=0, random_crops=0` trains the linear head alone,
-    several times faster.
+        train_scenes(model, "places365-rooms/images.jsonl", val_images=val)       # the measured recipe
+        train_scenes(model, photos, config=SceneTrainConfig(branch_stages=0, random_crops=0))
+        train_scenes(model, photos, epochs=10)                                   # the recipe, one setting changed
 
     Args:
         model: an `HGMModel`; its `scene_labels` must cover every label of the photos.
         train_images: `SceneImage` rows, or the path of an `images.jsonl` file.
-        val_images: photos measured after every epoch (the same as `evaluate_scenes` on them).
-        scene_source: what the model reads scenes from afterwards (`config.scene_source`): "photo"
-            gives the model a new `photo_scene_head` on the whole photo's tower features
-            (`model.use_photo_scene_head`) and trains it; "room" trains `scene_head` on the room
-            vector (a photo scene head the model had is dropped).
-        scene_image_size: "photo": side the whole photo is resized to (None: the tower's image
-            size; default 384). Larger sides keep more of the scene: 384 beat 224 by 0.02-0.03 accuracy for
-            hgm-lite-en on Places365 rooms, at about 3x the compute per photo (docs/training.md).
-        flip_average: "photo": at inference, average the scene of each photo and its mirror image.
-        epochs: passes over the training photos.
-        lr: peak learning rate of the scene head (AdamW, warm-up then cosine decay).
-        batch_size: photos per step.
-        label_smoothing: of the cross-entropy.
-        weight_decay: AdamW decay of the weight matrices.
-        projection_lr: "room": > 0 also trains the image projection at this rate. The projection is
-            shared with products and rooms, so this changes retrieval embeddings too.
-        unlocked_image_groups: "room": top layer groups of the image tower trained too (timm groups,
-            as `TrainConfig.unlocked_image_groups`); 0 keeps the tower and retrieval as they are.
-        tower_lr: learning rate of the unlocked tower groups, or of the scene branch.
-        branch_stages: "photo": (default 4; None: 4 for "photo", 0 for "room") > 0 gives the head its own copy of the image tower's top
-            `branch_stages` feature stages and tunes it with the head (its BatchNorms keep their
-            statistics); the image tower itself, and with it retrieval, stays as it was. For
-            EfficientNet-Lite0, 4 copies the last two block stages and the head convolution.
-        random_crops: "photo": (default 2; None: 2 for "photo", 0 for "room") cache this many random crops of each training photo besides the
-            photo and its mirror image (each crop mirrored at random; a crop covers `crop_scale` to all of the photo's
-            area, aspect 3/4 to 4/3, as `RandomResizedCrop`), and draw one version per photo and
-            epoch. The crops are a function of `seed` and the photo's path.
-        crop_scale: smallest area of a random crop, as a fraction of the photo.
-        mirror: cache each photo's mirror image too and draw one of the two per photo and epoch;
-            None: True for "photo", False for "room".
-        train_views: "room": "whole" trains on the whole-photo view alone, caching at 1/V of the
-            cost (V = `model.room_views.n_views`); "all" on the mean of all the room views of each
-            photo, as inference scores it. With the towers locked both gave the same accuracy on
-            the all-views evaluation, within noise. Validation always uses all the views.
-        seed: seeds the order of the photos and the mirror draws; the same seed gives the same weights.
-        image_errors: "skip" leaves unreadable photos out and lists them in the result; "raise" stops.
-        num_workers: photo-decoding processes (default: up to 2).
+        val_images: photos measured after every epoch (the same as `evaluate_scenes` on them), and
+            calibrated on (`config.calibrate`).
+        config: how to train (`SceneTrainConfig`; default: the measured recipe).
         repeats: how many times each epoch draws each training photo (one int per photo; default
             once each), to weigh one source of photos against another without caching it twice.
-        calibrate: with `val_images`, fit `config.photo_scene_temperature` on them afterwards
-            (`hgm_mm.calibration.fit_temperature`; accuracy is unchanged). Without, it is reset to 1.
+        num_workers: photo-decoding processes (default: up to 2).
         progress: show progress bars.
+        settings: `SceneTrainConfig` fields that replace `config`'s, by name.
 
     Returns:
         The per-epoch history, the final validation accuracy and what was skipped.
@@ -149,19 +104,12 @@ def train_scenes(model, train_images: Sequence[SceneImage] | str | os.PathLike, 
             no photo is readable, or the tower cannot be split for `unlocked_image_groups`. The
             model is then left as it was.
     """
-    if branch_stages is None:
-        branch_stages = PHOTO_RECIPE["branch_stages"] if scene_source == "photo" else 0
-    if random_crops is None:
-        random_crops = PHOTO_RECIPE["random_crops"] if scene_source == "photo" else 0
-    _check_arguments(epochs=epochs, lr=lr, batch_size=batch_size, label_smoothing=label_smoothing,
-                     weight_decay=weight_decay, projection_lr=projection_lr,
-                     unlocked_image_groups=unlocked_image_groups, tower_lr=tower_lr, seed=seed,
-                     image_errors=image_errors, num_workers=num_workers, train_views=train_views,
-                     scene_source=scene_source, scene_image_size=scene_image_size, flip_average=flip_average,
-                     mirror=mirror, branch_stages=branch_stages, random_crops=random_crops, crop_scale=crop_scale)
-    photo = scene_source == "photo"
-    if mirror is None:
-        mirror = photo
+    config = SceneTrainConfig.from_dict({**(config or SceneTrainConfig()).to_dict(), **settings},
+                                        origin="train_scenes").resolved()
+    if num_workers is not None and (isinstance(num_workers, bool) or not isinstance(num_workers, int)
+                                    or num_workers < 0):
+        raise ValueError(f"num_workers={num_workers!r}; expected None or an int >= 0")
+    photo = config.scene_source == "photo"
     train_images = _scene_images(train_images, "train_images")
     if repeats is not None:
         repeats = list(repeats)
@@ -180,27 +128,29 @@ def train_scenes(model, train_images: Sequence[SceneImage] | str | os.PathLike, 
     try:
         # the head trained here becomes the one predict_scene reads, uncalibrated until fitted below
         if photo:
-            model.use_photo_scene_head(image_size=scene_image_size, flip_average=flip_average,
-                                       branch_stages=branch_stages)
+            model.use_photo_scene_head(image_size=config.scene_image_size, flip_average=config.flip_average,
+                                       branch_stages=config.branch_stages)
         else:
             model.use_room_scene_head()
         reader = model.scene_reader
-        stage, locked_norms = _lock(model, reader, projection_lr > 0, unlocked_image_groups)
+        stage, locked_norms = _lock(model, reader, config.projection_lr > 0, config.unlocked_image_groups)
         trained = [name for name, p in model.named_parameters() if p.requires_grad]
         started = time.perf_counter()
         skipped: list[tuple[str, str]] = []
         if photo:  # one view per photo: the whole photo, as `scene_transform` gives it
             train_transform = val_transform = _OneView(model.scene_transform)
             val_mirror = model.config.scene_flip_average
-            if random_crops:
-                train_transform = _RandomCrops(model.scene_transform, random_crops, crop_scale, seed)
+            if config.random_crops:
+                train_transform = _RandomCrops(model.scene_transform, config.random_crops, config.crop_scale,
+                                               config.seed)
         else:
-            train_transform = model.room_views if train_views == "all" else RoomViews(model.config.image_tower, (1,))
+            train_transform = model.room_views if config.train_views == "all" \
+                else RoomViews(model.config.image_tower, (1,))
             val_transform, val_mirror = model.room_views, False
-        cache_options = {"skipped": skipped, "image_errors": image_errors, "num_workers": num_workers,
+        cache_options = {"skipped": skipped, "image_errors": config.image_errors, "num_workers": num_workers,
                          "progress": progress}
         # activations inside the tower are large: training keeps them in half precision, validation exact
-        train_features, train_kept = _cache_views(model, train_images, stage, train_transform, mirror=mirror,
+        train_features, train_kept = _cache_views(model, train_images, stage, train_transform, mirror=config.mirror,
                                                   dtype=torch.float32 if stage is None else torch.float16,
                                                   desc="caching training photos", **cache_options)
         val_features, val_kept = (None, [])
@@ -218,12 +168,11 @@ def train_scenes(model, train_images: Sequence[SceneImage] | str | os.PathLike, 
         val_truth = [val_images[i].scene for i in val_kept]
         started = time.perf_counter()
         history = _fit(model, reader, stage, locked_norms, train_features, train_labels, val_features, val_truth,
-                       epochs=epochs, lr=lr, projection_lr=projection_lr, tower_lr=tower_lr, batch_size=batch_size,
-                       label_smoothing=label_smoothing, weight_decay=weight_decay, seed=seed, progress=progress)
+                       config, progress)
         train_seconds = time.perf_counter() - started
         calibration = {}
-        if val_features is not None and calibrate:
-            logits = _val_logits(model, reader, val_features, stage, batch_size)
+        if val_features is not None and config.calibrate:
+            logits = _val_logits(model, reader, val_features, stage, config.batch_size)
             truth = torch.tensor([label_index[t] for t in val_truth])
             before = _ece(logits, truth)
             model.config.photo_scene_temperature = fit_temperature(logits, truth)
@@ -250,54 +199,6 @@ def _ece(logits: torch.Tensor, truth: torch.Tensor) -> float:
 
 
 # -- inputs ----------------------------------------------------------------------------------------
-def _check_arguments(*, epochs, lr, batch_size, label_smoothing, weight_decay, projection_lr, unlocked_image_groups,
-                     tower_lr, seed, image_errors, num_workers, train_views, scene_source, scene_image_size,
-                     flip_average, mirror, branch_stages, random_crops, crop_scale) -> None:
-    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}={value!r}; expected an int >= 1")
-    for name, value in (("unlocked_image_groups", unlocked_image_groups), ("seed", seed),
-                        ("branch_stages", branch_stages), ("random_crops", random_crops)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name}={value!r}; expected an int >= 0")
-    if num_workers is not None and (isinstance(num_workers, bool) or not isinstance(num_workers, int)
-                                    or num_workers < 0):
-        raise ValueError(f"num_workers={num_workers!r}; expected None or an int >= 0")
-    for name, value in (("lr", lr), ("tower_lr", tower_lr)):
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-            raise ValueError(f"{name}={value!r}; expected a finite number > 0")
-    for name, value in (("projection_lr", projection_lr), ("weight_decay", weight_decay)):
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-            raise ValueError(f"{name}={value!r}; expected a finite number >= 0")
-    if isinstance(crop_scale, bool) or not (isinstance(crop_scale, (int, float)) and 0.0 < crop_scale <= 1.0):
-        raise ValueError(f"crop_scale={crop_scale!r}; expected a fraction of the photo's area in (0, 1]")
-    if not (isinstance(label_smoothing, (int, float)) and 0.0 <= label_smoothing < 1.0):
-        raise ValueError(f"label_smoothing={label_smoothing!r}; expected a value in [0, 1)")
-    if image_errors not in IMAGE_ERROR_POLICIES:
-        raise ValueError(f"image_errors={image_errors!r}; expected one of {list(IMAGE_ERROR_POLICIES)}")
-    if train_views not in TRAIN_VIEWS:
-        raise ValueError(f"train_views={train_views!r}; expected one of {list(TRAIN_VIEWS)}")
-    if scene_source not in SCENE_SOURCES:
-        raise ValueError(f"scene_source={scene_source!r}; expected one of {sorted(SCENE_SOURCES)}")
-    if scene_image_size is not None and (isinstance(scene_image_size, bool) or not isinstance(scene_image_size, int)
-                                         or scene_image_size < 8):
-        raise ValueError(f"scene_image_size={scene_image_size!r}; expected None or an int >= 8")
-    for name, value in (("flip_average", flip_average), ("mirror", mirror)):
-        if not isinstance(value, bool) and not (name == "mirror" and value is None):
-            raise ValueError(f"{name}={value!r}; expected True or False")
-    if scene_source == "photo":
-        for name, value in (("projection_lr", projection_lr), ("unlocked_image_groups", unlocked_image_groups)):
-            if value:
-                raise ValueError(f"{name}={value!r} trains layers the photo scene head does not own (they make "
-                                 "room and product vectors); use scene_source='room' for it, or leave it at 0; "
-                                 "branch_stages tunes a copy of the top stages that the scene head owns")
-    else:
-        for name, value in (("branch_stages", branch_stages), ("random_crops", random_crops)):
-            if value:
-                raise ValueError(f"{name}={value!r} is for the photo scene head; use scene_source='photo' "
-                                 "or leave it at 0")
-
-
 def _scene_images(images, name: str) -> list[SceneImage]:
     """SceneImage rows, or the path of an images.jsonl file (read and validated)."""
     if isinstance(images, (str, os.PathLike)):
@@ -488,40 +389,40 @@ def _predict(model, reader, features: torch.Tensor, stage: int | None, batch_siz
     return [model.scene_labels[i] for i in logits.argmax(dim=1).tolist()]
 
 
-def _fit(model, reader, stage, locked_norms, train_features, train_labels, val_features, val_truth, *, epochs, lr,
-         projection_lr, tower_lr, batch_size, label_smoothing, weight_decay, seed, progress) -> list[dict[str, float]]:
+def _fit(model, reader, stage, locked_norms, train_features, train_labels, val_features, val_truth,
+         config: SceneTrainConfig, progress: bool) -> list[dict[str, float]]:
     from tqdm.auto import tqdm
 
-    groups = [(reader.head(model), lr)]
-    if projection_lr > 0:
-        groups.append((model.image_proj, projection_lr))
+    groups = [(reader.head(model), config.lr)]
+    if config.projection_lr > 0:
+        groups.append((model.image_proj, config.projection_lr))
     if reader.branch(model) is not None:
-        groups.append((reader.branch(model), tower_lr))
+        groups.append((reader.branch(model), config.tower_lr))
     elif stage is not None:
-        groups.append((model.image_tower, tower_lr))
-    optimizer = adamw(groups, weight_decay)
-    total_steps = epochs * math.ceil(len(train_features) / batch_size)
+        groups.append((model.image_tower, config.tower_lr))
+    optimizer = adamw(groups, config.weight_decay)
+    total_steps = config.epochs * math.ceil(len(train_features) / config.batch_size)
     schedule = warmup_cosine(optimizer, total_steps, total_steps // 20)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(config.seed)
     n_augmentations = train_features.shape[1]
     rows = torch.arange(len(train_features))
     history = []
-    bar = tqdm(range(epochs), desc="scene training", unit="epoch", disable=not progress)
+    bar = tqdm(range(config.epochs), desc="scene training", unit="epoch", disable=not progress)
     for epoch in bar:
         model.train()
         keep_frozen_norms_eval(locked_norms)
         order = torch.randperm(len(train_features), generator=generator)
         drawn = torch.randint(n_augmentations, (len(train_features),), generator=generator)
         loss_sum, correct = 0.0, 0
-        for start in range(0, len(order), batch_size):
-            batch = order[start:start + batch_size]
+        for start in range(0, len(order), config.batch_size):
+            batch = order[start:start + config.batch_size]
             features = train_features[rows[batch], drawn[batch]]  # (B, V, ...)
             labels = train_labels[batch].to(model.device)
             logits = reader.logits_from_cache(model, features, stage)  # (B, S)
-            loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+            loss = F.cross_entropy(logits, labels, label_smoothing=config.label_smoothing)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"scene training: non-finite loss at epoch {epoch + 1}, step "
-                                         f"{start // batch_size + 1}; lower lr (now {lr})")
+                                         f"{start // config.batch_size + 1}; lower lr (now {config.lr})")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -530,7 +431,7 @@ def _fit(model, reader, stage, locked_norms, train_features, train_labels, val_f
             correct += int((logits.argmax(dim=1) == labels).sum())
         row = {"epoch": epoch + 1, "loss": loss_sum / len(order), "train_accuracy": correct / len(order)}
         if val_features is not None:
-            predicted = _predict(model, reader, val_features, stage, batch_size)
+            predicted = _predict(model, reader, val_features, stage, config.batch_size)
             row["val_accuracy"] = metrics.scene_accuracy(val_truth, predicted)
             row["val_macro_f1"] = metrics.macro_f1(val_truth, predicted)
         history.append(row)
