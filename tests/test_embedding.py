@@ -13,7 +13,9 @@ from PIL import Image
 from torch import nn
 
 import hgm_mm
-from hgm_mm import embedding, inference
+from hgm_mm import inference
+from hgm_mm.data import loading
+from hgm_mm.embedding import batch, shards
 from hgm_mm.data.images import ImageError, load_image
 from hgm_mm.embedding import ShardedEmbeddings, embed_images, embed_to_shards
 
@@ -89,7 +91,7 @@ def test_a_crashed_run_resumes_to_the_same_vectors_without_duplicates(model, tmp
     unbroken = embed_to_shards(model, ids, paths, tmp_path / "unbroken", shard_size=3, batch_size=2,
                                num_workers=0, progress=False)
 
-    write_shard = embedding._write_shard
+    write_shard = shards._write_shard
     written = []
 
     def crash_on_third_shard(path, shard, *args):
@@ -98,11 +100,11 @@ def test_a_crashed_run_resumes_to_the_same_vectors_without_duplicates(model, tmp
         write_shard(path, shard, *args)
         written.append(path)
 
-    monkeypatch.setattr(embedding, "_write_shard", crash_on_third_shard)
+    monkeypatch.setattr(shards, "_write_shard", crash_on_third_shard)
     with pytest.raises(KeyboardInterrupt):
         embed_to_shards(model, ids, paths, tmp_path / "resumed", shard_size=3, batch_size=2, num_workers=0,
                         progress=False)
-    monkeypatch.setattr(embedding, "_write_shard", write_shard)
+    monkeypatch.setattr(shards, "_write_shard", write_shard)
     partial = ShardedEmbeddings.open(tmp_path / "resumed")
     assert partial.missing_shards() == [2, 3]
     with pytest.raises(ValueError, match=r"2 of 4 shards are not written yet.*rerun embed_to_shards"):
@@ -221,13 +223,13 @@ def test_jpeg_draft_decodes_large_photos_smaller_but_never_below_twice_the_model
     small = make_photos(tmp_path / "small", 1, size=(150, 120))[0]
     png = tmp_path / "big.png"
     Image.open(big).save(png)
-    need = embedding._draft_side(model.image_transform)
+    need = loading.draft_side(model.image_transform)
     assert need == 2 * round(model.config.image_tower.image_size / model.config.image_tower.crop_pct)
-    drafted = embedding._open_drafted(big, need)
+    drafted = loading.open_drafted(big, need)
     assert drafted.mode == "RGB" and min(drafted.size) >= need and drafted.size[0] < 1200
-    assert embedding._open_drafted(small, need).size == (150, 120)  # too small to reduce
-    assert embedding._open_drafted(png, need) is None  # not a JPEG: load_image decodes it
-    assert embedding._open_drafted(tmp_path / "missing.jpg", need) is None
+    assert loading.open_drafted(small, need).size == (150, 120)  # too small to reduce
+    assert loading.open_drafted(png, need) is None  # not a JPEG: load_image decodes it
+    assert loading.open_drafted(tmp_path / "missing.jpg", need) is None
 
     full = reference_vectors(model, [big])
     result = embed_to_shards(model, ["big"], [big], tmp_path / "out", num_workers=0, progress=False)
@@ -346,20 +348,20 @@ def test_onnx_encoder_survives_pickling_and_builds_its_session_again(model):
 
 def test_engine_choice_and_refusals(model, monkeypatch):
     installed = inference.onnxruntime_available()
-    few, many = embedding.ONNX_MIN_PHOTOS - 1, embedding.ONNX_MIN_PHOTOS
-    assert embedding.resolve_engine("auto", model, "auto", few) == "torch"  # the export would cost more
-    assert embedding.resolve_engine("auto", model, "auto", many) == ("onnxruntime" if installed else "torch")
-    assert embedding.resolve_engine("auto", model, "bf16", many) == "torch"  # ONNX Runtime runs fp32 here
-    assert embedding.resolve_engine("torch", model, "auto", many) == "torch"
+    few, many = batch.ONNX_MIN_PHOTOS - 1, batch.ONNX_MIN_PHOTOS
+    assert batch.resolve_engine("auto", model, "auto", few) == "torch"  # the export would cost more
+    assert batch.resolve_engine("auto", model, "auto", many) == ("onnxruntime" if installed else "torch")
+    assert batch.resolve_engine("auto", model, "bf16", many) == "torch"  # ONNX Runtime runs fp32 here
+    assert batch.resolve_engine("torch", model, "auto", many) == "torch"
     with pytest.raises(ValueError, match="expected one of"):
-        embedding.resolve_engine("tensorrt", model, "auto", many)
+        batch.resolve_engine("tensorrt", model, "auto", many)
     with pytest.raises(ValueError, match="fp32"):
-        embedding.resolve_engine("onnxruntime", model, "bf16", many)
+        batch.resolve_engine("onnxruntime", model, "bf16", many)
     monkeypatch.setattr(inference, "onnxruntime_available", lambda: False)
-    monkeypatch.setattr(embedding, "onnxruntime_available", lambda: False)
-    assert embedding.resolve_engine("auto", model, "auto", many) == "torch"
+    monkeypatch.setattr(batch, "onnxruntime_available", lambda: False)
+    assert batch.resolve_engine("auto", model, "auto", many) == "torch"
     with pytest.raises(ImportError, match="pip install onnxruntime"):
-        embedding.resolve_engine("onnxruntime", model, "auto", many)
+        batch.resolve_engine("onnxruntime", model, "auto", many)
 
 
 @needs_onnxruntime
@@ -368,7 +370,7 @@ def test_auto_engine_falls_back_to_torch_when_the_export_fails(model, tmp_path, 
         raise inference.OnnxExportError("the image path could not be exported to ONNX (test)")
 
     monkeypatch.setattr(inference, "_export", failing_export)
-    monkeypatch.setattr(embedding, "ONNX_MIN_PHOTOS", 1)
+    monkeypatch.setattr(batch, "ONNX_MIN_PHOTOS", 1)
     paths = make_photos(tmp_path / "img", 3)
     with pytest.warns(RuntimeWarning, match="embedding with torch instead"):
         result = embed_to_shards(model, ids_for(paths), paths, tmp_path / "auto", num_workers=0, progress=False)
@@ -441,7 +443,6 @@ def test_folded_copy_gives_the_locked_prefix_only_where_no_fold_crosses_the_cut(
 
 
 def test_room_views_run_in_bounded_passes_and_give_the_one_pass_vectors(model, tmp_path, monkeypatch):
-    import hgm_mm.embedding as embedding_module
     import hgm_mm.model as model_module
 
     paths = make_photos(tmp_path / "img", 3)
@@ -457,7 +458,7 @@ def test_room_views_run_in_bounded_passes_and_give_the_one_pass_vectors(model, t
 
     monkeypatch.setattr(model_module.HGMModel, "_image_features", recorded)
     monkeypatch.setattr(model_module, "VIEW_PASS_IMAGES", 4)
-    monkeypatch.setattr(embedding_module, "VIEW_PASS_IMAGES", 4)
+    monkeypatch.setattr(batch, "VIEW_PASS_IMAGES", 4)
     with torch.no_grad():
         chunked = model.encode_room_views(rooms)
     assert max(widths) == 4 and sum(widths) == len(rooms) * model.room_views.n_views

@@ -172,7 +172,7 @@ def evaluate_scenes(model, scene_images: Sequence, *, progress: bool = True, num
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
-    from ..embedding import PhotoDecoder, PhotoFiles
+    from ..data.loading import PhotoDecoder, PhotoFiles
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r}; expected an int >= 1")

@@ -21,7 +21,7 @@ from ..data.images import ImageError
 from ..data.records import Product, Room
 from ..data.text import product_text, room_text
 from ..evaluation.evaluate import RetrievalEvaluation, relevance, retrieval_metrics
-from ..embedding import PhotoDecoder, PhotoFiles
+from ..data.loading import PhotoDecoder, PhotoFiles
 from ..inference import folded_copy, locked_outputs
 from ..towers import TimmImageTower
 

@@ -39,7 +39,7 @@ from ..data.images import ImageError
 from ..data.records import SceneImage, read_scene_images
 from ..calibration import fit_temperature
 from ..evaluation import metrics
-from ..embedding import PhotoDecoder, PhotoFiles
+from ..data.loading import PhotoDecoder, PhotoFiles
 from ..inference import folded_copy, locked_outputs
 from ..preprocess import RoomViews
 from ..towers import TimmImageTower
