@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from hgm_mm import losses
-from hgm_mm.losses import (ContrastiveLoss, MultiPositiveContrastiveLoss, gather_with_grad, grad_cache_step,
+from hgm_mm.grad_cache import grad_cache_step
+from hgm_mm.losses import (ContrastiveLoss, MultiPositiveContrastiveLoss, gather_with_grad,
                            pad_positive_ids, scene_loss)
 
 IN_DIM, OUT_DIM = 6, 5

@@ -18,7 +18,8 @@ from ..data import load_dataset
 from ..files import atomic_dir, atomic_text
 from ..data.split import split_rooms
 from ..data.text import product_text, room_text
-from ..losses import grad_cache_step, pad_positive_ids
+from ..grad_cache import grad_cache_step
+from ..losses import pad_positive_ids
 from ..model_card import TrainingRecord
 from ..pretrained import RandomInitWarning, load_torch_file
 from ..prior import SCENE_CATEGORIES_FILE, SceneCategoryPrior
