@@ -38,7 +38,7 @@ Decisions, in one place (figures from benchmarks/bench_index.py, D=384, 2 CPU co
 
 Searches may run concurrently; `add`, `remove` and `compact` must not overlap anything else.
 FAISS uses OpenMP: on a busy machine, `faiss.omp_set_num_threads(1)` keeps single-query latency
-steady (with 2 threads on a loaded 2-core host, exact search ran up to 10x slower).
+steady (OpenMP threads that wait for busy cores slow exact search down many times over).
 """
 from __future__ import annotations
 
@@ -67,9 +67,9 @@ METADATA_FILE = "metadata.json"
 MANIFEST_FILE = "manifest.json"
 NORM_TOLERANCE = 1e-2  # |norm - 1| accepted (and renormalised); beyond it vectors are refused
 
-# Measured with benchmarks/bench_index.py (D=384, 2 AMD EPYC cores, one FAISS thread per query):
-# exact single-query p50 is 9-13 ms at 100k products and 84-91 ms at 1M (~0.1 ms per 1k), HNSW
-# 0.4-0.9 ms at recall@10 >= 0.999. 100k keeps exact search near 10 ms per query.
+# benchmarks/bench_index.py measures the choice (figures in benchmarks/RESULTS.md): exact search
+# time grows with the catalogue, HNSW's stays near constant at recall@10 >= 0.999; up to this size
+# exact search answers a query in about the time the rest of a match takes, and needs no graph.
 DEFAULT_EXACT_MAX = 100_000
 HNSW_EF_PER_K = 4  # HNSW's efSearch is at least this many times k
 
@@ -119,7 +119,7 @@ def model_fingerprint(model: Any) -> str:
 
     SHA-256 over the model's config JSON (sorted keys) and every state-dict tensor (name, dtype,
     shape, raw bytes, in name order), prefixed by the config name so errors can say which model
-    is which: "hgm-tiny:sha256:3f2a...". About 0.1 s per 100M parameters.
+    is which: "hgm-tiny:sha256:3f2a...". It reads every weight once (a hash over the model's bytes).
 
     Args:
         model: an `hgm_mm.HGMModel` (anything with `config.to_dict()` and `state_dict()`).
@@ -480,8 +480,8 @@ class ProductIndex:
             raise ValueError(f"kind='ivfpq' with nlist={nlist} trains on the first vectors added and needs at "
                              f"least {needed}; got {0 if train is None else len(train)}. Add more products "
                              "at once, lower IndexParams.nlist, or use kind='exact' or 'hnsw'")
-        # 4-bit fast-scan PQ: trains in seconds and scans fast (8-bit PQ trained ~10x slower here for
-        # no recall gain once the exact re-ranking stage is added).
+        # 4-bit fast-scan PQ: trains and scans fast (8-bit PQ trained many times slower for no
+        # recall gain once the exact re-ranking stage is added).
         index = faiss.index_factory(self.dim, f"IVF{nlist},PQ{pq_m}x4fs,RFlat", faiss.METRIC_INNER_PRODUCT)
         sample = min(len(train), max(64 * nlist, 20_000))  # enough for k-means; more only slows training
         rows = np.random.default_rng(0).choice(len(train), sample, replace=False) if sample < len(train) else None
@@ -679,7 +679,7 @@ class _Column:
                                  "values, or a (min, max) tuple")
             if value_key in self.vocab:
                 wanted.append(self.vocab[value_key])
-        if len(wanted) <= 8:  # a few comparisons beat np.isin (~8 ms on 1M rows) by far
+        if len(wanted) <= 8:  # a few comparisons beat np.isin, which sorts, by far
             match = np.zeros(len(self.codes), dtype=bool)
             for code in wanted:
                 match |= self.codes == code

@@ -21,8 +21,8 @@ class FoldedImageEncoder(nn.Module):
     image tower made for inference.
 
     Each BatchNorm that reads a convolution's output directly is folded into that convolution
-    (`torch.nn.utils.fusion.fuse_conv_bn_eval`), and the copy runs channels-last: on one core of
-    the 2-core AMD EPYC this cut the CPU time of an EfficientNet-Lite0 forward by about 30%. A
+    (`torch.nn.utils.fusion.fuse_conv_bn_eval`), and the copy runs channels-last: both save CPU
+    time in every forward pass (benchmarks/bench_embed.py measures the engines). A
     tower without such pairs is used as it is; a folded copy whose output strays from the
     original's on a probe is discarded.
     """
@@ -73,7 +73,7 @@ def folded_copy(tower: nn.Module, image_size: int, device: torch.device, *, pref
     return copy_of
 
 
-LOCKED_PASS_PHOTOS = 16  # photos per pass through locked layers: on the 2-core CPU, 55 room views in one pass ran 1.5x slower
+LOCKED_PASS_PHOTOS = 16  # photos per pass through locked layers: small passes ran faster than all of a room's views in one
 
 
 @torch.no_grad()
@@ -216,8 +216,8 @@ class OnnxImageEncoder:
             options = onnxruntime.SessionOptions()
             options.intra_op_num_threads = torch.get_num_threads()
             options.inter_op_num_threads = 1
-            # idle threads sleep instead of spinning: decoding processes share the cores (on the
-            # 2-core AMD EPYC, 90 instead of 72 product photos/s while two workers decoded)
+            # idle threads sleep instead of spinning: decoding processes share the cores, and a
+            # spinning thread takes their time
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             self._session = onnxruntime.InferenceSession(self.onnx_model, options,
                                                          providers=["CPUExecutionProvider"])
@@ -230,9 +230,9 @@ class OnnxImageEncoder:
 def _export(encoder: nn.Module, probe: torch.Tensor) -> bytes:
     """The ONNX model (serialised) of `encoder`, with a dynamic batch dimension.
 
-    torch's TorchScript-based exporter is tried first: it exports EfficientNet-Lite0 in under a
-    second where the `torch.export`-based one takes about eight on the 2-core AMD EPYC, and both
-    graphs run equally fast once the paddings are fixed. torch has deprecated it; where it fails
+    torch's TorchScript-based exporter is tried first: it exports EfficientNet-Lite0 several times
+    faster than the `torch.export`-based one, and both graphs run equally fast once the paddings
+    are fixed. torch has deprecated it; where it fails
     or is gone, the `torch.export`-based exporter is used.
     """
     errors = []

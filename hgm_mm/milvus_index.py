@@ -18,8 +18,8 @@ Decisions, in one place:
     `price` (a number) as typed columns with a scalar index.
   - Filters run inside Milvus as a boolean expression, with the meaning `ProductIndex.search`
     gives them. A condition on a string category or a numeric price uses the typed column: a
-    JSON path is evaluated row by row (on Milvus Lite about 1 s per query over 20k products,
-    against 35 ms on the indexed column), and the guide filters by category for every product
+    JSON path is evaluated row by row (on Milvus Lite some thirty times slower than the indexed
+    column, benchmarks/bench_stores.py), and the guide filters by category for every product
     set. Any other condition reads `attrs`, which keeps numbers as numbers (ranges and
     equality), turns strings into "s:value" and booleans into "b:true"/"b:false", because
     Milvus compares JSON `true` equal to `1`, and a `{"in_stock": True}` filter must not match a
@@ -31,9 +31,9 @@ Decisions, in one place:
     `ef_construction`; `ef_search` raised to `HNSW_EF_PER_K * k` as in FAISS); "auto" is exact
     up to `IndexParams.exact_max` products and HNSW beyond. "ivfpq" is FAISS's own: for Milvus,
     take "hnsw". Milvus decides itself how a filtered search walks its index.
-  - Milvus Lite (measured with benchmarks/bench_stores.py) inserts about 1,900 products a
-    second and searched 100k products in about 0.3 s a query whatever the kind: it is for
-    tests, notebooks and small catalogues. One process at a time may open its file.
+  - Milvus Lite inserts and searches many times slower than FAISS in the process, whatever the
+    kind (benchmarks/bench_stores.py, figures in benchmarks/RESULTS.md): it is for tests,
+    notebooks and small catalogues. One process at a time may open its file.
   - Collections are created with Strong consistency: a search sees every finished `add`.
   - `remove` deletes rows; Milvus reclaims their space itself, so there are no tombstones.
 """

@@ -19,8 +19,8 @@ Speed decisions (benchmarks/bench_embed.py measures them):
     that follows still anti-aliases; large photos skip most of their decoding and resizing.
     Pixels change slightly: on IKEA room photos (1024 px) with hgm-lite-en, the drafted ones
     kept cosine >= 0.997 to the full decode; at 1x headroom the worst fell to 0.974.
-  - precision "auto" is bf16 autocast on CUDA and fp32 on CPU. On the 2-core AMD EPYC (no
-    AVX-512 BF16) bf16 ran about 100x slower than fp32; its vectors (CPU autocast, hgm-lite-en)
+  - precision "auto" is bf16 autocast on CUDA and fp32 on CPU: a CPU without bf16 instructions
+    runs bf16 many times slower than fp32 (benchmarks/bench_embed.py); its vectors (CPU autocast, hgm-lite-en)
     kept cosine mean 0.9986, min 0.989 on 64 IKEA product photos and min 0.997 on 48 rooms.
     Choose "fp32" on a GPU where every vector must stay within 0.99.
 """
@@ -42,8 +42,8 @@ from ..model import VIEW_PASS_IMAGES
 
 PRECISIONS = ("auto", "fp32", "bf16")
 ENGINES = ("auto", "torch", "onnxruntime")
-# "auto" uses ONNX Runtime from this many photos on; below, its ~1 s export and session start cost
-# more than they save (144 IKEA room photos embedded faster with torch)
+# "auto" uses ONNX Runtime from this many photos on; below, exporting the tower and starting a
+# session cost more than they save (144 IKEA room photos embedded faster with torch)
 ONNX_MIN_PHOTOS = 512
 ONNX_PREFETCH_PHOTOS = 1024  # decoded photos the workers may hold ahead while the ONNX export runs (~150 MB at 224 px)
 logger = logging.getLogger(__name__)

@@ -144,8 +144,8 @@ def build_feature_cache(model, products: Sequence[Product], rooms: Sequence[Room
     model.eval()  # locked layers compute as pretrained
     try:
         skipped: list = []
-        # BatchNorms folded into their convolutions, channels-last: the 141 IKEA rooms x 55 views
-        # cached in 3 min instead of 10.5 through the training tower, outputs equal to float rounding
+        # BatchNorms folded into their convolutions, channels-last: several times faster than the
+        # training tower, outputs equal up to float rounding
         tower = folded_copy(model.image_tower, model.config.image_tower.image_size, model.device,
                             prefix_stage=image_stage)
         product_images, product_readable = _prefix_features(
