@@ -487,7 +487,7 @@ def _index(args: argparse.Namespace) -> int:
 def _match(args: argparse.Namespace) -> int:
     import json
 
-    from .profile import read_events
+    from .data.events import read_events
 
     if args.photo is None and not args.text:
         raise ValueError("nothing to match: give a room photo, --text, or both")

@@ -1,6 +1,6 @@
 """A shopper's taste: built from interaction events, or from one photo of their room.
 
-    events = read_events("events.csv")                  # user_id,product_id,event,timestamp
+    events = read_events("events.csv")                  # user_id,product_id,event,timestamp (hgm_mm.data.events)
     profile = UserProfile.from_events(events, "u42", index=index)
     boost = profile.affinity(ids, vectors, metadata)    # (N,), used by the matcher's profile term
 
@@ -17,25 +17,19 @@ Decisions:
 """
 from __future__ import annotations
 
-import csv
-import io
-import json
 import math
 import re
 import warnings
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .data.records import DataError
+from .data.events import EVENT_TYPES, InteractionEvent
+from .data.events import read_events as read_events  # where it was before the events had a module
 
-EVENT_TYPES = ("view", "cart", "purchase")
-EVENTS_HEADER = ("user_id", "product_id", "event", "timestamp")
 DEFAULT_EVENT_WEIGHTS = {"view": 1.0, "cart": 3.0, "purchase": 5.0}
 STYLE_ATTRIBUTES = ("color", "colour", "style")  # metadata keys whose words describe looks
 SECONDS_PER_DAY = 86_400.0
@@ -43,131 +37,6 @@ PROFILE_FORMAT = 1
 # How `affinity` mixes its parts (each in [-1, 1] or [0, 1]); parts a profile lacks are left out
 # and the rest renormalised, so a photo-only profile is its vector similarity alone.
 AFFINITY_PARTS = {"vector": 0.55, "category": 0.25, "style": 0.1, "price": 0.1}
-
-
-@dataclass(frozen=True)
-class InteractionEvent:
-    """One thing a user did with a product."""
-
-    user_id: str
-    product_id: str
-    event: str  # "view", "cart" or "purchase"
-    timestamp: float  # seconds since the epoch (UTC)
-
-    def __post_init__(self) -> None:
-        if self.event not in EVENT_TYPES:
-            raise ValueError(f"event={self.event!r}; expected one of {list(EVENT_TYPES)}")
-        if not isinstance(self.user_id, str) or not self.user_id or not isinstance(self.product_id, str) \
-                or not self.product_id:
-            raise ValueError(f"user_id and product_id must be non-empty strings; got {self.user_id!r}, "
-                             f"{self.product_id!r}")
-        if isinstance(self.timestamp, bool) or not isinstance(self.timestamp, (int, float)) \
-                or not math.isfinite(self.timestamp):
-            raise ValueError(f"timestamp={self.timestamp!r}; expected finite seconds since the epoch")
-
-
-# -- reading events ---------------------------------------------------------------------------
-def read_events(path: str | Path) -> list[InteractionEvent]:
-    """Reads interaction events from CSV (header `user_id,product_id,event,timestamp`) or JSONL.
-
-    The format follows the suffix (`.jsonl`/`.json` is JSONL, anything else CSV). A timestamp is
-    seconds since the epoch or an ISO-8601 string ("2024-05-01T12:00:00Z"); an ISO time without
-    a zone is read as UTC.
-
-    Raises:
-        DataError: (a `ValueError`) at the first bad row, naming the file, the line and the fix.
-    """
-    path = Path(path)
-    if not path.is_file():
-        what = "is a directory, not a file" if path.is_dir() else "does not exist"
-        raise DataError(path, None, f"{what}; pass a CSV or JSONL file of interaction events")
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise DataError(path, None, f"not valid UTF-8 ({err.reason} at byte {err.start}); save it as UTF-8") from None
-    rows = _jsonl_rows(path, text) if path.suffix.lower() in (".jsonl", ".json") else _csv_rows(path, text)
-    return [event_from_row(row, path, lineno) for lineno, row in rows]
-
-
-def event_from_row(row: Mapping[str, Any], origin: str | Path, lineno: int | None = None) -> InteractionEvent:
-    """One event from a row with the keys of `EVENTS_HEADER`, checked.
-
-    Raises:
-        DataError: naming `origin` (a file, or where a request carried the row) and `lineno`.
-    """
-    user_id, product_id, event, stamp = (row.get(key) for key in EVENTS_HEADER)
-    for key, value in (("user_id", user_id), ("product_id", product_id)):
-        if not isinstance(value, str) or not value.strip():
-            raise DataError(origin, lineno, f"{key} is {value!r}; give a non-empty string id")
-    if event not in EVENT_TYPES:
-        raise DataError(origin, lineno, f"event {event!r} is not known; write one of {', '.join(EVENT_TYPES)}")
-    return InteractionEvent(user_id, product_id, event, _timestamp(origin, lineno, stamp))
-
-
-def _csv_rows(path: Path, text: str):
-    reader = csv.reader(io.StringIO(text, newline=""))
-    header = None
-    try:
-        for row in reader:
-            if not row or all(not cell.strip() for cell in row):
-                continue
-            if header is None:
-                header = [cell.strip() for cell in row]
-                if sorted(header) != sorted(EVENTS_HEADER) or len(header) != len(EVENTS_HEADER):
-                    raise DataError(path, reader.line_num, f"header {','.join(row)!r} is not valid; the first line "
-                                                           f"must name the columns {','.join(EVENTS_HEADER)}")
-                continue
-            if len(row) != len(header):
-                raise DataError(path, reader.line_num, f"expected {len(header)} columns ({','.join(header)}), got "
-                                                       f"{len(row)}; quote values that contain commas")
-            yield reader.line_num, {key: cell.strip() for key, cell in zip(header, row)}
-    except csv.Error as err:
-        raise DataError(path, reader.line_num, f"malformed CSV ({err}); check the quoting") from None
-    if header is None:
-        raise DataError(path, None, f"empty file; the first line must be {','.join(EVENTS_HEADER)}")
-
-
-def _jsonl_rows(path: Path, text: str):
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(path, lineno, f"malformed JSON ({err.msg} at column {err.colno}); each line must hold "
-                                          "one JSON object") from None
-        if not isinstance(row, dict):
-            raise DataError(path, lineno, "expected a JSON object with keys " + ", ".join(EVENTS_HEADER))
-        missing = [key for key in EVENTS_HEADER if key not in row]
-        unknown = sorted(set(row) - set(EVENTS_HEADER))
-        if missing or unknown:
-            raise DataError(path, lineno, f"{'missing key(s) ' + str(missing) if missing else ''}"
-                                          f"{'; ' if missing and unknown else ''}"
-                                          f"{'unknown key(s) ' + str(unknown) if unknown else ''}; each line holds "
-                                          f"exactly {', '.join(EVENTS_HEADER)}")
-        yield lineno, row
-
-
-def _timestamp(path: Path, lineno: int, value: Any) -> float:
-    fix = "write seconds since the epoch (1714564800) or ISO-8601 (2024-05-01T12:00:00Z)"
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        seconds = float(value)
-    elif isinstance(value, str) and value.strip():
-        try:
-            seconds = float(value)
-        except ValueError:
-            try:
-                moment = datetime.fromisoformat(value.strip())
-            except ValueError:
-                raise DataError(path, lineno, f"timestamp {value!r} is not a time; {fix}") from None
-            if moment.tzinfo is None:
-                moment = moment.replace(tzinfo=timezone.utc)
-            seconds = moment.timestamp()
-    else:
-        raise DataError(path, lineno, f"timestamp is {value!r}; {fix}")
-    if not math.isfinite(seconds):
-        raise DataError(path, lineno, f"timestamp {value!r} is not finite; {fix}")
-    return seconds
 
 
 # -- the profile ------------------------------------------------------------------------------

@@ -162,7 +162,8 @@ def read_events(value: str | list | None, index) -> "Any":
     (event: view, cart or purchase; timestamp: seconds since the epoch or ISO-8601), at most
     ``MAX_EVENTS``; products the index does not hold are ignored, as in `UserProfile.from_events`.
     """
-    from .profile import UserProfile, event_from_row
+    from .data.events import event_from_row
+    from .profile import UserProfile
 
     value = _json_field(value, "events", 'a list of {"product_id", "event", "timestamp"} objects')
     if value is None:

@@ -1,4 +1,6 @@
-"""The dataset format: records (products, rooms, pairs, scene images) and safe image loading."""
+"""The dataset format: records (products, rooms, pairs, scene images), interaction events, safe image loading."""
+from .events import InteractionEvent as InteractionEvent
+from .events import read_events as read_events
 from .images import DEFAULT_MAX_PIXELS as DEFAULT_MAX_PIXELS
 from .images import ImageError as ImageError
 from .images import SkipCounter as SkipCounter
@@ -23,6 +25,7 @@ __all__ = [
     "DataError",
     "Dataset",
     "ImageError",
+    "InteractionEvent",
     "Product",
     "Room",
     "SceneImage",
@@ -32,6 +35,7 @@ __all__ = [
     "load_image",
     "load_images",
     "prepare_image",
+    "read_events",
     "read_pairs",
     "read_products",
     "read_rooms",
