@@ -279,7 +279,9 @@ def _train_scenes(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from .data import read_pairs, read_products, read_rooms, read_scene_images
-    from .evaluation import baseline_evaluations, check_report_folder, evaluate, evaluate_scenes, write_report
+    from .evaluation import (baseline_evaluations, check_report_folder, evaluate, evaluate_scenes, held_out_rooms,
+                             write_report)
+    from .evaluation.evaluate import TRAIN_PAIRS_FILE
     from .factory import create_model
 
     if args.guide is not None:
@@ -295,7 +297,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         check_report_folder(args.report)  # before the evaluation, not after it
     model = _create_model(args.model)
     model_dir = _saved_model_folder(args.model)
-    recorded_pairs = model_dir / "train_pairs.csv" if model_dir is not None else None
+    recorded_pairs = model_dir / TRAIN_PAIRS_FILE if model_dir is not None else None
     document: dict = {}
     scenes = None
     if args.scenes is not None:
@@ -313,17 +315,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     pairs = read_pairs(args.pairs, room_ids={r.room_id for r in all_rooms},
                        product_ids={p.product_id for p in catalog})
     pairs_file = args.train_pairs or (recorded_pairs if recorded_pairs and recorded_pairs.is_file() else None)
-    trained_on: set[str] = set()
-    if recorded_pairs is not None and recorded_pairs.is_file():
-        trained_on = {room for room, _ in read_pairs(recorded_pairs)}
-    rooms = all_rooms
-    if trained_on and not args.all_rooms:
-        rooms = [r for r in all_rooms if r.room_id not in trained_on]
+    rooms, left_out = (all_rooms, 0) if args.all_rooms else held_out_rooms(all_rooms, model_dir)
+    if left_out:
         print(f"scoring the {len(rooms)} rooms {args.model} was not trained on "
-              f"({len(all_rooms) - len(rooms)} training rooms left out; --all-rooms keeps them)")
-        if not rooms:
-            raise ValueError(f"{args.rooms}: every room is one {args.model} was trained on; give other rooms "
-                             "or --all-rooms")
+              f"({left_out} training rooms left out; --all-rooms keeps them)")
     if args.baselines:  # every input of the baselines is read and checked before the evaluation runs
         train_pairs, train_rooms = _baseline_inputs(args, pairs_file, model_dir, all_rooms, catalog)
         import warnings
@@ -392,7 +387,7 @@ def _evaluate_guide(args: argparse.Namespace) -> int:
     import json
 
     from .data import read_pairs, read_rooms, read_scene_texts
-    from .evaluation import evaluate_guide, format_guide_report
+    from .evaluation import evaluate_guide, format_guide_report, held_out_rooms
     from .matching import Matcher
 
     if args.rooms is None or args.pairs is None:
@@ -402,14 +397,10 @@ def _evaluate_guide(args: argparse.Namespace) -> int:
     texts = read_scene_texts(args.texts) if args.texts is not None else None
     matcher = Matcher.load(args.guide, model=_create_model(args.model) if args.model else None)
     model_dir = _saved_model_folder(args.model) if args.model else None
-    recorded = model_dir / "train_pairs.csv" if model_dir is not None else None
-    if recorded is not None and recorded.is_file() and not args.all_rooms:
-        trained_on = {room for room, _ in read_pairs(recorded)}
-        rooms = [r for r in rooms if r.room_id not in trained_on]
-        print(f"matching the {len(rooms)} rooms the model was not trained on (--all-rooms keeps the others)")
-        if not rooms:
-            raise ValueError(f"{args.rooms}: every room is one the model was trained on; give other rooms or "
-                             "--all-rooms")
+    if not args.all_rooms:
+        rooms, left_out = held_out_rooms(rooms, model_dir)
+        if left_out:
+            print(f"matching the {len(rooms)} rooms the model was not trained on (--all-rooms keeps the others)")
     result = evaluate_guide(matcher, rooms, pairs, texts=texts)
     print(format_guide_report(result))
     if args.json is not None:

@@ -101,3 +101,16 @@ def test_scene_evaluation_counts_right_and_wrong_predictions(tmp_path):
     assert sum(map(sum, result.confusion)) == 4
     with pytest.raises(ValueError, match=r"\['laundry'\] are not among the model's scene labels"):
         evaluate_scenes(model, [SceneImage(image=images[0].image, scene="laundry")], progress=False)
+
+
+def test_held_out_rooms_leave_out_what_the_model_folder_trained_on(tmp_path):
+    from hgm_mm.data.records import Room
+    from hgm_mm.evaluation import held_out_rooms
+
+    rooms = [Room(room_id=f"r{i}", image=tmp_path / "room.jpg", scene="bedroom", title="") for i in range(4)]
+    assert held_out_rooms(rooms, None) == (rooms, 0)
+    assert held_out_rooms(rooms, tmp_path) == (rooms, 0)  # a folder without training pairs
+    (tmp_path / "train_pairs.csv").write_text("room_id,product_id\nr0,p1\nr2,p1\nr2,p3\n")
+    assert held_out_rooms(rooms, tmp_path) == ([rooms[1], rooms[3]], 2)
+    with pytest.raises(ValueError, match="every room is one the model was trained on"):
+        held_out_rooms(rooms[:1], tmp_path)

@@ -5,6 +5,7 @@ from .evaluate import baseline_evaluations as baseline_evaluations
 from .evaluate import SceneEvaluation as SceneEvaluation
 from .evaluate import evaluate as evaluate
 from .evaluate import evaluate_scenes as evaluate_scenes
+from .evaluate import held_out_rooms as held_out_rooms
 from .evaluate import popularity_scores as popularity_scores
 from .report import check_report_folder as check_report_folder
 from .report import write_report as write_report

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
@@ -9,11 +10,12 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from ..data.records import Product, Room
+from ..data.records import Product, Room, read_pairs
 from ..data.text import product_text, room_text
 from . import metrics
 
 DEFAULT_KS = (10, 50)
+TRAIN_PAIRS_FILE = "train_pairs.csv"  # beside a trained model: the pairs it was trained on (room_id,product_id)
 
 
 @dataclass
@@ -272,3 +274,23 @@ def baseline_evaluations(catalog: Sequence[Product], rooms: Sequence[Room], pair
         results["frozen_features"] = retrieval_metrics(
             scores, relevance(kept_rooms, catalog, pairs), catalog, kept_rooms, ks=ks).metrics
     return results
+
+
+def held_out_rooms(rooms: Sequence[Room], model_folder: str | os.PathLike | None) -> tuple[list[Room], int]:
+    """The rooms a trained model did not train on, by the `train_pairs.csv` its folder records, and
+    how many were left out: measuring a model on its training rooms says nothing of new ones.
+    Every room, and 0, when there is no folder or it records no training pairs.
+
+    Raises:
+        ValueError: every room is one the model was trained on.
+    """
+    recorded = Path(model_folder) / TRAIN_PAIRS_FILE if model_folder is not None else None
+    if recorded is None or not recorded.is_file():
+        return list(rooms), 0
+    trained_on = {room for room, _ in read_pairs(recorded)}
+    kept = [r for r in rooms if r.room_id not in trained_on]
+    if not kept:
+        raise ValueError(f"every room is one the model was trained on ({recorded}); give other rooms, or keep "
+                         "them on purpose (hgm-mm evaluate --all-rooms)")
+    return kept, len(rooms) - len(kept)
+

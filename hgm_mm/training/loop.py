@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ..data import load_dataset
+from ..evaluation.evaluate import TRAIN_PAIRS_FILE
 from ..files import atomic_dir, atomic_text
 from ..data.split import split_rooms
 from ..data.text import product_text, room_text
@@ -48,7 +49,7 @@ class NonFiniteLossError(RuntimeError):
     """A loss became NaN or infinite; nothing of that step was applied or saved."""
 
 
-TRAIN_ROOM_SCENES_FILE = "train_room_scenes.json"  # beside train_pairs.csv in the best model's folder
+TRAIN_ROOM_SCENES_FILE = "train_room_scenes.json"  # beside TRAIN_PAIRS_FILE in the best model's folder
 
 
 @dataclass
@@ -530,7 +531,7 @@ def _save_best_model(model, folder, result, train_rooms, train_pairs, scene_cate
     SceneCategoryPrior(scene_categories).save(folder / SCENE_CATEGORIES_FILE)
     _write_json(folder / "train_config.json", config.to_dict())
     lines = ["room_id,product_id"] + [f"{r},{p}" for r, p in train_pairs]
-    atomic_text(folder / "train_pairs.csv", "\n".join(lines) + "\n")
+    atomic_text(folder / TRAIN_PAIRS_FILE, "\n".join(lines) + "\n")
     # the training rooms' scenes: what the scene-popularity baseline needs besides the pairs
     _write_json(folder / TRAIN_ROOM_SCENES_FILE, {"format": 1, "scenes": {r.room_id: r.scene for r in train_rooms}})
     atomic_text(folder / "val_rooms.txt", "\n".join(r.room_id for r in val_rooms) + "\n")
