@@ -67,6 +67,22 @@ def ikea_head_index(tmp_path_factory, ikea_head_catalogue: dict) -> Path:
     return folder
 
 
+def tiny_model(seed: int | None = None, **overrides):
+    """The tiny random `hgm-tiny` model (its random-weights warning silenced); `seed` fixes the weights,
+    `overrides` go to `create_model` (scene_labels=...)."""
+    import warnings
+
+    import torch
+
+    import hgm_mm
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", hgm_mm.RandomInitWarning)
+        return hgm_mm.create_model("hgm-tiny", **overrides)
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny models on one torch thread: several spin against each other on a busy 2-core runner, and

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 import hgm_mm
+from conftest import tiny_model
 from hgm_mm.catalog_vectors import content_key
 from hgm_mm.matching import Matcher, build_catalog_index
 
@@ -23,10 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # hgm-tiny announces its random weights
-        return hgm_mm.create_model("hgm-tiny")
+    return tiny_model(seed=0)
 
 
 def write_catalogue(folder, rows):

@@ -13,6 +13,7 @@ from PIL import Image
 from torch import nn
 
 import hgm_mm
+from conftest import tiny_model
 from hgm_mm import inference
 from hgm_mm.data import loading
 from hgm_mm.embedding import batch, shards
@@ -22,21 +23,12 @@ from hgm_mm.embedding import ShardedEmbeddings, embed_images, embed_to_shards
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; two spin against each other on a busy 2-core host."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def model(one_thread):
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return hgm_mm.create_model("hgm-tiny")
+def model(one_torch_thread):
+    return tiny_model(seed=0)
 
 
 def make_photos(folder: Path, n: int, size=(90, 70)) -> list[Path]:

@@ -1,13 +1,12 @@
 """The whole guide measured: calibration and ranked-list metrics by hand, and `evaluate_guide` end to end."""
 import json
 import math
-import warnings
 
 import numpy as np
 import pytest
 from PIL import Image
 
-import hgm_mm
+from conftest import tiny_model
 from hgm_mm.data import Room, SceneText
 from hgm_mm.evaluation import GuideEvaluation, evaluate_guide, format_guide_report, metrics
 from hgm_mm.evaluation.guide import no_scene_set
@@ -105,12 +104,6 @@ def test_no_scene_set_takes_the_first_of_each_category():
 
 
 # -- evaluate_guide end to end ------------------------------------------------------------------
-def tiny_model():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # hgm-tiny announces its random weights
-        return hgm_mm.create_model("hgm-tiny")
-
-
 @pytest.fixture(scope="module")
 def matcher():
     model = tiny_model()

@@ -1,7 +1,6 @@
 """The matcher: each ranking term moves the order, diversity, product sets, reasons, filters, folders, threads."""
 import json
 import threading
-import warnings
 
 import numpy as np
 import torch
@@ -9,6 +8,7 @@ import pytest
 from PIL import Image
 
 import hgm_mm
+from conftest import tiny_model
 from hgm_mm.data import Product, Room
 from hgm_mm.index import ProductIndex, model_fingerprint
 from hgm_mm.matching import (MatchResult, Matcher, RankingWeights, SceneCategoryPrior, build_catalog_index,
@@ -19,12 +19,6 @@ N = 40
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def tiny_model():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # hgm-tiny announces its random weights
-        return hgm_mm.create_model("hgm-tiny")
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import hgm_mm
+from conftest import tiny_model
 from hgm_mm import ImageTowerConfig, RandomInitWarning, TextTowerConfig
 
 TINY_CLIP_CFG = {
@@ -18,12 +19,6 @@ TINY_CLIP_CFG = {
     "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
     "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
 }
-
-
-def tiny_model(**kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RandomInitWarning)
-        return hgm_mm.create_model("hgm-tiny", **kwargs)
 
 
 def photos(n=2, size=(80, 60)):

@@ -10,6 +10,7 @@ import torch
 import yaml
 
 import hgm_mm
+from conftest import tiny_model
 from hgm_mm.model_card import TrainingRecord, render_model_card
 from hgm_mm.pretrained import builtin_model_config
 
@@ -17,12 +18,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_training import make_dataset, tiny_config  # noqa: E402  (the tiny dataset and run of the training tests)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def tiny_model():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", hgm_mm.RandomInitWarning)
-        return hgm_mm.create_model("hgm-tiny")
 
 
 def metadata(card: str) -> dict:

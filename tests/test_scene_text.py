@@ -1,7 +1,6 @@
 """Scene vocabulary and aliases, the scene-text classifier before and after training, calibration,
 photo and words combined, a saved model round trip, and the train-scenes / evaluate --guide commands."""
 import json
-import math
 import re
 import warnings
 
@@ -12,28 +11,21 @@ import torch.nn.functional as F
 from PIL import Image
 
 import hgm_mm
+from conftest import tiny_model as shared_tiny_model
 from hgm_mm.calibration import fit_temperature
 from hgm_mm.cli import main
-from hgm_mm.data import DataError, SceneImage, SceneText, read_rooms, read_scene_images, read_scene_texts
+from hgm_mm.data import DataError, SceneText, read_rooms, read_scene_images, read_scene_texts
 from hgm_mm.scenes import DEFAULT_SCENE_LABELS, canonical_scene, combine_scene_probabilities, scene_descriptions
 from hgm_mm.training.scene_text import train_scene_texts
 
 LABELS = ["bedroom", "kitchen"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_model(labels=LABELS, seed: int = 0):
-    torch.manual_seed(seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # random towers warn
-        return hgm_mm.create_model("hgm-tiny", scene_labels=labels)
+    return shared_tiny_model(seed, scene_labels=labels)
 
 
 # -- vocabulary ------------------------------------------------------------------------------------

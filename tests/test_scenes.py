@@ -2,7 +2,6 @@
 the photo scene head: retrieval vectors untouched, flip averaging, text evidence, save/load, old folders."""
 import copy
 import json
-import warnings
 
 import numpy as np
 import pytest
@@ -11,6 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import hgm_mm
+from conftest import tiny_model as shared_tiny_model
 from hgm_mm.data import DataError, ImageError, SceneImage
 from hgm_mm.evaluation import evaluate_scenes
 from hgm_mm.training.scenes import train_scenes
@@ -19,20 +19,11 @@ LABELS = ["bedroom", "kitchen"]
 HEAD_ONLY = {"branch_stages": 0, "random_crops": 0, "scene_image_size": None}  # the linear head alone, fast
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: a second thread only adds synchronisation on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_model(seed: int = 0):
-    torch.manual_seed(seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # random towers warn
-        model = hgm_mm.create_model("hgm-tiny", scene_labels=LABELS)
+    model = shared_tiny_model(seed, scene_labels=LABELS)
     with torch.no_grad():  # an untrained head: every photo gets the first label
         model.scene_head.weight.zero_()
         model.scene_head.bias.zero_()
