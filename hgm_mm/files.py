@@ -67,6 +67,24 @@ def check_file_digest(path: Path, expected: str | None, fix: str) -> None:
                          f"a file of another model or index. {fix}")
 
 
+def read_json_object(path: Path, *, fix: str) -> dict[str, Any]:
+    """A JSON file that must hold one object.
+
+    Raises:
+        FileNotFoundError: there is no file at `path`.
+        ValueError: it is not JSON, or not an object; the message ends with `fix`.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; {fix}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err}); {fix}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}; {fix}")
+    return data
+
+
 def read_versioned_manifest(path: Path, *, reads_up_to: int, fix: str, required: Sequence[str] = ()) -> dict[str, Any]:
     """The JSON manifest of a saved folder (model, index, catalogue, embedding shards), checked
     before anything else in the folder is read: a JSON object with `required` keys and a
@@ -83,14 +101,7 @@ def read_versioned_manifest(path: Path, *, reads_up_to: int, fix: str, required:
         ValueError: not JSON, not an object, keys missing, an invalid `format_version`, or a newer
             one (naming the hgm_mm that wrote it, and saying to upgrade).
     """
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; {fix}")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err}); {fix}") from None
-    if not isinstance(manifest, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(manifest).__name__}; {fix}")
+    manifest = read_json_object(path, fix=fix)
     missing = [key for key in ("format_version", *required) if key not in manifest]
     if missing:
         raise ValueError(f"{path}: key(s) {missing} are missing; {fix}")

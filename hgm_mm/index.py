@@ -55,7 +55,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from .files import atomic_write, check_file_digest, file_sha256, read_versioned_manifest
+from .files import atomic_write, check_file_digest, file_sha256, read_json_object, read_versioned_manifest
 from .json_config import JsonConfig
 from .version import __version__
 
@@ -601,8 +601,8 @@ class ProductIndex:
             # folders saved before digests were recorded carry sizes alone
             check_file_digest(path, digests.get(name), "Save or build the index again")
 
-        ids = _read_json(folder / IDS_FILE, "save the index again").get("ids")
-        metas = _read_json(folder / METADATA_FILE, "save the index again").get("metadata")
+        ids = read_json_object(folder / IDS_FILE, fix="the file is damaged, save the index again").get("ids")
+        metas = read_json_object(folder / METADATA_FILE, fix="the file is damaged, save the index again").get("metadata")
         _check_saved_products(folder, ids, metas, count, n_labels)
         try:
             index = faiss.read_index(str(folder / INDEX_FILE))
@@ -856,17 +856,3 @@ def _check_saved_index(path: Path, index: faiss.Index, kind: str, dim: int, ids:
 # -- files -------------------------------------------------------------------------------------
 def _write_json(path: Path, data: Any, indent: int | None = None) -> None:
     path.write_text(json.dumps(data, ensure_ascii=False, indent=indent, allow_nan=False), encoding="utf-8")
-
-
-def _read_json(path: Path, fix: str) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; {fix}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err}); the file is corrupt, save the index again") from err
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}; save the index again")
-    return data
-
-

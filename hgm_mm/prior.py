@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .files import atomic_text
+from .files import atomic_text, read_json_object
 from .version import __version__
 
 SCENE_CATEGORIES_FILE = "scene_categories.json"
@@ -133,11 +133,8 @@ class SceneCategoryPrior:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist; write it with SceneCategoryPrior.save or train a model")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{path}: not valid JSON ({err}); write it again with SceneCategoryPrior.save") from err
-        if not isinstance(data, dict) or "counts" not in data:
+        data = read_json_object(path, fix="write it again with SceneCategoryPrior.save")
+        if "counts" not in data:
             raise ValueError(f"{path}: expected {{\"format\": 1, \"counts\": {{scene: {{category: count}}}}}}")
         if not isinstance(data.get("format", 1), int) or data.get("format", 1) > 1:
             raise ValueError(f"{path}: format {data.get('format')!r} is newer than this hgm_mm {__version__} reads; "
