@@ -28,6 +28,11 @@ def atomic_text(path: Path, text: str) -> None:
     atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
 
 
+def atomic_json(path: Path, document: Any) -> None:
+    """`document` as indented JSON, written atomically (values JSON does not know become strings)."""
+    atomic_text(path, json.dumps(document, indent=2, default=str))
+
+
 def atomic_dir(path: Path, write: Callable[[Path], object]) -> None:
     """Calls `write(tmp_dir)` on a temporary folder beside `path`, then swaps it in for `path`."""
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))

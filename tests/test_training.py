@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 import hgm_mm
 from hgm_mm.data.split import split_rooms
 from hgm_mm.training import NonFiniteLossError, TrainConfig, train
+from hgm_mm.training import checkpoint
 from hgm_mm.training import loop as training_loop
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -109,7 +110,7 @@ def test_killed_and_resumed_with_a_weight_average_reaches_the_same_weights_and_a
     assert run(tiny_config(ema_decay=0.5, max_steps=4), dataset, tmp_path / "resumed").steps == 4
     resumed = run(tiny_config(ema_decay=0.5), dataset, tmp_path / "resumed")
     assert resumed.steps == unbroken.steps == 6
-    for file in ("model.safetensors", training_loop.EMA_FILE):
+    for file in ("model.safetensors", checkpoint.EMA_FILE):
         expected = load_file(str(tmp_path / "unbroken" / "checkpoint" / file))
         got = load_file(str(tmp_path / "resumed" / "checkpoint" / file))
         assert expected.keys() == got.keys() and "image_proj.weight" in expected
@@ -133,7 +134,7 @@ def test_the_weight_average_is_validated_and_saved_while_training_continues_on_t
     monkeypatch.setattr(training_loop, "_evaluate_and_keep_best", fake_evaluate)
     run(tiny_config(ema_decay=0.9), dataset, tmp_path / "run")
     raw = checkpoint_weights(tmp_path / "run")["image_proj.weight"]
-    average = load_file(str(tmp_path / "run" / "checkpoint" / training_loop.EMA_FILE))["image_proj.weight"]
+    average = load_file(str(tmp_path / "run" / "checkpoint" / checkpoint.EMA_FILE))["image_proj.weight"]
     saved = load_file(str(tmp_path / "run" / "model" / "model.safetensors"))["image_proj.weight"]
     assert torch.equal(seen[-1], average) and torch.equal(saved, average)
     assert not torch.allclose(raw, average)  # the average lags the raw weights, which training kept
@@ -142,7 +143,7 @@ def test_the_weight_average_is_validated_and_saved_while_training_continues_on_t
 def test_weight_average_follows_the_decay_schedule_and_applied_restores_the_weights():
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
     model[0].bias.requires_grad_(False)  # locked: not averaged
-    average = training_loop.WeightAverage(model, 0.5)
+    average = checkpoint.WeightAverage(model, 0.5)
     assert "0.bias" not in average.shadow and {"0.weight", "1.running_mean"} <= set(average.shadow)
     start = model[0].weight.detach().clone()
     with torch.no_grad():

@@ -7,7 +7,7 @@ import math
 import os
 import time
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,15 +16,16 @@ import torch
 
 from ..data import load_dataset
 from ..evaluation.evaluate import TRAIN_PAIRS_FILE
-from ..files import atomic_dir, atomic_text
+from ..files import atomic_json, atomic_text
 from ..data.split import split_rooms
 from ..data.text import product_text, room_text
 from ..grad_cache import grad_cache_step
 from ..losses import pad_positive_ids
 from ..model_card import TrainingRecord
-from ..pretrained import RandomInitWarning, load_torch_file
+from ..pretrained import RandomInitWarning
 from ..prior import SCENE_CATEGORIES_FILE, SceneCategoryPrior
 from .batches import StepPlan, StepPhotos
+from .checkpoint import TrainerState, WeightAverage, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .lora import add_lora, merged_copy
 from .objective import RetrievalObjective, StepOutputs, rooms_packed
@@ -39,7 +40,6 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoint"
 BEST_MODEL_DIR = "model"
-EMA_FILE = "ema.safetensors"  # the checkpoint's moving average of the weights (ema_decay > 0)
 HISTORY_FILE = "history.json"  # the finished run: every validation evaluation, best step, wall time
 MAX_CACHE_BYTES = 8 << 30  # larger feature caches are not built: the run recomputes the locked layers
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's clamp: temperature never below 0.01
@@ -125,15 +125,15 @@ def train(config: TrainConfig | None = None, *, data: str | os.PathLike, output:
     last_step = min(schedule_steps, config.max_steps) if config.max_steps else schedule_steps
 
     optimizer, scheduler = _optimiser(model, config, schedule_steps)
-    state = _TrainerState()
+    state = TrainerState()
     average = WeightAverage(model, config.ema_decay) if config.ema_decay else None
     checkpoint = output / CHECKPOINT_DIR
     if resume and (checkpoint / "trainer_state.json").is_file():
-        state = _load_checkpoint(checkpoint, model, optimizer, scheduler, config, average)
+        state = load_checkpoint(checkpoint, model, optimizer, scheduler, config, average)
         say(f"resuming from {checkpoint} at step {state.step}")
     elif main:
         output.mkdir(parents=True, exist_ok=True)
-        _write_json(output / "train_config.json", config.to_dict())
+        atomic_json(output / "train_config.json", config.to_dict())
     steps = range(state.step, last_step)
     # the cache holds what this process's steps and the validation read: a short run caches a short run's rooms
     drawn_rooms = plan.rooms_drawn(steps, rank, world)
@@ -196,7 +196,7 @@ def train(config: TrainConfig | None = None, *, data: str | os.PathLike, output:
                 say(f"stopping early at step {state.step}: no Recall@10 gain in {config.patience} evaluations")
                 last_step = state.step
         if main and (state.step % config.checkpoint_every_steps == 0 or epoch_done or state.step == last_step):
-            _save_checkpoint(checkpoint, unwrapped, optimizer, scheduler, state, config, average)
+            save_checkpoint(checkpoint, unwrapped, optimizer, scheduler, state, config, average)
         accelerator.wait_for_everyone()
         if state.step >= last_step:
             break
@@ -213,7 +213,7 @@ def train(config: TrainConfig | None = None, *, data: str | os.PathLike, output:
                          history=state.history, skipped_images=state.skipped_images,
                          skipped_batches=state.skipped_batches, main_process=main)
     if main:
-        _write_json(output / HISTORY_FILE, {k: v for k, v in result.__dict__.items() if k != "model_dir"})
+        atomic_json(output / HISTORY_FILE, {k: v for k, v in result.__dict__.items() if k != "model_dir"})
     return result
 
 
@@ -343,7 +343,7 @@ def _train_scene_heads(folder: Path, train_rooms, val_rooms, extra_scenes, confi
                                                           step=saved.get("step"), validation=saved.get("validation"),
                                                           scene_heads=report))
     report["seconds"] = time.perf_counter() - started
-    _write_json(folder / SCENE_REPORT_FILE, report)
+    atomic_json(folder / SCENE_REPORT_FILE, report)
     photo, text = report.get("photo", {}), report.get("text", {})
     if photo:
         calibration = photo.get("calibration", {})
@@ -469,18 +469,6 @@ def _grad_cache_losses(model, inputs, objective: RetrievalObjective, chunk_size:
 
 
 # -- evaluation and the best model -----------------------------------------------------------------
-@dataclass
-class _TrainerState:
-    step: int = 0
-    best_metrics: dict = field(default_factory=dict)
-    best_step: int = -1
-    evals_without_gain: int = 0
-    history: list = field(default_factory=list)
-    skipped_images: int = 0
-    skipped_batches: int = 0
-    seconds: float = 0.0  # wall time of the run so far, over resumes
-
-
 def _evaluate_and_keep_best(model, state, dataset, train_rooms, val_rooms, train_pairs, scene_categories, output,
                             config, start_state, main, progress, cache, first_val_row, log=None,
                             data_summary=None) -> bool:
@@ -526,113 +514,15 @@ def _save_best_model(model, folder, result, train_rooms, train_pairs, scene_cate
     record = TrainingRecord(config=config.to_dict(), data=data_summary or {}, step=state.step,
                             validation=result.to_dict())
     (merged_copy(model) if config.lora_rank else model).save_pretrained(folder, training=record)
-    _write_json(folder / "metrics.json", {"step": state.step, "seconds": round(state.seconds, 1),
+    atomic_json(folder / "metrics.json", {"step": state.step, "seconds": round(state.seconds, 1),
                                           "validation": result.to_dict()})
     SceneCategoryPrior(scene_categories).save(folder / SCENE_CATEGORIES_FILE)
-    _write_json(folder / "train_config.json", config.to_dict())
+    atomic_json(folder / "train_config.json", config.to_dict())
     lines = ["room_id,product_id"] + [f"{r},{p}" for r, p in train_pairs]
     atomic_text(folder / TRAIN_PAIRS_FILE, "\n".join(lines) + "\n")
     # the training rooms' scenes: what the scene-popularity baseline needs besides the pairs
-    _write_json(folder / TRAIN_ROOM_SCENES_FILE, {"format": 1, "scenes": {r.room_id: r.scene for r in train_rooms}})
+    atomic_json(folder / TRAIN_ROOM_SCENES_FILE, {"format": 1, "scenes": {r.room_id: r.scene for r in train_rooms}})
     atomic_text(folder / "val_rooms.txt", "\n".join(r.room_id for r in val_rooms) + "\n")
-
-
-# -- weight averaging -------------------------------------------------------------------------------
-class WeightAverage:
-    """Exponential moving average of a model's trained parameters and floating buffers (BatchNorm statistics).
-
-    After optimiser step t (0-based) the average moves towards the weights with decay
-    min(decay, (1 + t) / (10 + t)), so early on it follows the weights closely instead of
-    remembering the starting point. Validation and the saved model use the average
-    (`applied`); training continues on the raw weights.
-    """
-
-    def __init__(self, model: torch.nn.Module, decay: float):
-        if not 0.0 < decay < 1.0:
-            raise ValueError(f"decay={decay!r}; expected a value in (0, 1)")
-        self.decay = decay
-        state = model.state_dict()
-        names = [n for n, p in model.named_parameters() if p.requires_grad]
-        names += [n for n, b in model.named_buffers() if b.is_floating_point()]
-        self.shadow = {n: state[n].detach().clone() for n in dict.fromkeys(names) if n in state}
-
-    def decay_at(self, step: int) -> float:
-        return min(self.decay, (1.0 + step) / (10.0 + step))
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module, step: int) -> None:
-        weight = 1.0 - self.decay_at(step)
-        state = model.state_dict()
-        for name, average in self.shadow.items():
-            value = state[name].detach()
-            if average.device != value.device:  # the model moved (accelerate's prepare): follow it once
-                average = self.shadow[name] = average.to(value.device)
-            average.lerp_(value.to(average.dtype), weight)
-
-    def load(self, tensors: dict[str, torch.Tensor]) -> None:
-        missing = sorted(set(self.shadow) - set(tensors))
-        if missing:
-            raise ValueError(f"the checkpoint's weight average lacks {missing[:5]}")
-        for name, average in self.shadow.items():
-            average.copy_(tensors[name])
-
-    @contextmanager
-    def applied(self, model: torch.nn.Module):
-        """The model holds the averaged weights inside the block and its own weights again after it."""
-        state = model.state_dict()
-        own = {name: state[name].detach().clone() for name in self.shadow}
-        with torch.no_grad():
-            for name, average in self.shadow.items():
-                state[name].copy_(average)
-        try:
-            yield model
-        finally:
-            with torch.no_grad():
-                for name, value in own.items():
-                    state[name].copy_(value)
-
-
-# -- checkpoints ------------------------------------------------------------------------------------
-def _save_checkpoint(folder: Path, model, optimizer, scheduler, state: _TrainerState, config: TrainConfig,
-                     average: WeightAverage | None = None) -> None:
-    """Writes the whole training state into a fresh folder, then swaps it in: a kill never leaves half."""
-    from safetensors.torch import save_file
-
-    def write(tmp: Path) -> None:
-        save_file({k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()},
-                  str(tmp / "model.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        if average is not None:
-            save_file({k: v.detach().cpu().contiguous().clone() for k, v in average.shadow.items()},
-                      str(tmp / EMA_FILE))
-        _write_json(tmp / "scheduler.json", scheduler.state_dict())
-        _write_json(tmp / "trainer_state.json", {**state.__dict__, "config": config.to_dict()})
-
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    atomic_dir(folder, write)
-
-
-def _load_checkpoint(folder: Path, model, optimizer, scheduler, config: TrainConfig,
-                     average: WeightAverage | None = None) -> _TrainerState:
-    from safetensors.torch import load_file
-
-    saved = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
-    saved_config = saved.pop("config")
-    # settings that change what is logged or when the run ends, not the weights; report_to is also absent from
-    # checkpoints made before it existed
-    resumable = ("epochs", "max_steps", "patience", "num_workers", "log_every_steps", "checkpoint_every_steps",
-                 "report_to")
-    differing = sorted(k for k, v in config.to_dict().items() if k not in resumable and saved_config.get(k) != v)
-    if differing:
-        raise ValueError(f"{folder}: the checkpoint was made with other settings ({differing}); resume with the "
-                         "same settings, or start a new run in another output folder (or pass resume=False)")
-    model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
-    optimizer.load_state_dict(load_torch_file(folder / "optimizer.pt", fix="delete the checkpoint folder to start the "
-                                              "run afresh, or restore the file from the run that wrote it"))
-    scheduler.load_state_dict(json.loads((folder / "scheduler.json").read_text(encoding="utf-8")))
-    if average is not None:
-        average.load(load_file(str(folder / EMA_FILE)))
-    return _TrainerState(**saved)
 
 
 # -- small helpers ----------------------------------------------------------------------------------
@@ -657,7 +547,3 @@ def _describe_batch(batch, rooms, products) -> str:
     room_ids = [rooms[r].room_id for r in batch["rooms"]][:5]
     product_ids = [products[p].product_id for p in batch["products"]][:5]
     return f"rooms {room_ids}, products {product_ids}{' ...' if len(batch['products']) > 5 else ''}"
-
-
-def _write_json(path: Path, document: Any) -> None:
-    atomic_text(path, json.dumps(document, indent=2, default=str))
