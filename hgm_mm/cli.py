@@ -14,6 +14,7 @@ DATA_ENV = "HGM_DATA"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line: one subparser per subcommand, each built by its `_add_..._command` below."""
     parser = argparse.ArgumentParser(prog="hgm-mm", description="Scene-aware furniture matching.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -22,9 +23,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     logs.add_argument("--log-level", choices=LEVELS, default="INFO", type=str.upper,
                       help="show hgm_mm's messages of this level and above (default: %(default)s)")
     logs.add_argument("--quiet", action="store_true", help="warnings and errors only (--log-level WARNING)")
+    _add_demo_command(sub, logs)
+    _add_evaluate_command(sub, logs)
+    _add_train_command(sub, logs)
+    _add_train_scenes_command(sub, logs)
+    _add_index_command(sub, logs)
+    _add_match_command(sub, logs)
+    _add_serve_command(sub, logs)
+    _add_models_command(sub, logs)
+    return parser.parse_args(argv)
 
-    demo = sub.add_parser("demo", parents=[logs], epilog="example: hgm-mm demo --data ../shared/data --output runs/demo", help="train briefly on the IKEA room dataset, index its catalogue, match held-out "
-                                       "rooms and draw a contact sheet")
+
+def _add_demo_command(sub, logs) -> None:
+    """`hgm-mm demo` and its flags."""
+    demo = sub.add_parser(
+        "demo", parents=[logs],
+        help="train briefly on the IKEA room dataset, index its catalogue, match held-out rooms and draw a "
+             "contact sheet",
+        epilog="example: hgm-mm demo --data ../shared/data --output runs/demo")
     demo.add_argument("--data", type=Path, default=None,
                       help=f"dataset folder (products.jsonl, rooms.jsonl, pairs.csv) or a folder holding ikea/; "
                            f"default ${DATA_ENV}, else the public IKEA dataset, downloaded into ~/.cache/hgm_mm")
@@ -38,7 +54,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     demo.add_argument("--batch-size", type=int, default=32, help="catalogue products per training step")
     demo.add_argument("-k", "--top-k", type=int, default=5, help="products shown per room")
 
-    evaluate = sub.add_parser("evaluate", parents=[logs], epilog="example: hgm-mm evaluate --model runs/ikea/model --catalog ikea/products.jsonl --rooms ikea/rooms.jsonl --pairs ikea/pairs.csv --baselines", help="room -> product retrieval metrics over a whole catalogue")
+
+def _add_evaluate_command(sub, logs) -> None:
+    """`hgm-mm evaluate` and its flags."""
+    evaluate = sub.add_parser(
+        "evaluate", parents=[logs],
+        help="room -> product retrieval metrics over a whole catalogue",
+        epilog="example: hgm-mm evaluate --model runs/ikea/model --catalog ikea/products.jsonl --rooms "
+               "ikea/rooms.jsonl --pairs ikea/pairs.csv --baselines")
     evaluate.add_argument("--model", help="model name or local-dir:PATH of a saved model (with --guide: the trained "
                                            "model folder, whose recorded training rooms are left out)")
     evaluate.add_argument("--catalog", type=Path, help="products.jsonl of the gallery")
@@ -62,9 +85,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                "alone, product-set precision and coverage; needs --rooms and --pairs")
     evaluate.add_argument("--texts", type=Path, help="with --guide: texts.jsonl phrases whose scene is measured")
 
-    train = sub.add_parser("train", parents=[logs], help="fine-tune a model on a dataset folder (also under accelerate launch)",
-                           epilog="example: hgm-mm train --data ../shared/data/ikea --scene-data "
-                                  "../shared/data/places365-rooms --output runs/ikea")
+
+def _add_train_command(sub, logs) -> None:
+    """`hgm-mm train` and its flags."""
+    train = sub.add_parser(
+        "train", parents=[logs],
+        help="fine-tune a model on a dataset folder (also under accelerate launch)",
+        epilog="example: hgm-mm train --data ../shared/data/ikea --scene-data ../shared/data/places365-rooms "
+               "--output runs/ikea")
     train.add_argument("--data", type=Path, required=True, help="dataset folder: products.jsonl, rooms.jsonl, pairs.csv")
     train.add_argument("--output", type=Path, default=None,
                        help="run folder: best model, checkpoint, config (default: runs/<model name>)")
@@ -77,10 +105,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     _add_train_settings(train.add_argument_group("training settings (TrainConfig; files of trackers go to "
                                                  "OUTPUT/tracking)"))
 
-    scenes = sub.add_parser("train-scenes", parents=[logs], help="train a model's scene heads alone (photo scene head by the "
-                                                 "measured recipe, scene-text classifier), calibrated",
-                            epilog="example: hgm-mm train-scenes --data ../shared/data/places365-rooms "
-                                   "--model hgm-lite-en --output runs/scenes")
+
+def _add_train_scenes_command(sub, logs) -> None:
+    """`hgm-mm train-scenes` and its flags."""
+    scenes = sub.add_parser(
+        "train-scenes", parents=[logs],
+        help="train a model's scene heads alone (photo scene head by the measured recipe, scene-text "
+             "classifier), calibrated",
+        epilog="example: hgm-mm train-scenes --data ../shared/data/places365-rooms --model hgm-lite-en --output "
+               "runs/scenes")
     scenes.add_argument("--data", type=Path, help="images.jsonl scene set or its folder (train/ and val/ folders "
                                                   "keep their split)")
     scenes.add_argument("--texts", type=Path, help="texts.jsonl of scene-labelled phrases")
@@ -93,7 +126,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     scenes.add_argument("--scene-image-size", type=int, help="side the whole photo is resized to (default 384)")
     scenes.add_argument("--seed", type=int, default=0)
 
-    index = sub.add_parser("index", parents=[logs], epilog="example: hgm-mm index --model runs/ikea/model --catalog ikea/products.jsonl --output runs/catalogue", help="embed a catalogue into a folder that `hgm-mm match` searches")
+
+def _add_index_command(sub, logs) -> None:
+    """`hgm-mm index` and its flags."""
+    index = sub.add_parser(
+        "index", parents=[logs],
+        help="embed a catalogue into a folder that `hgm-mm match` searches",
+        epilog="example: hgm-mm index --model runs/ikea/model --catalog ikea/products.jsonl --output "
+               "runs/catalogue")
     index.add_argument("--model", required=True, help="model name, or the folder of a trained model")
     index.add_argument("--catalog", type=Path, required=True, help="products.jsonl of the catalogue")
     index.add_argument("--output", type=Path, required=True, help="folder to write (index, model copy, prior)")
@@ -109,7 +149,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     index.add_argument("--collection", help="the Milvus collection (default hgm_catalogue)")
     index.add_argument("--batch-size", type=int, default=32, help="product photos per forward pass")
 
-    match = sub.add_parser("match", parents=[logs], epilog='example: hgm-mm match --index runs/catalogue room.jpg --text "a Nordic living room, warm light"', help="products (and a product set) for a room photo")
+
+def _add_match_command(sub, logs) -> None:
+    """`hgm-mm match` and its flags."""
+    match = sub.add_parser(
+        "match", parents=[logs],
+        help="products (and a product set) for a room photo",
+        epilog='example: hgm-mm match --index runs/catalogue room.jpg --text "a Nordic living room, warm light"')
     match.add_argument("photo", nargs="?", type=Path, help="the room photo")
     where = match.add_mutually_exclusive_group(required=True)
     where.add_argument("--index", type=Path, help="folder written by `hgm-mm index`")
@@ -125,8 +171,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                        "(refused unless it built the index)")
     match.add_argument("--json", action="store_true", help="print the result as JSON")
 
-    serve = sub.add_parser("serve", parents=[logs], epilog="example: hgm-mm serve --index runs/catalogue --port 8080", help="serve an index folder as a JSON HTTP API (OpenAPI at /docs); needs "
-                                         "pip install 'hgm-mm[serve]'")
+
+def _add_serve_command(sub, logs) -> None:
+    """`hgm-mm serve` and its flags."""
+    serve = sub.add_parser(
+        "serve", parents=[logs],
+        help="serve an index folder as a JSON HTTP API (OpenAPI at /docs); needs pip install 'hgm-mm[serve]'",
+        epilog="example: hgm-mm serve --index runs/catalogue --port 8080")
     serve.add_argument("--index", type=Path, required=True, help="folder written by `hgm-mm index`")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8080, help="port to listen on; 0 picks a free one (default: 8080)")
@@ -136,8 +187,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     serve.add_argument("--model", help="query with this model instead of the index folder's copy "
                                        "(refused unless it built the index)")
 
-    sub.add_parser("models", parents=[logs], epilog="example: hgm-mm models", help="list the built-in models")
-    return parser.parse_args(argv)
+
+def _add_models_command(sub, logs) -> None:
+    """`hgm-mm models` and its flags."""
+    sub.add_parser(
+        "models", parents=[logs],
+        help="list the built-in models",
+        epilog="example: hgm-mm models")
 
 
 def _add_train_settings(group) -> None:
