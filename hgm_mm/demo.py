@@ -255,7 +255,6 @@ def run_demo(data: str | os.PathLike | None = None, *, output: str | os.PathLike
     from .matching import Matcher, SceneCategoryPrior, build_catalog_index
     from .model import load_model
     from .training import TrainConfig, train
-    from .training.guide_heads import train_guide_heads
 
     say = echo if echo is not None else (lambda line: None)
     if (rooms is not None and rooms < 1) or steps < 1 or batch_size < 1 or top_k < 1:
@@ -287,15 +286,8 @@ def run_demo(data: str | os.PathLike | None = None, *, output: str | os.PathLike
         warnings.simplefilter("ignore")  # the trained model's towers were announced when it was created
         trained_model = load_model(trained.model_dir)
     held_out = {room.room_id for room in subset.val_rooms}
-    # The scene heads learn from every room of the dataset but the held-out ones (photos and
-    # captions are cheap beside retrieval training) and a few photos per scene of the scene set.
-    scene_rooms = [r for r in dataset.rooms if r.room_id not in held_out and r.scene]
-    extra = _demo_scene_data(root, scene_data, scene_photos, trained_model.scene_labels)
-    say(f"training the scene heads on {len(scene_rooms)} rooms' photos and captions"
-        f"{f' and {len(extra.train_images)} scene photos' if extra.train_images else ''}")
-    # the linear head alone, on the tower's features: a tuned copy of its top stages costs minutes
-    train_guide_heads(trained_model, scene_rooms, subset.val_rooms, extra, seed=seed, progress=progress,
-                      scene_image_size=config.scene_image_size, branch_stages=0, random_crops=0, epochs=10)
+    _train_demo_scene_heads(trained_model, dataset, subset, held_out, root, scene_data, scene_photos,
+                            config.scene_image_size, seed, progress, say)
     trained_model.save_pretrained(trained.model_dir)
     # which categories belong in which scene, from every room of the dataset but the held-out ones:
     # a few training rooms alone would leave most scene-category cells empty
@@ -311,17 +303,7 @@ def run_demo(data: str | os.PathLike | None = None, *, output: str | os.PathLike
     positives = defaultdict(set)
     for room_id, product_id in subset.pairs:
         positives[room_id].add(product_id)
-    matches, hits, skipped_rooms = {}, {}, []
-    for room in subset.shown:
-        try:
-            photo = load_image(room.image)
-        except ImageError as err:
-            skipped_rooms.append(str(room.image))
-            say(f"room {room.room_id} not shown: {err}")
-            continue
-        result = matcher.match(photo, k=top_k)
-        matches[room.room_id] = result
-        hits[room.room_id] = sum(p.product_id in positives[room.room_id] for p in result.products)
+    matches, hits, skipped_rooms = _match_shown_rooms(matcher, subset.shown, positives, top_k, say)
     if not matches:
         raise ValueError(f"{root}: none of the shown rooms' photos can be read ({'; '.join(skipped_rooms)})")
 
@@ -332,7 +314,7 @@ def run_demo(data: str | os.PathLike | None = None, *, output: str | os.PathLike
                                                  "green frame = the product appears in that room")
     unreadable = sorted({str(photo) for photo, _ in built.skipped} | set(skipped_rooms))
     report = out / "demo.json"
-    document = {
+    atomic_text(report, json.dumps({
         "data": str(root), "model": model, "steps": trained.steps, "validation": trained.best_metrics,
         "held_out": measured,
         "subset": {"rooms": len(subset.rooms), "train_rooms": len(subset.train_rooms),
@@ -342,22 +324,66 @@ def run_demo(data: str | os.PathLike | None = None, *, output: str | os.PathLike
         "rooms": [{"room_id": rid, "true_scene": by_id[rid].scene, "image": str(by_id[rid].image),
                    "in_room_among_top": hits[rid], **result.to_dict()} for rid, result in matches.items()],
         "unreadable_photos": unreadable, "skipped_in_training": trained.skipped_images,
-    }
-    atomic_text(report, json.dumps(document, indent=2, ensure_ascii=False))
+    }, indent=2, ensure_ascii=False))
 
     for room_id, result in matches.items():
-        room = by_id[room_id]
-        say(f"\nroom {room_id} (true scene: {scene_words(room.scene or '?')}): the guide sees "
-            f"{scene_verdict(result)}; {room.image}")
-        for rank, product in enumerate(result.products, 1):
-            mark = "*" if product.product_id in positives[room_id] else " "
-            meta = product.metadata
-            say(f"  {rank}. {mark} {meta.get('title') or product.product_id} ({meta.get('category')})  "
-                f"{meta.get('image', '')}")
-        if result.product_set:
-            say("  set: " + ", ".join(f"{p.metadata.get('category')}: {p.metadata.get('title') or p.product_id}"
-                                      for p in result.product_set))
+        _say_match(say, by_id[room_id], result, positives[room_id])
     wall = time.perf_counter() - started
+    _say_summary(say, measured, unreadable, trained, sheet, index_dir, report, wall)
+    return DemoResult(data_dir=root, subset_dir=subset_dir, model_dir=Path(trained.model_dir), index_dir=index_dir,
+                      contact_sheet=sheet, report=report, matches=matches, hits=hits, unreadable_photos=unreadable,
+                      skipped_in_training=trained.skipped_images, wall_seconds=wall)
+
+
+def _train_demo_scene_heads(model, dataset, subset, held_out: set[str], root: Path, scene_data, scene_photos: int,
+                            image_size: int, seed: int, progress: bool, say) -> None:
+    """The guide's scene heads, on every room of the dataset but the held-out ones (photos and
+    captions are cheap beside retrieval training) and a few photos per scene of the scene set."""
+    from .training.guide_heads import train_guide_heads
+
+    scene_rooms = [r for r in dataset.rooms if r.room_id not in held_out and r.scene]
+    extra = _demo_scene_data(root, scene_data, scene_photos, model.scene_labels)
+    say(f"training the scene heads on {len(scene_rooms)} rooms' photos and captions"
+        f"{f' and {len(extra.train_images)} scene photos' if extra.train_images else ''}")
+    # the linear head alone, on the tower's features: a tuned copy of its top stages costs minutes
+    train_guide_heads(model, scene_rooms, subset.val_rooms, extra, seed=seed, progress=progress,
+                      scene_image_size=image_size, branch_stages=0, random_crops=0, epochs=10)
+
+
+def _match_shown_rooms(matcher, rooms, positives, top_k: int, say):
+    """Each shown room's match, how many of its top products are in the room, and the photos that
+    could not be read (their rooms are not shown)."""
+    matches, hits, skipped = {}, {}, []
+    for room in rooms:
+        try:
+            photo = load_image(room.image)
+        except ImageError as err:
+            skipped.append(str(room.image))
+            say(f"room {room.room_id} not shown: {err}")
+            continue
+        result = matcher.match(photo, k=top_k)
+        matches[room.room_id] = result
+        hits[room.room_id] = sum(p.product_id in positives[room.room_id] for p in result.products)
+    return matches, hits, skipped
+
+
+def _say_match(say, room, result, in_room: set[str]) -> None:
+    """One room's lines of the demo's report: its scene, ranked products (* = in the room), the set."""
+    say(f"\nroom {room.room_id} (true scene: {scene_words(room.scene or '?')}): the guide sees "
+        f"{scene_verdict(result)}; {room.image}")
+    for rank, product in enumerate(result.products, 1):
+        mark = "*" if product.product_id in in_room else " "
+        meta = product.metadata
+        say(f"  {rank}. {mark} {meta.get('title') or product.product_id} ({meta.get('category')})  "
+            f"{meta.get('image', '')}")
+    if result.product_set:
+        say("  set: " + ", ".join(f"{p.metadata.get('category')}: {p.metadata.get('title') or p.product_id}"
+                                  for p in result.product_set))
+
+
+def _say_summary(say, measured: dict, unreadable: list[str], trained, sheet: Path, index_dir: Path, report: Path,
+                 wall: float) -> None:
+    """The demo report's last lines: the held-out measures beside chance, and where everything is."""
     say(f"\non the {measured['rooms']} held-out rooms: scene from the photo right for {measured['scene_correct']} "
         f"(accuracy {measured['scene_accuracy']:.2f}; chance {measured['scene_chance']:.2f}); Recall@10 "
         f"{measured['recall@10']:.3f} (random {measured['random_recall@10']:.3f})")
@@ -369,9 +395,6 @@ def run_demo(data: str | os.PathLike | None = None, *, output: str | os.PathLike
     say(f"catalogue index: {index_dir.resolve()}  (hgm-mm match --index {index_dir} PHOTO)")
     say(f"results: {report.resolve()}")
     say(f"Done in {wall:.0f} s.")
-    return DemoResult(data_dir=root, subset_dir=subset_dir, model_dir=Path(trained.model_dir), index_dir=index_dir,
-                      contact_sheet=sheet, report=report, matches=matches, hits=hits, unreadable_photos=unreadable,
-                      skipped_in_training=trained.skipped_images, wall_seconds=wall)
 
 
 def scene_verdict(result) -> str:
