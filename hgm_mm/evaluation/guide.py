@@ -164,6 +164,71 @@ def _check_int(name: str, value: Any, least: int) -> int:
     return value
 
 
+def _relevant_in_index(matcher, room_ids: set[str], pairs) -> dict[str, set[str]]:
+    """Each evaluated room's products that the index holds; pairs naming others are counted and left out."""
+    relevant_of: dict[str, set[str]] = {}
+    outside = 0
+    for room_id, product_id in pairs:
+        if room_id not in room_ids:
+            continue
+        if product_id in matcher.index:
+            relevant_of.setdefault(room_id, set()).add(product_id)
+        else:
+            outside += 1
+    if outside:
+        logger.warning("%d pair(s) name products missing from the index; they are left out", outside)
+    return relevant_of
+
+
+class _RankingTally:
+    """Per room: Recall@k and NDCG@k of the guide's ranking and of similarity alone, and the
+    product set's precision, coverage and size beside a set of the top products per category."""
+
+    def __init__(self, matcher, k: int, set_size: int):
+        from ..ranking_weights import RankingWeights
+
+        self.matcher, self.k, self.set_size = matcher, k, set_size
+        self.similarity_only = RankingWeights(similarity=1.0, scene_fit=0.0, profile=0.0, diversity=0.0,
+                                              candidates=matcher.weights.candidates)
+        # Without diversity the order is a plain sort, so the top k of the longer ranking is the
+        # similarity-only top k: one ranking serves Recall@k and the no-scene set.
+        self.similarity_k = max(k, matcher.weights.candidates)
+        self.recall: dict[str, list[float]] = {"guide": [], "similarity_only": []}
+        self.ndcg: dict[str, list[float]] = {"guide": [], "similarity_only": []}
+        self.precision: dict[str, list[float]] = {"guide": [], "no_scene": []}
+        self.coverage: dict[str, list[float]] = {"guide": [], "no_scene": []}
+        self.sizes: dict[str, list[int]] = {"guide": [], "no_scene": []}
+        self._categories: dict[str, Any] = {}
+
+    def category_of(self, product_id: str):
+        if product_id not in self._categories:
+            self._categories[product_id] = self.matcher.index.metadata(product_id).get("category")
+        return self._categories[product_id]
+
+    def add(self, query, relevant: set[str]) -> None:
+        k = self.k
+        guide = self.matcher.rank(query, k=k, set_size=self.set_size)
+        by_similarity = [p.product_id for p in self.matcher.rank(query, k=self.similarity_k,
+                                                                 weights=self.similarity_only, set_size=0).products]
+        for name, ranked in (("guide", [p.product_id for p in guide.products]),
+                             ("similarity_only", by_similarity[:k])):
+            self.recall[name].append(metrics.recall_at_k_ranked(ranked, relevant, k))
+            self.ndcg[name].append(metrics.ndcg_at_k_ranked(ranked, relevant, k))
+        guide_set = [p.product_id for p in guide.product_set]
+        plain_set = no_scene_set(by_similarity, self.category_of, len(guide_set))
+        self.sizes["guide"].append(len(guide_set))
+        self.sizes["no_scene"].append(len(plain_set))
+        if not guide_set:
+            return
+        room_categories = {c for c in map(self.category_of, relevant) if isinstance(c, str)}
+        for name, chosen in (("guide", guide_set), ("no_scene", plain_set)):
+            # an empty no-scene set beside a non-empty guide set scores 0: it showed nothing
+            self.precision[name].append(sum(pid in relevant for pid in chosen) / len(chosen) if chosen else 0.0)
+            if room_categories:
+                covered = {self.category_of(pid) for pid in chosen} & room_categories
+                self.coverage[name].append(len(covered) / len(room_categories))
+
+
 def no_scene_set(ranked_ids: Sequence[str], category_of, size: int) -> list[str]:
     """The product set the guide would make without a scene: the first product of each category
     in `ranked_ids`, in order of first appearance, at most `size` of them.
@@ -211,7 +276,7 @@ def evaluate_guide(matcher: "Matcher", rooms: Sequence["Room"], pairs: Sequence[
     """
     from tqdm.auto import tqdm
 
-    from ..matching import SCENE_CONFIDENCE, RankingWeights
+    from ..matching import SCENE_CONFIDENCE
 
     k = _check_int("k", k, 1)
     set_size = _check_int("set_size", set_size, 0)
@@ -225,39 +290,9 @@ def evaluate_guide(matcher: "Matcher", rooms: Sequence["Room"], pairs: Sequence[
         raise ValueError(f"scene label(s) {unknown} are not among the model's scene labels {labels}; "
                          "map them to these labels or train the scene head on them first")
 
-    room_ids = {room.room_id for room in rooms}
-    relevant_of: dict[str, set[str]] = {}
-    outside = 0
-    for room_id, product_id in pairs:
-        if room_id not in room_ids:
-            continue
-        if product_id in matcher.index:
-            relevant_of.setdefault(room_id, set()).add(product_id)
-        else:
-            outside += 1
-    if outside:
-        logger.warning("%d pair(s) name products missing from the index; they are left out", outside)
-
-    categories: dict[str, Any] = {}
-
-    def category_of(product_id: str):
-        if product_id not in categories:
-            categories[product_id] = matcher.index.metadata(product_id).get("category")
-        return categories[product_id]
-
-    weights = matcher.weights
-    similarity_only = RankingWeights(similarity=1.0, scene_fit=0.0, profile=0.0, diversity=0.0,
-                                     candidates=weights.candidates)
-    # Without diversity the order is a plain sort, so the top k of the longer ranking is the
-    # similarity-only top k: one ranking serves Recall@k and the no-scene set.
-    similarity_k = max(k, weights.candidates)
-
+    relevant_of = _relevant_in_index(matcher, {room.room_id for room in rooms}, pairs)
+    scores = _RankingTally(matcher, k, set_size)
     tallies = {source: _SceneTally() for source in SCENE_SOURCES}
-    recall: dict[str, list[float]] = {"guide": [], "similarity_only": []}
-    ndcg: dict[str, list[float]] = {"guide": [], "similarity_only": []}
-    precision: dict[str, list[float]] = {"guide": [], "no_scene": []}
-    coverage: dict[str, list[float]] = {"guide": [], "no_scene": []}
-    sizes: dict[str, list[int]] = {"guide": [], "no_scene": []}
     skipped: list[tuple[str, str]] = []
     n_read = 0
     for room in tqdm(rooms, desc="guide rooms", unit="room", disable=not progress):
@@ -275,30 +310,8 @@ def evaluate_guide(matcher: "Matcher", rooms: Sequence["Room"], pairs: Sequence[
                 tallies["words"].add(room.scene, words)
                 tallies["both"].add(room.scene, combine_scene_probabilities(query.scene_probabilities, words))
 
-        relevant = relevant_of.get(room.room_id)
-        if not relevant:
-            continue
-        guide = matcher.rank(query, k=k, set_size=set_size)
-        by_similarity = [p.product_id for p in
-                         matcher.rank(query, k=similarity_k, weights=similarity_only, set_size=0).products]
-        for name, ranked in (("guide", [p.product_id for p in guide.products]),
-                             ("similarity_only", by_similarity[:k])):
-            recall[name].append(metrics.recall_at_k_ranked(ranked, relevant, k))
-            ndcg[name].append(metrics.ndcg_at_k_ranked(ranked, relevant, k))
-
-        guide_set = [p.product_id for p in guide.product_set]
-        plain_set = no_scene_set(by_similarity, category_of, len(guide_set))
-        sizes["guide"].append(len(guide_set))
-        sizes["no_scene"].append(len(plain_set))
-        if not guide_set:
-            continue
-        room_categories = {c for c in map(category_of, relevant) if isinstance(c, str)}
-        for name, chosen in (("guide", guide_set), ("no_scene", plain_set)):
-            # an empty no-scene set beside a non-empty guide set scores 0: it showed nothing
-            precision[name].append(sum(pid in relevant for pid in chosen) / len(chosen) if chosen else 0.0)
-            if room_categories:
-                covered = {category_of(pid) for pid in chosen} & room_categories
-                coverage[name].append(len(covered) / len(room_categories))
+        if relevant_of.get(room.room_id):
+            scores.add(query, relevant_of[room.room_id])
 
     if not n_read:
         raise ValueError(f"none of the {len(rooms)} room photos could be read (first: {skipped[0][1]})")
@@ -313,11 +326,11 @@ def evaluate_guide(matcher: "Matcher", rooms: Sequence["Room"], pairs: Sequence[
     result = GuideEvaluation(
         scene_labels=labels,
         scenes={source: tallies[source].result(source, labels, SCENE_CONFIDENCE) for source in sources},
-        ranking={name: RankingScores(_mean(recall[name]), _mean(ndcg[name])) for name in recall},
-        sets={name: SetScores(_mean(precision[name]), _mean(coverage[name]), _mean(sizes[name]))
-              for name in precision},
-        k=k, set_size=set_size, n_rooms=n_read, n_ranked_rooms=len(recall["guide"]),
-        n_set_rooms=len(precision["guide"]), n_coverage_rooms=len(coverage["guide"]), skipped=skipped)
+        ranking={name: RankingScores(_mean(scores.recall[name]), _mean(scores.ndcg[name])) for name in scores.recall},
+        sets={name: SetScores(_mean(scores.precision[name]), _mean(scores.coverage[name]), _mean(scores.sizes[name]))
+              for name in scores.precision},
+        k=k, set_size=set_size, n_rooms=n_read, n_ranked_rooms=len(scores.recall["guide"]),
+        n_set_rooms=len(scores.precision["guide"]), n_coverage_rooms=len(scores.coverage["guide"]), skipped=skipped)
     logger.info("guide evaluation: %d rooms (%d skipped), %d with products; photo scene accuracy %s, "
                 "Recall@%d %s (similarity only %s)", n_read, len(skipped), result.n_ranked_rooms,
                 _number(result.scenes["photo"].accuracy), k, _number(result.ranking["guide"].recall),
