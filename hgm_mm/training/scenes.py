@@ -170,14 +170,9 @@ def train_scenes(model, train_images: Sequence[SceneImage] | str | os.PathLike, 
         history = _fit(model, reader, stage, locked_norms, train_features, train_labels, val_features, val_truth,
                        config, progress)
         train_seconds = time.perf_counter() - started
-        calibration = {}
-        if val_features is not None and config.calibrate:
-            logits = _val_logits(model, reader, val_features, stage, config.batch_size)
-            truth = torch.tensor([label_index[t] for t in val_truth])
-            before = _ece(logits, truth)
-            model.config.photo_scene_temperature = fit_temperature(logits, truth)
-            calibration = {"temperature": model.config.photo_scene_temperature, "val_ece_before": before,
-                           "val_ece": _ece(logits / model.config.photo_scene_temperature, truth)}
+        calibration = _calibrate(model, reader, val_features, stage, config.batch_size,
+                                 torch.tensor([label_index[t] for t in val_truth])) \
+            if val_features is not None and config.calibrate else {}
     except BaseException:
         model.config, model.scene_reader, model.photo_scene_head, model.photo_scene_branch = previous_head
         raise
@@ -190,6 +185,16 @@ def train_scenes(model, train_images: Sequence[SceneImage] | str | os.PathLike, 
         history=history, val_accuracy=last.get("val_accuracy"), val_macro_f1=last.get("val_macro_f1"),
         n_train=len(train_kept), n_val=len(val_kept), skipped=skipped, trained_parameters=trained,
         cache_seconds=cache_seconds, train_seconds=train_seconds, calibration=calibration)
+
+
+def _calibrate(model, reader, val_features, stage, batch_size: int, truth: torch.Tensor) -> dict[str, float]:
+    """Fits the head's temperature on the validation photos (`model.config.photo_scene_temperature`);
+    returns it with the expected calibration error before and after."""
+    logits = _val_logits(model, reader, val_features, stage, batch_size)
+    before = _ece(logits, truth)
+    model.config.photo_scene_temperature = fit_temperature(logits, truth)
+    return {"temperature": model.config.photo_scene_temperature, "val_ece_before": before,
+            "val_ece": _ece(logits / model.config.photo_scene_temperature, truth)}
 
 
 def _ece(logits: torch.Tensor, truth: torch.Tensor) -> float:
