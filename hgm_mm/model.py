@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
 import os
 import dataclasses
@@ -16,25 +15,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .files import atomic_dir, atomic_write, check_file_digest, file_sha256, read_versioned_manifest
 from .fusion import GatedFusion
+from .model_folder import (OPEN_CLIP_DIR, SCENE_TOKENIZER_DIR, TOKENIZER_DIR, check_state_matches, read_model_folder,
+                           resolve_model_folder, write_model_folder)
 from .preprocess import RoomViews, TextTokenizer, build_image_transform
-from .pretrained import HF_HUB_PREFIX, HGM_CONFIG_NAME, OPEN_CLIP_CONFIG_NAME, hub_hgm_folder, is_hub_repo_id
 from .scene_heads import scene_reader
 from .scene_text import SceneTextClassifier, transformer_layers
 from .towers import build_hf_text_tower, build_open_clip_towers
 from .towers.open_clip_tower import save_open_clip_config
 from .towers.timm_tower import TimmImageTower
-from .version import __version__
 
 if TYPE_CHECKING:
     from .model_card import TrainingRecord
 
-FORMAT_VERSION = 1  # bump when the folder layout or the meaning of a saved key changes
-WEIGHTS_NAME = "model.safetensors"
-TOKENIZER_DIR = "tokenizer"
-SCENE_TOKENIZER_DIR = "scene_tokenizer"
-OPEN_CLIP_DIR = "open_clip"
 VIEW_PASS_IMAGES = 64  # room views per tower pass at inference: memory stays flat however many views a room has
 
 ImageInput = Any  # a tensor (B, 3, H, W) or (3, H, W), a PIL image, a path, or a sequence of them
@@ -572,28 +565,17 @@ class HGMModel(nn.Module):
             training: what the training run recorded (config, data, validation metrics), for the
                 card (`hgm_mm.model_card`); without it the card describes the towers and how to load.
         """
-        from safetensors.torch import save_file
+        from .model_card import render_model_card
 
-        from .model_card import CARD_NAME, render_model_card
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().to("cpu").contiguous().clone() for k, v in self.state_dict().items()}
-        atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
         if self.open_clip_config is not None:
-            atomic_dir(folder / OPEN_CLIP_DIR,
-                        lambda d: save_open_clip_config(d, self.open_clip_config, self.tokenizer.backend))
+            tokenizers = {OPEN_CLIP_DIR: lambda d: save_open_clip_config(d, self.open_clip_config,
+                                                                         self.tokenizer.backend)}
         else:
-            atomic_dir(folder / TOKENIZER_DIR, self.tokenizer.save)
+            tokenizers = {TOKENIZER_DIR: self.tokenizer.save}
         if self.scene_text_tower is not None:
-            atomic_dir(folder / SCENE_TOKENIZER_DIR, self.scene_tokenizer.save)
-        card = render_model_card(self.config, training)
-        atomic_write(folder / CARD_NAME, lambda p: p.write_text(card, encoding="utf-8"))
-        document = {"format_version": FORMAT_VERSION, "library_version": __version__,
-                    "model": self.config.to_dict(), "sha256": {WEIGHTS_NAME: file_sha256(folder / WEIGHTS_NAME)}}
-        atomic_write(folder / HGM_CONFIG_NAME,
-                      lambda p: p.write_text(json.dumps(document, indent=2, ensure_ascii=False), encoding="utf-8"))
-        return folder
+            tokenizers[SCENE_TOKENIZER_DIR] = self.scene_tokenizer.save
+        return write_model_folder(folder, self.state_dict(), self.config, render_model_card(self.config, training),
+                                  tokenizers)
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike) -> "HGMModel":
@@ -616,65 +598,13 @@ def load_model(folder: str | os.PathLike, *, device: str | torch.device | None =
         ValueError: the folder was written by a newer hgm_mm, or its config or weights do not
             match (names the keys), or a file is corrupt.
     """
-    folder = _model_folder(folder)
-    config_path = folder / HGM_CONFIG_NAME
-    if not config_path.is_file():
-        hint = (f" It holds {OPEN_CLIP_CONFIG_NAME}: create it with "
-                f"hgm_mm.create_model('local-dir:{folder}').") if (folder / OPEN_CLIP_CONFIG_NAME).is_file() else ""
-        raise FileNotFoundError(f"{folder} is not an hgm_mm model folder: {HGM_CONFIG_NAME} is missing.{hint}")
-    document = read_versioned_manifest(config_path, reads_up_to=FORMAT_VERSION, required=("model",),
-                                       fix="the folder is damaged, save the model again")
-    try:
-        config = ModelConfig.from_dict(document["model"], origin=str(config_path))
-    except ValueError as err:
-        raise ValueError(f"{err}. If the folder comes from a newer hgm_mm, upgrade: pip install -U hgm-mm") from err
-
-    weights_path = folder / WEIGHTS_NAME
-    if not weights_path.is_file():
-        raise FileNotFoundError(f"{weights_path} is missing; the folder is incomplete, save the model again")
-    from safetensors.torch import load_file
-
-    digests = document.get("sha256", {})  # folders saved before digests were recorded have none
-    if not isinstance(digests, dict):
-        raise ValueError(f"{config_path}: 'sha256' must map file names to digests; the folder is damaged")
-    check_file_digest(weights_path, digests.get(WEIGHTS_NAME), "Save the model again, or copy the whole folder")
-    try:
-        state = load_file(str(weights_path))
-    except Exception as err:  # safetensors raises its own error types for corrupt headers and data
-        raise ValueError(f"{weights_path}: cannot be read ({err}); the file is corrupt, save the model again") from err
-
+    folder = resolve_model_folder(folder)
+    config, state, weights_path = read_model_folder(folder)
     model = HGMModel(config, load_weights=False, folder=folder)
-    _check_state_matches(model, state, weights_path)
+    check_state_matches(model, state, weights_path)
     model.load_state_dict(state, strict=True)
     model.eval()
     return model.to(device) if device is not None else model
-
-
-def _model_folder(name: str | os.PathLike) -> Path:
-    """A model folder from a path, or from a hub id when no such path exists (a path always wins)."""
-    path = Path(name).expanduser()
-    if not isinstance(name, str) or path.exists():
-        return path
-    repo_id = name[len(HF_HUB_PREFIX):] if name.startswith(HF_HUB_PREFIX) else name
-    if not is_hub_repo_id(repo_id):
-        return path  # a missing folder: load_model says so
-    fix = ("Give the folder save_pretrained wrote, or the id of an hgm_mm model on the hub (offline, HF_HUB_OFFLINE=1: "
-           "one in the hub cache)")
-    try:
-        snapshot = hub_hgm_folder(repo_id)
-    except (OSError, ValueError) as err:  # huggingface_hub: unknown repository, no network, invalid id
-        raise FileNotFoundError(f"{name!r} is not a folder, and the Hugging Face Hub model {repo_id!r} cannot be "
-                                f"had ({type(err).__name__}: {err}). {fix}") from err
-    if snapshot is None:
-        from huggingface_hub import constants
-
-        if constants.HF_HUB_OFFLINE:  # the hub was not asked: only the cache could answer
-            raise FileNotFoundError(f"{name!r} is not a folder, and the hub cache holds no hgm_mm model {repo_id!r} "
-                                    f"(HF_HUB_OFFLINE is set). {fix}, or fetch it once with a network")
-        raise FileNotFoundError(f"{name!r} is not a folder, and the Hugging Face Hub repository {repo_id!r} holds no "
-                                f"{HGM_CONFIG_NAME}: it is not an hgm_mm model. {fix}; an open_clip model loads with "
-                                f"hgm_mm.create_model('hf-hub:{repo_id}')")
-    return snapshot
 
 
 def _scene_branch(image_tower: nn.Module, n_stages: int) -> nn.ModuleList | None:
@@ -694,24 +624,6 @@ def _scene_branch(image_tower: nn.Module, n_stages: int) -> nn.ModuleList | None
 def _mean_view(view_embeds: torch.Tensor) -> torch.Tensor:
     """(R, V, D) unit view vectors -> (R, D) unit vector of their mean."""
     return F.normalize(view_embeds.mean(dim=1), dim=-1)
-
-
-def _check_state_matches(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mismatched = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing (e.g. {missing[:5]})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:5]})")
-    if mismatched:
-        problems.append("shape mismatch for " + ", ".join(
-            f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}" for k in mismatched[:5]))
-    if problems:
-        raise ValueError(f"{path}: weights do not match the config: " + "; ".join(problems)
-                         + ". The folder is damaged or was written by another version of hgm_mm.")
 
 
 def _projection(in_dim: int, out_dim: int, kind: str) -> nn.Module:
