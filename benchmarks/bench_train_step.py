@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     import hgm_mm
     from hgm_mm.losses import ContrastiveLoss
     from hgm_mm.training import TrainConfig
-    from hgm_mm.training.freezing import lock_image_tower, lock_text_tower, trainable_parameter_groups
+    from hgm_mm.training.freezing import lock_image_tower, lock_text_tower
+    from hgm_mm.training.optim import trainable_parameter_groups
     from hgm_mm.training.loop import _loss_terms
 
     torch.manual_seed(0)

@@ -481,3 +481,28 @@ def test_two_processes_train_like_one(dataset, tmp_path):
     one, two = checkpoint_weights(tmp_path / "one"), checkpoint_weights(tmp_path / "two")
     for name in one:
         assert torch.allclose(one[name], two[name], atol=1e-5), name
+
+
+def test_one_schedule_with_the_two_shapes_the_trainings_use():
+    import math
+
+    from hgm_mm.training.optim import warmup_cosine
+
+    def factors(**kwargs):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        schedule = warmup_cosine(optimizer, 100, 10, **kwargs)
+        values = []
+        for _ in range(100):
+            values.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            schedule.step()
+        return values
+
+    retrieval, scenes = factors(), factors(decay_from="start")
+    assert retrieval[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])  # the same ramp
+    assert scenes == pytest.approx([min((s + 1) / 10, 0.5 * (1 + math.cos(math.pi * s / 100))) for s in range(100)])
+    # after it, the retrieval run's cosine starts at the top; the scene heads' has run from step 0
+    assert retrieval[10] == pytest.approx(1.0) and retrieval[55] == pytest.approx(0.5)
+    assert scenes[10] == pytest.approx(0.5 * (1 + math.cos(math.pi * 10 / 100))) and scenes[50] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="decay_from"):
+        factors(decay_from="end")

@@ -75,21 +75,6 @@ def keep_frozen_norms_eval(norms: list[nn.Module]) -> None:
         norm.eval()
 
 
-def trainable_parameter_groups(model: nn.Module, *, lr: float, tower_lr: float, weight_decay: float) -> list[dict]:
-    """AdamW groups: towers at `tower_lr`, the rest at `lr`; no decay on biases, norms and the temperature."""
-    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        in_tower = name.split(".")[0] in ("image_tower", "text_tower", "scene_text_tower")
-        no_decay = param.ndim < 2 or name == "logit_scale"
-        groups.setdefault((in_tower, no_decay), []).append(param)
-    # "name" lets the tracked run log each learning rate under its own key (tracking.learning_rates)
-    return [{"params": params, "lr": tower_lr if in_tower else lr, "weight_decay": 0.0 if no_decay else weight_decay,
-             "name": "towers" if in_tower else "heads"}
-            for (in_tower, no_decay), params in sorted(groups.items())]
-
-
 @torch.no_grad()
 def wise_ft(model: nn.Module, start_state: dict[str, torch.Tensor], alpha: float) -> None:
     """Weight-space ensembling (WiSE-FT): weights <- alpha * fine-tuned + (1 - alpha) * starting weights.

@@ -31,8 +31,8 @@ from .lora import add_lora, merged_copy
 from .objective import RetrievalObjective, StepOutputs, rooms_packed
 from .feature_cache import FeatureCache, build_feature_cache, cacheable_image_stage, evaluate_cached
 from .guide_heads import SCENE_REPORT_FILE, read_scene_data, train_guide_heads
-from .freezing import (keep_frozen_norms_eval, lock_image_tower, lock_text_tower, trainable_parameter_groups,
-                       wise_ft)
+from .freezing import keep_frozen_norms_eval, lock_image_tower, lock_text_tower, wise_ft
+from .optim import trainable_parameter_groups, warmup_cosine
 from .tracking import (PROJECT_NAME, TRACKING_DIR, flat_config, learning_rates, resolve_trackers, tracker_init_kwargs,
                        validation_log)
 
@@ -281,7 +281,7 @@ def _optimiser(model, config: TrainConfig, schedule_steps: int):
     """AdamW over the trainable parameters (`trainable_parameter_groups`) and its warm-up, cosine schedule."""
     optimizer = torch.optim.AdamW(trainable_parameter_groups(model, lr=config.lr, tower_lr=config.tower_lr,
                                                              weight_decay=config.weight_decay))
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(config.warmup_steps, schedule_steps))
+    return optimizer, warmup_cosine(optimizer, schedule_steps, config.warmup_steps)
 
 
 def _start_trackers(accelerator, config: TrainConfig, output: Path) -> None:
@@ -526,15 +526,6 @@ def _save_best_model(model, folder, result, train_rooms, train_pairs, scene_cate
 
 
 # -- small helpers ----------------------------------------------------------------------------------
-def _warmup_cosine(warmup: int, total: int):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-    return factor
-
-
 def _silent(*args, **kwargs) -> None:
     pass
 

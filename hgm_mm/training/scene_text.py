@@ -101,7 +101,7 @@ def train_scene_texts(model, texts: Sequence[SceneText], *, val_texts: Sequence[
     # no decay on the head: its weights are the scene descriptions' vectors at their fitted scale
     optimizer = adamw([(classifier.layers, lr)], weight_decay, undecayed=[(classifier.head, head_lr)])
     total = epochs * math.ceil(len(rows) / batch_size)
-    schedule = warmup_cosine(optimizer, total, total // 10)
+    schedule = warmup_cosine(optimizer, total, total // 10, decay_from="start")
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout inside the copied layers
     history = []

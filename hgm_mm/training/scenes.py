@@ -407,7 +407,7 @@ def _fit(model, reader, stage, locked_norms, train_features, train_labels, val_f
         groups.append((model.image_tower, config.tower_lr))
     optimizer = adamw(groups, config.weight_decay)
     total_steps = config.epochs * math.ceil(len(train_features) / config.batch_size)
-    schedule = warmup_cosine(optimizer, total_steps, total_steps // 20)
+    schedule = warmup_cosine(optimizer, total_steps, total_steps // 20, decay_from="start")
     generator = torch.Generator().manual_seed(config.seed)
     n_augmentations = train_features.shape[1]
     rows = torch.arange(len(train_features))
