@@ -36,11 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     import open_clip
 
     import hgm_mm
-    from hgm_mm.losses import ContrastiveLoss
     from hgm_mm.training import TrainConfig
     from hgm_mm.training.freezing import lock_image_tower, lock_text_tower
+    from hgm_mm.training.objective import RetrievalObjective, StepOutputs
     from hgm_mm.training.optim import trainable_parameter_groups
-    from hgm_mm.training.loop import _loss_terms
 
     torch.manual_seed(0)
     recipe = TrainConfig(room_loss_weight=0.0, scene_loss_weight=0.0)  # the product photo <-> text objective
@@ -61,14 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     hgm_optimizer = torch.optim.AdamW(trainable_parameter_groups(hgm_model, lr=1e-4, tower_lr=1e-5,
                                                                  weight_decay=0.05))
     plain_optimizer = torch.optim.AdamW([p for p in plain_model.parameters() if p.requires_grad], lr=1e-4)
-    contrastive = ContrastiveLoss()
+    objective = RetrievalObjective.from_config(recipe, hgm_model)
     clip_loss = open_clip.loss.ClipLoss()
     inputs = {"product_ids": ids}
 
     def hgm_step():
         out = hgm_model(product_pixels=pixels, product_tokens=tokens)
-        loss = _loss_terms(None, None, out.product_image_embeds, out.product_text_embeds, out.product_embeds,
-                           hgm_model.logit_scale, inputs, recipe, contrastive, None, 1)["loss"]
+        loss = objective(StepOutputs.from_model(hgm_model, out), inputs)["loss"]
         loss.backward()
         hgm_optimizer.step()
         hgm_optimizer.zero_grad(set_to_none=True)
