@@ -22,6 +22,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .files import atomic_dir, atomic_write, check_file_digest, file_sha256, read_versioned_manifest
+from .model_card import CARD_NAME
 from .pretrained import HF_HUB_PREFIX, HGM_CONFIG_NAME, OPEN_CLIP_CONFIG_NAME, hub_hgm_folder, is_hub_repo_id
 from .version import __version__
 
@@ -37,8 +38,6 @@ def write_model_folder(folder: str | os.PathLike, state: Mapping[str, torch.Tens
     """Writes the weights, each tokenizer folder (`tokenizers`: folder name -> its writer), the card,
     then the config with the weights' SHA-256, each atomically."""
     from safetensors.torch import save_file
-
-    from .model_card import CARD_NAME
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..data.images import ImageError
+from ..ranking_weights import RankingWeights
 from ..scenes import combine_scene_probabilities
 from . import metrics
 
@@ -185,8 +186,6 @@ class _RankingTally:
     product set's precision, coverage and size beside a set of the top products per category."""
 
     def __init__(self, matcher, k: int, set_size: int):
-        from ..ranking_weights import RankingWeights
-
         self.matcher, self.k, self.set_size = matcher, k, set_size
         self.similarity_only = RankingWeights(similarity=1.0, scene_fit=0.0, profile=0.0, diversity=0.0,
                                               candidates=matcher.weights.candidates)
