@@ -1,4 +1,4 @@
-"""Benchmark of `hgm_mm.index.ProductIndex`: exact vs approximate search on synthetic catalogues.
+"""Benchmark of `hgm_mm.retrieval.index.ProductIndex`: exact vs approximate search on synthetic catalogues.
 
     python benchmarks/bench_index.py --sizes 100000 1000000 --out benchmarks/results/index.json
 
@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a source checkout
 
-from hgm_mm.index import IndexParams, ProductIndex  # noqa: E402
+from hgm_mm.retrieval.index import IndexParams, ProductIndex  # noqa: E402
 
 CATEGORIES = ("sofa", "chair", "table", "lamp", "bed")  # 20% each: the filtered query keeps one
 
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"--queries {args.queries}: time at least 200 queries for a stable p95")
     args.build_threads = args.threads or faiss.omp_get_max_threads()
     args.query_threads = args.query_threads or args.build_threads
-    report = {"benchmark": "hgm_mm.index.ProductIndex", "machine": machine(),
+    report = {"benchmark": "hgm_mm.retrieval.index.ProductIndex", "machine": machine(),
               "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "data": "clustered unit vectors: Gaussian mixture (max(32, N/1000) clusters) in latent-dim "
                       "dimensions, random orthonormal projection to dim, isotropic noise, L2-normalised; "

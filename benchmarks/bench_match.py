@@ -48,7 +48,7 @@ def ikea_folder(data: Path) -> Path:
 def scene_prior_and_rooms(ikea: Path):
     """The prior P(category | scene) from the IKEA pairs, and the IKEA rooms."""
     from hgm_mm.data.records import read_pairs, read_products, read_rooms
-    from hgm_mm.matching import SceneCategoryPrior
+    from hgm_mm.ranking.matcher import SceneCategoryPrior
 
     products = {p.product_id: p for p in read_products(ikea / "products.jsonl", check_images=False)}
     rooms = {r.room_id: r for r in read_rooms(ikea / "rooms.jsonl", check_images=False)}
@@ -63,7 +63,7 @@ def scene_prior_and_rooms(ikea: Path):
 def embedded_catalogue(model, ikea: Path, workdir: Path) -> tuple[np.ndarray, list[str]]:
     """The IKEA catalogue's vectors (N, D), as `hgm-mm index` computes them, and each product's category."""
     from hgm_mm.data.records import read_products
-    from hgm_mm.matching import Matcher, build_catalog_index
+    from hgm_mm.ranking.matcher import Matcher, build_catalog_index
 
     products = [p for p in read_products(ikea / "products.jsonl") if p.category]
     build_catalog_index(model, products, workdir / "ikea-index", progress=False)
@@ -92,7 +92,7 @@ def catalogue_like_vectors(real: np.ndarray, categories: list[str], n: int, seed
 
 
 def synthetic_index(model, vectors: np.ndarray, categories: list[str], kind: str):
-    from hgm_mm.index import IndexParams, ProductIndex
+    from hgm_mm.retrieval.index import IndexParams, ProductIndex
 
     metadata = [{"category": c} for c in categories]
     start = time.perf_counter()
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--kinds: give one kind or one per size ({len(args.sizes)})")
 
     import hgm_mm
-    from hgm_mm.matching import Matcher
+    from hgm_mm.ranking.matcher import Matcher
 
     ikea = ikea_folder(args.data)
     with warnings.catch_warnings():

@@ -47,7 +47,7 @@ def build_index(model_name: str, ikea: Path, folder: Path) -> None:
     """The IKEA catalogue embedded by the model, with the scene-category prior of the IKEA rooms."""
     import hgm_mm
     from hgm_mm.data import read_pairs, read_products, read_rooms
-    from hgm_mm.matching import SceneCategoryPrior, build_catalog_index
+    from hgm_mm.ranking.matcher import SceneCategoryPrior, build_catalog_index
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", hgm_mm.RandomInitWarning)
@@ -117,8 +117,8 @@ def load_test(url: str, requests: list[dict], clients: int, seconds: float, seed
 
 def spot_check(index_dir: Path, requests: dict[str, dict], records: list[dict], count: int, seed: int) -> dict:
     """Recorded answers against `Matcher.match` on the same input, in this process."""
-    from hgm_mm.matching import Matcher
-    from hgm_mm.serving import read_room_photo
+    from hgm_mm.ranking.matcher import Matcher
+    from hgm_mm.apps.serving import read_room_photo
 
     matcher = Matcher.load(index_dir)
     answered = [r for r in records if r["status"] == 200]

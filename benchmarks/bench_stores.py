@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_index import CATEGORIES, ClusteredUnitVectors, recall, time_queries  # noqa: E402
 from machine import describe_machine, record_result  # noqa: E402
 
-from hgm_mm.index import ProductIndex  # noqa: E402
-from hgm_mm.milvus_index import MilvusProductIndex  # noqa: E402
+from hgm_mm.retrieval.index import ProductIndex  # noqa: E402
+from hgm_mm.retrieval.milvus import MilvusProductIndex  # noqa: E402
 
 BATCH = 10_000
 

@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 from hgm_mm.data import load_dataset  # noqa: E402
 from hgm_mm.data.split import split_rooms  # noqa: E402
 from hgm_mm.evaluation.evaluate import embed_catalog  # noqa: E402
-from hgm_mm.index import ProductIndex, model_fingerprint  # noqa: E402
-from hgm_mm.matching import Matcher, RankingWeights, SceneCategoryPrior, product_metadata  # noqa: E402
+from hgm_mm.retrieval.index import ProductIndex, model_fingerprint  # noqa: E402
+from hgm_mm.ranking.matcher import Matcher, RankingWeights, SceneCategoryPrior, product_metadata  # noqa: E402
 
 SCENE_FIT = (0.0, 0.05, 0.1, 0.15, 0.2)
 DIVERSITY = (0.0, 0.01, 0.02, 0.05, 0.1)

@@ -3,33 +3,40 @@
     import hgm_mm
     model = hgm_mm.create_model("hgm-lite-en")
     rooms = model.encode_room(["room.jpg"], ["a Nordic living room, warm light"])
+
+The package follows the data's path (docs/architecture.md): `data` (records, images, scenes),
+`models`, `retrieval`, `embedding`, `losses`, `ranking`, `evaluation`, `training`, `apps`.
 """
-from .config import FusionConfig as FusionConfig
-from .config import ImageTowerConfig as ImageTowerConfig
-from .config import ModelConfig as ModelConfig
-from .config import TextTowerConfig as TextTowerConfig
-from .evaluation import evaluate as evaluate
-from .factory import create_model as create_model
-from .index import ProductIndex as ProductIndex
-from .log import log_to_console as log_to_console
-from .index import model_fingerprint as model_fingerprint
-from .matching import MatchResult as MatchResult
-from .matching import Matcher as Matcher
-from .matching import RankedProduct as RankedProduct
-from .matching import RankingWeights as RankingWeights
-from .matching import SceneCategoryPrior as SceneCategoryPrior
-from .matching import build_catalog_index as build_catalog_index
-from .milvus_index import MilvusProductIndex as MilvusProductIndex
-from .model import HGMModel as HGMModel
-from .model import HGMOutput as HGMOutput
-from .model import load_model as load_model
-from .pretrained import RandomInitWarning as RandomInitWarning
-from .pretrained import builtin_model_names as builtin_model_names
-from .profile import InteractionEvent as InteractionEvent
-from .profile import UserProfile as UserProfile
-from .profile import read_events as read_events
-from .training import TrainConfig as TrainConfig
-from .training import train as train
-from .version import __version__ as __version__
+from . import _moved
+
+_moved.install()
+
+from .data.events import InteractionEvent as InteractionEvent  # noqa: E402
+from .data.events import read_events as read_events  # noqa: E402
+from .evaluation import evaluate as evaluate  # noqa: E402
+from .log import log_to_console as log_to_console  # noqa: E402
+from .models.config import FusionConfig as FusionConfig  # noqa: E402
+from .models.config import ImageTowerConfig as ImageTowerConfig  # noqa: E402
+from .models.config import ModelConfig as ModelConfig  # noqa: E402
+from .models.config import TextTowerConfig as TextTowerConfig  # noqa: E402
+from .models.factory import create_model as create_model  # noqa: E402
+from .models.hgm import HGMModel as HGMModel  # noqa: E402
+from .models.hgm import HGMOutput as HGMOutput  # noqa: E402
+from .models.hgm import load_model as load_model  # noqa: E402
+from .models.pretrained import RandomInitWarning as RandomInitWarning  # noqa: E402
+from .models.pretrained import builtin_model_names as builtin_model_names  # noqa: E402
+from .ranking.catalog import build_catalog_index as build_catalog_index  # noqa: E402
+from .ranking.matcher import Matcher as Matcher  # noqa: E402
+from .ranking.matcher import MatchResult as MatchResult  # noqa: E402
+from .ranking.matcher import RankedProduct as RankedProduct  # noqa: E402
+from .ranking.prior import SceneCategoryPrior as SceneCategoryPrior  # noqa: E402
+from .ranking.profile import UserProfile as UserProfile  # noqa: E402
+from .ranking.weights import RankingWeights as RankingWeights  # noqa: E402
+from .retrieval.index import ProductIndex as ProductIndex  # noqa: E402
+from .retrieval.index import model_fingerprint as model_fingerprint  # noqa: E402
+from .retrieval.milvus import MilvusProductIndex as MilvusProductIndex  # noqa: E402
+from .training import TrainConfig as TrainConfig  # noqa: E402
+from .training import train as train  # noqa: E402
+from .version import __version__ as __version__  # noqa: E402
 
 list_models = builtin_model_names

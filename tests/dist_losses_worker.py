@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hgm_mm import losses
-from hgm_mm.grad_cache import grad_cache_step
-from hgm_mm.losses import (ContrastiveLoss, MultiPositiveContrastiveLoss, gather_with_grad,
+from hgm_mm.losses import contrastive as losses
+from hgm_mm.losses.grad_cache import grad_cache_step
+from hgm_mm.losses.contrastive import (ContrastiveLoss, MultiPositiveContrastiveLoss, gather_with_grad,
                            pad_positive_ids, scene_loss)
 
 IN_DIM, OUT_DIM = 6, 5

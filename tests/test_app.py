@@ -69,7 +69,7 @@ def app_module():
 
 @pytest.fixture(scope="module")
 def matcher(ikea_head_index: Path):
-    from hgm_mm.matching import Matcher
+    from hgm_mm.ranking.matcher import Matcher
 
     return Matcher.load(ikea_head_index)
 
@@ -303,7 +303,7 @@ def test_png_webp_and_exif_rotated_photos_are_matched(client, app_module):
     photo = app_module.read_room_photo(buffer.getvalue())
     assert photo.size == (200, 300) and photo.mode == "RGB"
     large = app_module.read_room_photo(photo_bytes(size=(3000, 2000)))
-    from hgm_mm.serving import WORKING_SIDE
+    from hgm_mm.apps.serving import WORKING_SIDE
 
     assert max(large.size) == WORKING_SIDE
 
@@ -380,7 +380,7 @@ def test_results_page_names_the_scene_only_when_confident_and_shows_no_scores(cl
 
 
 def hand_made_result(app_module, probabilities: dict, confident: bool):
-    from hgm_mm.matching import MatchResult, RankedProduct
+    from hgm_mm.ranking.matcher import MatchResult, RankedProduct
 
     sofa = RankedProduct("s1", 0.734, {"similarity": 0.7, "scene_fit": 0.034}, {
         "title": "KIVIK", "category": "sofa", "product_type": "3-seat sofa", "color": "Grey", "price": 1299,

@@ -66,7 +66,7 @@ def test_lite_image_tower_classifies_an_imagenet_object(lite_en, shared_data):
     """The image tower's trunk is the ImageNet model: with its classifier put back, a sofa is a couch."""
     import timm
 
-    from hgm_mm.towers.offline_weights import efficientnet_lite0_state_dict
+    from hgm_mm.models.towers.offline_weights import efficientnet_lite0_state_dict
 
     classifier = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     classifier.load_state_dict(efficientnet_lite0_state_dict())

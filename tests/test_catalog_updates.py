@@ -15,8 +15,8 @@ from PIL import Image
 
 import hgm_mm
 from conftest import tiny_model
-from hgm_mm.catalog_vectors import content_key
-from hgm_mm.matching import Matcher, build_catalog_index
+from hgm_mm.embedding.catalog_vectors import content_key
+from hgm_mm.ranking.matcher import Matcher, build_catalog_index
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 import hgm_mm
-from hgm_mm.cli import main
+from hgm_mm.apps.cli import main
 
 
 def _tiny_dataset(root):
@@ -26,7 +26,7 @@ def _tiny_dataset(root):
 
 def test_demo_passes_its_flags_to_run_demo(tmp_path, monkeypatch):
     seen = {}
-    monkeypatch.setattr("hgm_mm.demo.run_demo", lambda data, **kwargs: seen.update(data=data, **kwargs))
+    monkeypatch.setattr("hgm_mm.apps.demo.run_demo", lambda data, **kwargs: seen.update(data=data, **kwargs))
     assert main(["demo", "--data", str(tmp_path), "--output", str(tmp_path / "out"), "--model", "hgm-tiny",
                  "--rooms", "2", "--train-rooms", "8", "--products", "40", "--steps", "3", "--batch-size", "8",
                  "-k", "4"]) == 0
@@ -173,7 +173,7 @@ def test_version_and_log_levels(capsys):
 def test_every_training_setting_has_a_flag_that_reaches_the_config(tmp_path):
     import dataclasses
 
-    from hgm_mm.cli import parse_args, train_config
+    from hgm_mm.apps.cli import parse_args, train_config
     from hgm_mm.training import TrainConfig
 
     config_file = tmp_path / "run.yaml"
@@ -198,7 +198,7 @@ def help_of(command: list[str]) -> str:
     import contextlib
     import io
 
-    from hgm_mm.cli import parse_args
+    from hgm_mm.apps.cli import parse_args
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit):

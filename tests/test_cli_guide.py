@@ -4,7 +4,7 @@ import warnings
 
 import pytest
 
-from hgm_mm.cli import main
+from hgm_mm.apps.cli import main
 
 N_PRODUCTS = 12
 

@@ -8,9 +8,9 @@ import hgm_mm
 from hgm_mm.data import load_dataset
 from hgm_mm.data.ikea_repo import DownloadError
 from hgm_mm.data.split import split_rooms
-from hgm_mm.demo import HIT_COLOUR, choose_subset, find_demo_data, run_demo, write_contact_sheet, write_subset
-from hgm_mm.matching import MatchResult, RankedProduct
-from hgm_mm.scenes import scene_words
+from hgm_mm.apps.demo import HIT_COLOUR, choose_subset, find_demo_data, run_demo, write_contact_sheet, write_subset
+from hgm_mm.ranking.matcher import MatchResult, RankedProduct
+from hgm_mm.data.scenes import scene_words
 
 SCENES = ["bedroom", "kitchen", "living_room"]
 
@@ -145,7 +145,7 @@ def test_the_demo_trains_indexes_matches_and_draws_on_the_ikea_data(shared_data,
     assert hgm_mm.load_model(result.model_dir).config.scene_source == "photo"  # the demo trained the scene heads
     with Image.open(result.contact_sheet) as sheet:
         assert sheet.width >= 12 + 330 + 12 + 3 * 172 and sheet.height > 2 * 200
-    from hgm_mm.matching import Matcher
+    from hgm_mm.ranking.matcher import Matcher
 
     assert len(Matcher.load(result.index_dir).index) == 40  # the folder works on its own
 

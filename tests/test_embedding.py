@@ -14,7 +14,7 @@ from torch import nn
 
 import hgm_mm
 from conftest import tiny_model
-from hgm_mm import inference
+from hgm_mm.models import export
 from hgm_mm.data import loading
 from hgm_mm.embedding import batch, shards
 from hgm_mm.data.images import ImageError, load_image
@@ -256,12 +256,12 @@ def test_batch_norm_folding_keeps_outputs_and_refuses_a_conv_output_used_twice()
     for module in (plain, shared):  # statistics far from the identity, so a wrong fold shows
         module.norm.running_mean.uniform_(-1, 1)
         module.norm.running_var.uniform_(0.5, 2)
-    folded = inference.folded_copy(plain, 16, torch.device("cpu"))
+    folded = export.folded_copy(plain, 16, torch.device("cpu"))
     assert folded is not plain and isinstance(folded.norm, nn.Identity)
     x = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
         assert torch.allclose(folded(x), plain(x), atol=1e-5)
-    assert inference.folded_copy(shared, 16, torch.device("cpu")) is shared  # the probe check refused it
+    assert export.folded_copy(shared, 16, torch.device("cpu")) is shared  # the probe check refused it
 
 
 @pytest.mark.slow
@@ -301,7 +301,7 @@ def test_two_processes_split_the_catalogue_and_merge_to_the_one_process_result(m
 
 
 # -- ONNX Runtime engine -------------------------------------------------------------------------
-needs_onnxruntime = pytest.mark.skipif(not inference.onnxruntime_available(),
+needs_onnxruntime = pytest.mark.skipif(not export.onnxruntime_available(),
                                        reason="onnxruntime, onnx and onnxscript are not installed")
 
 
@@ -328,7 +328,7 @@ def test_onnxruntime_engine_matches_torch_for_products_and_room_views_with_worke
 def test_onnx_encoder_survives_pickling_and_builds_its_session_again(model):
     import pickle
 
-    encoder = inference.OnnxImageEncoder(model)
+    encoder = export.OnnxImageEncoder(model)
     pixels = torch.randn(2, 3, model.config.image_tower.image_size, model.config.image_tower.image_size)
     expected = encoder(pixels)
     copied = pickle.loads(pickle.dumps(encoder))  # what a spawned DataLoader worker receives
@@ -339,7 +339,7 @@ def test_onnx_encoder_survives_pickling_and_builds_its_session_again(model):
 
 
 def test_engine_choice_and_refusals(model, monkeypatch):
-    installed = inference.onnxruntime_available()
+    installed = export.onnxruntime_available()
     few, many = batch.ONNX_MIN_PHOTOS - 1, batch.ONNX_MIN_PHOTOS
     assert batch.resolve_engine("auto", model, "auto", few) == "torch"  # the export would cost more
     assert batch.resolve_engine("auto", model, "auto", many) == ("onnxruntime" if installed else "torch")
@@ -349,7 +349,7 @@ def test_engine_choice_and_refusals(model, monkeypatch):
         batch.resolve_engine("tensorrt", model, "auto", many)
     with pytest.raises(ValueError, match="fp32"):
         batch.resolve_engine("onnxruntime", model, "bf16", many)
-    monkeypatch.setattr(inference, "onnxruntime_available", lambda: False)
+    monkeypatch.setattr(export, "onnxruntime_available", lambda: False)
     monkeypatch.setattr(batch, "onnxruntime_available", lambda: False)
     assert batch.resolve_engine("auto", model, "auto", many) == "torch"
     with pytest.raises(ImportError, match="pip install onnxruntime"):
@@ -359,15 +359,15 @@ def test_engine_choice_and_refusals(model, monkeypatch):
 @needs_onnxruntime
 def test_auto_engine_falls_back_to_torch_when_the_export_fails(model, tmp_path, monkeypatch):
     def failing_export(encoder, probe):
-        raise inference.OnnxExportError("the image path could not be exported to ONNX (test)")
+        raise export.OnnxExportError("the image path could not be exported to ONNX (test)")
 
-    monkeypatch.setattr(inference, "_export", failing_export)
+    monkeypatch.setattr(export, "_export", failing_export)
     monkeypatch.setattr(batch, "ONNX_MIN_PHOTOS", 1)
     paths = make_photos(tmp_path / "img", 3)
     with pytest.warns(RuntimeWarning, match="embedding with torch instead"):
         result = embed_to_shards(model, ids_for(paths), paths, tmp_path / "auto", num_workers=0, progress=False)
     assert torch.allclose(result.load()[1], reference_vectors(model, paths), atol=1e-4)
-    with pytest.raises(inference.OnnxExportError):
+    with pytest.raises(export.OnnxExportError):
         embed_to_shards(model, ids_for(paths), paths, tmp_path / "strict", engine="onnxruntime", num_workers=0,
                         progress=False)
 
@@ -381,7 +381,7 @@ def test_folded_copy_fixes_tensorflow_same_padding_for_its_input_size():
     for norm in (tower[1], tower[4]):  # statistics that make folding change the numbers
         norm.running_mean.uniform_(-1, 1)
         norm.running_var.uniform_(0.5, 2)
-    folded = inference.folded_copy(tower, 63, torch.device("cpu"))  # odd size: pads differ on each side
+    folded = export.folded_copy(tower, 63, torch.device("cpu"))  # odd size: pads differ on each side
     assert not any(isinstance(m, (Conv2dSame, nn.BatchNorm2d)) for m in folded.modules())
     pixels = torch.randn(4, 3, 63, 63)
     with torch.inference_mode():
@@ -390,7 +390,7 @@ def test_folded_copy_fixes_tensorflow_same_padding_for_its_input_size():
 
 
 def test_folded_encoder_refuses_another_image_size(model):
-    encoder = inference.FoldedImageEncoder(model)
+    encoder = export.FoldedImageEncoder(model)
     size = model.config.image_tower.image_size
     with pytest.raises(ValueError, match=f"takes {size}x{size}"):
         encoder(torch.randn(1, 3, size + 8, size + 8))
@@ -401,16 +401,16 @@ def test_onnx_export_falls_back_to_the_torch_export_exporter(model, monkeypatch)
     def unavailable(encoder, probe):
         raise RuntimeError("the TorchScript-based exporter is gone")
 
-    monkeypatch.setattr(inference, "_export_torchscript", unavailable)
-    encoder = inference.OnnxImageEncoder(model)  # built through torch.export and checked on its probe
+    monkeypatch.setattr(export, "_export_torchscript", unavailable)
+    encoder = export.OnnxImageEncoder(model)  # built through torch.export and checked on its probe
     size = model.config.image_tower.image_size
     pixels = torch.randn(5, 3, size, size)
     with torch.inference_mode():
         assert torch.allclose(encoder(pixels), model.encode_image(pixels), rtol=0, atol=1e-4)
-    monkeypatch.setattr(inference, "_export_torch_export", unavailable)
+    monkeypatch.setattr(export, "_export_torch_export", unavailable)
     both_failed = "TorchScript exporter: RuntimeError.*torch.export exporter: RuntimeError"
-    with pytest.raises(inference.OnnxExportError, match=both_failed):
-        inference.OnnxImageEncoder(model)
+    with pytest.raises(export.OnnxExportError, match=both_failed):
+        export.OnnxImageEncoder(model)
 
 
 def test_folded_copy_gives_the_locked_prefix_only_where_no_fold_crosses_the_cut():
@@ -425,8 +425,8 @@ def test_folded_copy_gives_the_locked_prefix_only_where_no_fold_crosses_the_cut(
         stages[-1].running_var.uniform_(0.5, 2)
     pixels = torch.randn(2, 3, side, side)
     between = len(stages) - 1  # after the head convolution, before its BatchNorm
-    assert inference.folded_copy(tower, side, torch.device("cpu"), prefix_stage=between) is tower
-    folded = inference.folded_copy(tower, side, torch.device("cpu"), prefix_stage=between - 1)
+    assert export.folded_copy(tower, side, torch.device("cpu"), prefix_stage=between) is tower
+    folded = export.folded_copy(tower, side, torch.device("cpu"), prefix_stage=between - 1)
     assert folded is not tower
     with torch.no_grad():
         expected = tower.prefix_features(pixels, between - 1)
@@ -435,7 +435,7 @@ def test_folded_copy_gives_the_locked_prefix_only_where_no_fold_crosses_the_cut(
 
 
 def test_room_views_run_in_bounded_passes_and_give_the_one_pass_vectors(model, tmp_path, monkeypatch):
-    import hgm_mm.model as model_module
+    import hgm_mm.models.hgm as model_module
 
     paths = make_photos(tmp_path / "img", 3)
     rooms = [load_image(p) for p in paths]

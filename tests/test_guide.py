@@ -10,9 +10,9 @@ from conftest import tiny_model
 from hgm_mm.data import Room, SceneText
 from hgm_mm.evaluation import GuideEvaluation, evaluate_guide, format_guide_report, metrics
 from hgm_mm.evaluation.guide import no_scene_set
-from hgm_mm.index import ProductIndex, model_fingerprint
-from hgm_mm.matching import SCENE_CONFIDENCE, Matcher, RankingWeights, SceneCategoryPrior
-from hgm_mm.scenes import combine_scene_probabilities
+from hgm_mm.retrieval.index import ProductIndex, model_fingerprint
+from hgm_mm.ranking.matcher import SCENE_CONFIDENCE, Matcher, RankingWeights, SceneCategoryPrior
+from hgm_mm.data.scenes import combine_scene_probabilities
 
 N = 40
 CATEGORIES = ["sofa", "lamp", "rug", "bathmat"] * (N // 4)

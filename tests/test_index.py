@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import hgm_mm
-from hgm_mm.index import IndexParams, ProductIndex, SearchResult, model_fingerprint
+from hgm_mm.retrieval.index import IndexParams, ProductIndex, SearchResult, model_fingerprint
 
 D = 64
 N = 20_000
@@ -41,14 +41,14 @@ class Backend:
     def build(self, ids, vectors, metadata=None, **options):
         if self.name == "faiss":
             return ProductIndex.build(ids, vectors, metadata, **options)
-        from hgm_mm.milvus_index import MilvusProductIndex
+        from hgm_mm.retrieval.milvus import MilvusProductIndex
 
         return MilvusProductIndex.build(self.uri, ids, vectors, metadata, collection=self._new_name(), **options)
 
     def empty(self, dim, **options):
         if self.name == "faiss":
             return ProductIndex(dim, **options)
-        from hgm_mm.milvus_index import MilvusProductIndex
+        from hgm_mm.retrieval.milvus import MilvusProductIndex
 
         return MilvusProductIndex.create(self.uri, dim, collection=self._new_name(), **options)
 
@@ -56,7 +56,7 @@ class Backend:
         """The index as another process finds it: loaded from its saved folder, or its collection opened."""
         if self.name == "faiss":
             return ProductIndex.load(index.save(folder), model_identity=model_identity)
-        from hgm_mm.milvus_index import MilvusProductIndex
+        from hgm_mm.retrieval.milvus import MilvusProductIndex
 
         return MilvusProductIndex.open(self.uri, collection=index.collection, model_identity=model_identity)
 

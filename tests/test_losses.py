@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hgm_mm.grad_cache import grad_cache_step
-from hgm_mm.losses import (PAD_ID, ContrastiveLoss, MultiPositiveContrastiveLoss, gather_with_grad,
+from hgm_mm.losses.grad_cache import grad_cache_step
+from hgm_mm.losses.contrastive import (PAD_ID, ContrastiveLoss, MultiPositiveContrastiveLoss, gather_with_grad,
                            pad_positive_ids, scene_loss)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -10,10 +10,10 @@ from PIL import Image
 import hgm_mm
 from conftest import tiny_model
 from hgm_mm.data import Product, Room
-from hgm_mm.index import ProductIndex, model_fingerprint
-from hgm_mm.matching import (MatchResult, Matcher, RankingWeights, SceneCategoryPrior, build_catalog_index,
+from hgm_mm.retrieval.index import ProductIndex, model_fingerprint
+from hgm_mm.ranking.matcher import (MatchResult, Matcher, RankingWeights, SceneCategoryPrior, build_catalog_index,
                              diverse_order)
-from hgm_mm.profile import UserProfile
+from hgm_mm.ranking.profile import UserProfile
 
 N = 40
 
@@ -146,7 +146,7 @@ def test_reasons_sum_to_the_score_and_json_is_ready(model, vectors, photo):
 @pytest.mark.parametrize("candidates, score_whole_max", [(100, 2000), (1, 2000), (100, 0)])
 def test_product_set_has_the_best_product_of_each_fitting_category(model, vectors, photo, candidates,
                                                                     score_whole_max, monkeypatch):
-    monkeypatch.setattr(hgm_mm.matching, "SET_SCORE_WHOLE_MAX", score_whole_max)
+    monkeypatch.setattr(hgm_mm.ranking.matcher, "SET_SCORE_WHOLE_MAX", score_whole_max)
     index = make_index(model, vectors, CATEGORIES)
     matcher = Matcher(model, index, prior=uniform_prior(model, SCENE_COUNTS),
                       weights=RankingWeights(candidates=candidates))
@@ -169,7 +169,7 @@ def test_product_set_has_the_best_product_of_each_fitting_category(model, vector
 def test_a_large_set_category_with_no_candidate_is_searched_near_the_room(model, vectors, photo, monkeypatch):
     """Every category too large to score whole; "lamp" holds only products no query vector found,
     so its set item comes from a search of lamps near the room vector (all 20 or fewer of them)."""
-    monkeypatch.setattr(hgm_mm.matching, "SET_SCORE_WHOLE_MAX", 0)
+    monkeypatch.setattr(hgm_mm.ranking.matcher, "SET_SCORE_WHOLE_MAX", 0)
     plain = Matcher(model, make_index(model, vectors, ["sofa"] * N))
     query = plain.encode_query(photo)
     search_vectors = np.concatenate([query.room_vector[None, :], query.view_embeds[0].numpy()])
@@ -188,7 +188,7 @@ def test_a_large_set_category_with_no_candidate_is_searched_near_the_room(model,
 
 
 def test_the_guide_says_when_it_is_not_sure_of_the_scene(model, vectors, photo):
-    from hgm_mm.matching import SCENE_CONFIDENCE
+    from hgm_mm.ranking.matcher import SCENE_CONFIDENCE
 
     matcher = Matcher(model, make_index(model, vectors, CATEGORIES), prior=uniform_prior(model, SCENE_COUNTS))
     encoded = matcher.encode_query(photo)
@@ -352,7 +352,7 @@ def test_build_catalog_index_then_load_matches_alone(model, photo, tmp_path):
 
 @pytest.mark.parametrize("kind", ["exact", "hnsw", "ivfpq"])
 def test_index_vectors_reads_stored_vectors_by_id(kind):
-    from hgm_mm.index import IndexParams
+    from hgm_mm.retrieval.index import IndexParams
 
     x = np.random.default_rng(3).standard_normal((1200, 16)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)

@@ -111,7 +111,7 @@ class _RunsCode:
 
 def test_hostile_pickles_are_refused_naming_the_file_never_suggesting_unsafe_loading(tiny_clip_name, tmp_path,
                                                                                        capsys):
-    from hgm_mm.pretrained import load_state_dict_file
+    from hgm_mm.models.pretrained import load_state_dict_file
 
     (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP_CFG}))
     torch.save({"weight": _RunsCode()}, tmp_path / "open_clip_pytorch_model.bin")
@@ -141,7 +141,7 @@ def test_separate_tower_choices(tmp_path):
     bert = transformers.BertModel(transformers.BertConfig(
         vocab_size=261, hidden_size=24, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48))
     bert.save_pretrained(tmp_path / "bert")
-    from hgm_mm.towers.hf_tower import byte_level_tokenizer
+    from hgm_mm.models.towers.hf_tower import byte_level_tokenizer
 
     byte_level_tokenizer().save_pretrained(str(tmp_path / "bert"))
     model = tiny_model(
@@ -230,7 +230,7 @@ def test_forward_returns_one_dataclass_with_what_was_asked():
 
 
 def test_room_views_are_the_whole_photo_and_its_tiles():
-    from hgm_mm.preprocess import RoomViews
+    from hgm_mm.models.preprocess import RoomViews
 
     photo = Image.new("RGB", (80, 60), (255, 0, 0))
     photo.paste((0, 0, 255), (40, 30, 80, 60))  # bottom-right quadrant blue
@@ -306,7 +306,7 @@ def test_round_trip_is_bit_exact_and_writes_the_expected_files(tmp_path):
     model.save_pretrained(tmp_path)
     files = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
     assert files == ["README.md", "hgm_config.json", "model.safetensors", "tokenizer/tokenizer.json",
-                     "tokenizer/tokenizer_config.json"]  # README.md: the model card (hgm_mm/model_card.py)
+                     "tokenizer/tokenizer_config.json"]  # README.md: the model card (hgm_mm/models/model_card.py)
     document = json.loads((tmp_path / "hgm_config.json").read_text())
     assert document["library_version"] == hgm_mm.__version__ and document["format_version"] == 1
     assert document["model"]["scene_labels"] == ["bedroom", "kitchen", "outdoor"]
@@ -410,7 +410,7 @@ def test_load_of_a_folder_without_config_says_what_it_is(tmp_path):
 def test_weight_files_are_never_unpickled(tmp_path):
     import pickle
 
-    from hgm_mm.pretrained import load_state_dict_file
+    from hgm_mm.models.pretrained import load_state_dict_file
 
     class Payload:
         def __reduce__(self):

@@ -11,8 +11,8 @@ import yaml
 
 import hgm_mm
 from conftest import tiny_model
-from hgm_mm.model_card import TrainingRecord, render_model_card
-from hgm_mm.pretrained import builtin_model_config
+from hgm_mm.models.model_card import TrainingRecord, render_model_card
+from hgm_mm.models.pretrained import builtin_model_config
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_training import make_dataset, tiny_config  # noqa: E402  (the tiny dataset and run of the training tests)

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hgm_mm.towers import offline_weights as ow
+from hgm_mm.models.towers import offline_weights as ow
 
 
 def _need(module: str) -> None:

@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 
 from hgm_mm.data import DataError
-from hgm_mm.index import ProductIndex
-from hgm_mm.profile import InteractionEvent, UserProfile, read_events, style_words
+from hgm_mm.retrieval.index import ProductIndex
+from hgm_mm.ranking.profile import InteractionEvent, UserProfile, read_events, style_words
 
 DAY = 86_400.0
 

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 import hgm_mm
-from hgm_mm.matching import Matcher, build_catalog_index
+from hgm_mm.ranking.matcher import Matcher, build_catalog_index
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

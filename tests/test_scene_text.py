@@ -12,10 +12,10 @@ from PIL import Image
 
 import hgm_mm
 from conftest import tiny_model as shared_tiny_model
-from hgm_mm.calibration import fit_temperature
-from hgm_mm.cli import main
+from hgm_mm.models.calibration import fit_temperature
+from hgm_mm.apps.cli import main
 from hgm_mm.data import DataError, SceneText, read_rooms, read_scene_images, read_scene_texts
-from hgm_mm.scenes import DEFAULT_SCENE_LABELS, canonical_scene, combine_scene_probabilities, scene_descriptions
+from hgm_mm.data.scenes import DEFAULT_SCENE_LABELS, canonical_scene, combine_scene_probabilities, scene_descriptions
 from hgm_mm.training.scene_text import train_scene_texts
 
 LABELS = ["bedroom", "kitchen"]

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def matcher(ikea_head_index: Path):
-    from hgm_mm.matching import Matcher
+    from hgm_mm.ranking.matcher import Matcher
 
     return Matcher.load(ikea_head_index)
 
@@ -32,7 +32,7 @@ def matcher(ikea_head_index: Path):
 def client(matcher):
     from fastapi.testclient import TestClient
 
-    from hgm_mm.service import create_service
+    from hgm_mm.apps.service import create_service
 
     return TestClient(create_service(matcher))
 
@@ -46,7 +46,7 @@ def room_photos(ikea: Path) -> list[Path]:
 
 def expected(matcher, photo: bytes | None, text: str | None, **kwargs) -> dict:
     """What `Matcher.match` says of the input as the service reads it, as the service would send it."""
-    from hgm_mm.serving import read_room_photo, result_document
+    from hgm_mm.apps.serving import read_room_photo, result_document
 
     image = read_room_photo(photo) if photo is not None else None
     return result_document(matcher.match(image=image, text=text, **kwargs), lambda pid: f"/products/{pid}/photo")
@@ -87,7 +87,7 @@ def test_photo_and_words_match_as_the_matcher_does(client, matcher, room_photos)
 
 
 def test_words_alone_filters_and_events_reach_the_ranking(client, matcher, ikea_head_catalogue):
-    from hgm_mm.profile import InteractionEvent, UserProfile
+    from hgm_mm.ranking.profile import InteractionEvent, UserProfile
 
     ids = list(ikea_head_catalogue)
     category = ikea_head_catalogue[ids[0]].category
@@ -108,7 +108,7 @@ def test_words_alone_filters_and_events_reach_the_ranking(client, matcher, ikea_
 
 
 def test_price_ranges_are_sent_as_min_max():
-    from hgm_mm.serving import read_filter
+    from hgm_mm.apps.serving import read_filter
 
     assert read_filter('{"price": {"max": 800}, "category": "sofa"}') == {"price": (None, 800), "category": "sofa"}
     assert read_filter({"price": {"min": 10, "max": 20}}) == {"price": (10, 20)}
@@ -152,7 +152,7 @@ def test_a_form_with_no_file_chosen_matches_its_words(client):
 def test_photos_over_the_pixel_or_byte_limit_are_refused_before_matching(matcher):
     from fastapi.testclient import TestClient
 
-    from hgm_mm.service import create_service
+    from hgm_mm.apps.service import create_service
 
     small = TestClient(create_service(matcher, max_upload_bytes=100_000, max_pixels=1_000_000))
     assert post_match(small, photo_bytes(size=(1200, 1000))).status_code == 413  # 1.2 MP, few bytes
@@ -174,7 +174,7 @@ def test_photos_over_the_pixel_or_byte_limit_are_refused_before_matching(matcher
 
 
 def test_limits_must_be_positive(matcher):
-    from hgm_mm.service import create_service
+    from hgm_mm.apps.service import create_service
 
     with pytest.raises(ValueError, match="max_k=0"):
         create_service(matcher, max_k=0)
@@ -224,7 +224,7 @@ def test_twenty_concurrent_clients_all_get_the_matchers_answer(service_url, matc
 
 
 def test_match_through_the_service_prints_what_the_index_gives(service_url, ikea_head_index, room_photos, capsys):
-    from hgm_mm.cli import main
+    from hgm_mm.apps.cli import main
 
     photo = str(room_photos[1])
     assert main(["match", photo, "--index", str(ikea_head_index), "--text", "warm light", "-k", "4", "--json"]) == 0
@@ -243,7 +243,7 @@ def test_match_through_the_service_prints_what_the_index_gives(service_url, ikea
 
 
 def test_match_names_a_service_it_cannot_reach(capsys, room_photos):
-    from hgm_mm.cli import main
+    from hgm_mm.apps.cli import main
 
     assert main(["match", str(room_photos[0]), "--service", "http://127.0.0.1:9"]) == 2
     error = capsys.readouterr().err
@@ -251,7 +251,7 @@ def test_match_names_a_service_it_cannot_reach(capsys, room_photos):
 
 
 def test_serve_refuses_a_folder_that_is_not_an_index(tmp_path, capsys):
-    from hgm_mm.cli import main
+    from hgm_mm.apps.cli import main
 
     assert main(["serve", "--index", str(tmp_path), "--port", "0"]) == 2
     assert "hgm-mm serve" in capsys.readouterr().err

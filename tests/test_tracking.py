@@ -170,7 +170,7 @@ def test_an_mlflow_file_store_run_holds_metrics_by_step_and_the_config(dataset, 
 
 
 def test_the_default_reports_to_tensorboard_when_installed_and_none_reports_nothing(dataset, tmp_path):
-    from hgm_mm.cli import main
+    from hgm_mm.apps.cli import main
 
     assert resolve_trackers(None) == ["tensorboard"]  # tensorboard is installed with the test extra
     tracked_run(dataset, tmp_path / "default", None, max_steps=1)

@@ -438,7 +438,7 @@ def test_config_numbers_in_exponent_notation_work_and_wrong_types_are_named(tmp_
 
 
 def test_cli_train_refuses_a_non_finite_lr_before_making_a_run_folder(dataset, tmp_path, capsys):
-    from hgm_mm.cli import main
+    from hgm_mm.apps.cli import main
 
     code = main(["train", "--data", str(dataset), "--model", "hgm-tiny", "--output", str(tmp_path / "run"),
                  "--lr", "inf"])
@@ -447,7 +447,7 @@ def test_cli_train_refuses_a_non_finite_lr_before_making_a_run_folder(dataset, t
 
 
 def test_cli_train_prints_the_validation_metrics(dataset, tmp_path):
-    from hgm_mm.cli import main
+    from hgm_mm.apps.cli import main
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -15,7 +15,7 @@ Nothing a user sends reaches the file system by name: the app reads an upload in
 and never uses the file name the browser sends (waitress itself holds a request body over 512 KB in
 an anonymous temporary file while it arrives). Uploads are limited in bytes and decoded with Pillow
 only when the header names an accepted format and a pixel count within the limit, by the same
-checks as `hgm-mm serve` (`hgm_mm.serving`). Product photos
+checks as `hgm-mm serve` (`hgm_mm.apps.serving`). Product photos
 are served by product id from the index's own metadata, never from a path in a request.
 """
 from __future__ import annotations
@@ -33,9 +33,9 @@ from flask import Flask, Request, abort, jsonify, render_template, request, send
 from PIL import Image
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from hgm_mm.matching import Matcher, MatchResult, RankedProduct
-from hgm_mm.scenes import scene_words
-from hgm_mm.serving import (ACCEPTED_MEDIA_TYPES, DEFAULT_MAX_PIXELS, DEFAULT_MAX_UPLOAD_BYTES, MAX_TEXT_CHARS,
+from hgm_mm.ranking.matcher import Matcher, MatchResult, RankedProduct
+from hgm_mm.data.scenes import scene_words
+from hgm_mm.apps.serving import (ACCEPTED_MEDIA_TYPES, DEFAULT_MAX_PIXELS, DEFAULT_MAX_UPLOAD_BYTES, MAX_TEXT_CHARS,
                             RequestRefused, read_room_photo, read_wish, result_document)
 
 APP_DIR = Path(__file__).resolve().parent

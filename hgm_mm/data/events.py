@@ -3,7 +3,7 @@
     events = read_events("events.csv")   # view / cart / purchase, timestamps in seconds or ISO 8601
 
 A bad row is refused with a `DataError` naming the file, the line and the fix; `UserProfile`
-(`hgm_mm.profile`) builds a shopper's taste from the events.
+(`hgm_mm.ranking.profile`) builds a shopper's taste from the events.
 """
 from __future__ import annotations
 

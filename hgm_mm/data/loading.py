@@ -64,7 +64,7 @@ def draft_side(transform: Callable) -> int | None:
     """The smallest image side a JPEG draft may leave for `transform`, or None when unknown."""
     from torchvision import transforms as T
 
-    from ..preprocess import RoomViews
+    from ..models.preprocess import RoomViews
 
     if isinstance(transform, RoomViews):
         return DRAFT_HEADROOM * max(transform.grids) * transform.size  # tiles of the finest grid cover S x S

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..scenes import canonical_scene
+from .scenes import canonical_scene
 
 PRODUCTS_FILE = "products.jsonl"
 ROOMS_FILE = "rooms.jsonl"
@@ -385,7 +385,7 @@ def read_scene_texts(path: str | Path) -> list[SceneText]:
     """Reads and validates a ``texts.jsonl`` file of scene-labelled phrases.
 
     Each line holds exactly ``text`` (what a person might type: "a cosy living room", "北欧风格的客厅")
-    and ``scene``; the scene is mapped to its canonical label (`hgm_mm.scenes.canonical_scene`).
+    and ``scene``; the scene is mapped to its canonical label (`hgm_mm.data.scenes.canonical_scene`).
 
     Returns:
         The phrases in file order.

@@ -6,7 +6,7 @@ by `hgm_mm.data.loading`.
 
 Speed decisions (benchmarks/bench_embed.py measures them):
   - On a CPU the image tower runs in ONNX Runtime (`engine="auto"` from `ONNX_MIN_PHOTOS`
-    photos on; hgm_mm/inference.py) in the main process while worker processes decode (ONNX
+    photos on; hgm_mm/models/export.py) in the main process while worker processes decode (ONNX
     Runtime is not fork-safe). With the torch engine, each worker process decodes and embeds
     whole batches on one core with a copy of the tower whose BatchNorms are folded into their
     convolutions, channels-last; intra-op threads of one process waited on each other and on
@@ -37,8 +37,8 @@ from torch.utils.data import DataLoader, Sampler
 
 from ..data.images import ImageError
 from ..data.loading import PhotoDecoder, PhotoFiles, draft_side, normaliser, split_normalisation
-from ..inference import FoldedImageEncoder, OnnxExportError, OnnxImageEncoder, onnxruntime_available
-from ..model import VIEW_PASS_IMAGES
+from ..models.export import FoldedImageEncoder, OnnxExportError, OnnxImageEncoder, onnxruntime_available
+from ..models.hgm import VIEW_PASS_IMAGES
 
 PRECISIONS = ("auto", "fp32", "bf16")
 ENGINES = ("auto", "torch", "onnxruntime")

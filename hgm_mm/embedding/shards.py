@@ -207,7 +207,7 @@ def embed_to_shards(model, ids: Sequence[str], photos: Sequence[str | os.PathLik
     _check_positive(shard_size=shard_size, batch_size=batch_size)
     _check_inputs(ids, photos, texts)
     rank, world_size, barrier = process_share(rank, world_size)
-    from ..index import model_fingerprint
+    from ..retrieval.index import model_fingerprint
 
     output = Path(output)
     n_items = len(ids)

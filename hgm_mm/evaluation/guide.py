@@ -13,10 +13,10 @@ from it with no scene (the best product of each category in ranking order, as ma
 guide's set holds for that room).
 
 Scenes are read from four sources: the photo, the room's caption (its words), photo and words
-combined (`hgm_mm.scenes.combine_scene_probabilities`), and, when given, labelled phrases
+combined (`hgm_mm.data.scenes.combine_scene_probabilities`), and, when given, labelled phrases
 (`texts.jsonl`). Each source reports accuracy, the confusion matrix, the calibration of its top
 probability (ECE, 10 bins) and how often the guide is sure of the scene
-(top probability >= `hgm_mm.matching.SCENE_CONFIDENCE`).
+(top probability >= `hgm_mm.ranking.matcher.SCENE_CONFIDENCE`).
 """
 from __future__ import annotations
 
@@ -29,13 +29,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..data.images import ImageError
-from ..ranking_weights import RankingWeights
-from ..scenes import combine_scene_probabilities
+from ..ranking.weights import RankingWeights
+from ..data.scenes import combine_scene_probabilities
 from . import metrics
 
 if TYPE_CHECKING:
     from ..data.records import Room, SceneText
-    from ..matching import Matcher
+    from ..ranking.matcher import Matcher
 
 logger = logging.getLogger(__name__)
 
@@ -275,7 +275,7 @@ def evaluate_guide(matcher: "Matcher", rooms: Sequence["Room"], pairs: Sequence[
     """
     from tqdm.auto import tqdm
 
-    from ..matching import SCENE_CONFIDENCE
+    from ..ranking.matcher import SCENE_CONFIDENCE
 
     k = _check_int("k", k, 1)
     set_size = _check_int("set_size", set_size, 0)

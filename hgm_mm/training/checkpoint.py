@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..files import atomic_dir, atomic_json
-from ..pretrained import load_torch_file
+from ..models.pretrained import load_torch_file
 from .config import TrainConfig
 
 EMA_FILE = "ema.safetensors"  # the checkpoint's moving average of the weights (ema_decay > 0)

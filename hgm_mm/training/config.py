@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import SCENE_SOURCES
+from ..models.config import SCENE_SOURCES
 from ..json_config import JsonConfig
 
 PRECISIONS = ("no", "bf16", "fp16")

@@ -22,8 +22,8 @@ from ..data.records import Product, Room
 from ..data.text import product_text, room_text
 from ..evaluation.evaluate import RetrievalEvaluation, relevance, retrieval_metrics
 from ..data.loading import PhotoDecoder, PhotoFiles
-from ..inference import folded_copy, locked_outputs
-from ..towers import TimmImageTower
+from ..models.export import folded_copy, locked_outputs
+from ..models.towers import TimmImageTower
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..towers import HFTextTower, TimmImageTower
+from ..models.towers import HFTextTower, TimmImageTower
 
 
 def lock_image_tower(tower: nn.Module, unlocked_groups: int, *, freeze_norm_stats: bool = True) -> list[nn.Module]:

@@ -82,7 +82,7 @@ def _check_labels(path: Path, scenes: set[str], labels: Sequence[str] | None) ->
     unknown = sorted(scenes - set(labels))
     if unknown:
         raise ValueError(f"{path}: scene(s) {unknown} are not among the model's scene labels {list(labels)}; "
-                         "rename them (hgm_mm.scenes lists each label's aliases) or leave those rows out")
+                         "rename them (hgm_mm.data.scenes lists each label's aliases) or leave those rows out")
 
 
 def train_guide_heads(model, train_rooms: Sequence[Room], val_rooms: Sequence[Room], data: SceneData | None = None,

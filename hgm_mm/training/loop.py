@@ -19,11 +19,11 @@ from ..evaluation.evaluate import TRAIN_PAIRS_FILE
 from ..files import atomic_json, atomic_text
 from ..data.split import split_rooms
 from ..data.text import product_text, room_text
-from ..grad_cache import grad_cache_step
-from ..losses import pad_positive_ids
-from ..model_card import TrainingRecord
-from ..pretrained import RandomInitWarning
-from ..prior import SCENE_CATEGORIES_FILE, SceneCategoryPrior
+from ..losses.grad_cache import grad_cache_step
+from ..losses.contrastive import pad_positive_ids
+from ..models.model_card import TrainingRecord
+from ..models.pretrained import RandomInitWarning
+from ..ranking.prior import SCENE_CATEGORIES_FILE, SceneCategoryPrior
 from .batches import StepPlan, StepPhotos
 from .checkpoint import TrainerState, WeightAverage, load_checkpoint, save_checkpoint
 from .config import TrainConfig
@@ -253,7 +253,7 @@ def _read_run_data(config: TrainConfig, data) -> _RunData:
 def _starting_model(config: TrainConfig, main: bool, say):
     """The model the run starts from, with what it trains unlocked (the image tower's top groups,
     locked by the caller, which keeps its BatchNorms), LoRA and the fixed temperature applied."""
-    from ..factory import create_model
+    from ..models.factory import create_model
 
     with warnings.catch_warnings():
         if not main:  # one warning per run, not one per process
@@ -331,7 +331,7 @@ def _apply_update(accelerator, model, optimizer, losses: dict[str, torch.Tensor]
 def _train_scene_heads(folder: Path, train_rooms, val_rooms, extra_scenes, config: TrainConfig, progress: bool,
                        say, data_summary: dict | None = None) -> None:
     """Trains the best model's scene heads and saves it in place, with what they measured (in its card too)."""
-    from ..model import load_model
+    from ..models.hgm import load_model
 
     started = time.perf_counter()
     model = load_model(folder)

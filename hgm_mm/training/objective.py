@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 import torch
 
-from ..losses import ContrastiveLoss, MultiPositiveContrastiveLoss, scene_loss
+from ..losses.contrastive import ContrastiveLoss, MultiPositiveContrastiveLoss, scene_loss
 
 
 @dataclass

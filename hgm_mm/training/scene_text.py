@@ -1,4 +1,4 @@
-"""Training the scene-text classifier (`hgm_mm.scene_text.SceneTextClassifier`) on scene-labelled words.
+"""Training the scene-text classifier (`hgm_mm.models.scene_text.SceneTextClassifier`) on scene-labelled words.
 
 The frozen lower layers of the scene-text tower run once per text; the epochs run the classifier's
 own top layers and head on that cache. Training texts are what the caller gives (`texts.jsonl`
@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from ..data.records import SceneText
-from ..scenes import scene_descriptions
-from ..calibration import fit_temperature
+from ..data.scenes import scene_descriptions
+from ..models.calibration import fit_temperature
 from .optim import adamw, warmup_cosine
 
 

@@ -1,6 +1,6 @@
 """Scene recognition training on `images.jsonl` sets (scene-labelled photos, e.g. Places365 rooms).
 
-Two heads can be trained, one for each of the model's scene readers (`hgm_mm.scene_heads`):
+Two heads can be trained, one for each of the model's scene readers (`hgm_mm.models.scene_heads`):
 
 - "photo" (the default of `train_scenes`): `photo_scene_head`, a linear head on the image tower's
   L2-normalised pooled features of the whole photo, optionally averaged with the mirror image at
@@ -37,12 +37,12 @@ from torch.utils.data import DataLoader
 
 from ..data.images import ImageError
 from ..data.records import SceneImage, read_scene_images
-from ..calibration import fit_temperature
+from ..models.calibration import fit_temperature
 from ..evaluation import metrics
 from ..data.loading import PhotoDecoder, PhotoFiles
-from ..inference import folded_copy, locked_outputs
-from ..preprocess import RoomViews
-from ..towers import TimmImageTower
+from ..models.export import folded_copy, locked_outputs
+from ..models.preprocess import RoomViews
+from ..models.towers import TimmImageTower
 from .config import SceneTrainConfig
 from .freezing import keep_frozen_norms_eval, lock_image_tower
 from .optim import adamw, warmup_cosine

@@ -22,12 +22,12 @@ from typing import Any
 
 import numpy as np
 
-from .files import atomic_dir, atomic_text, read_versioned_manifest
-from .index import ProductIndex, model_fingerprint
+from ..files import atomic_dir, atomic_text, read_versioned_manifest
+from ..retrieval.index import ProductIndex, model_fingerprint
 from .prior import SCENE_CATEGORIES_FILE, SceneCategoryPrior
-from .processes import ProcessGroup
-from .ranking_weights import RankingWeights
-from .version import __version__
+from ..processes import ProcessGroup
+from .weights import RankingWeights
+from ..version import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def build_catalog_index(model, products: Sequence | str | os.PathLike, output_di
     overwritten, since replicas may still query it with that model.
 
     Rebuilding a folder of the same model embeds only the products whose photo bytes or text
-    changed or that are new (`hgm_mm.catalog_vectors`); removed products are dropped, and
+    changed or that are new (`hgm_mm.embedding.catalog_vectors`); removed products are dropped, and
     metadata is always the catalogue's. A killed build resumes from its finished shards. A
     product whose photo cannot be read is indexed by its text; one with no text either is left
     out and listed in `CatalogIndex.left_out`.
@@ -108,13 +108,13 @@ def build_catalog_index(model, products: Sequence | str | os.PathLike, output_di
         weights: ranking weights to store; default `RankingWeights()`.
         kind: the index kind ("auto", "exact", "hnsw", "ivfpq"; "ivfpq" is FAISS only).
         store: "faiss" (the index inside the folder) or a Milvus store URI
-            ("milvus-lite:PATH.db", "milvus://HOST:PORT"; see `hgm_mm.milvus_index`).
+            ("milvus-lite:PATH.db", "milvus://HOST:PORT"; see `hgm_mm.retrieval.milvus`).
         collection: the Milvus collection (default `milvus_index.DEFAULT_COLLECTION`).
         batch_size, num_workers, progress: of the catalogue embedding.
     """
-    from .catalog_vectors import CONTENT_KEYS_FILE, catalog_vectors
-    from .data import read_products
-    from .data.text import product_text
+    from ..embedding.catalog_vectors import CONTENT_KEYS_FILE, catalog_vectors
+    from ..data import read_products
+    from ..data.text import product_text
 
     output_dir = check_output_dir(output_dir)
     if isinstance(products, (str, os.PathLike)):
@@ -181,7 +181,7 @@ def build_catalog_index(model, products: Sequence | str | os.PathLike, output_di
 
 def _open_store_for_build(store: str, collection: str | None, kind: str, model, fingerprint: str):
     """The Milvus collection `build_catalog_index` writes (created when new), or None for a FAISS folder."""
-    from .milvus_index import DEFAULT_COLLECTION, MilvusProductIndex, MissingCollectionError, parse_store_uri
+    from ..retrieval.milvus import DEFAULT_COLLECTION, MilvusProductIndex, MissingCollectionError, parse_store_uri
 
     target = parse_store_uri(store)
     if target.engine == "faiss":
@@ -210,7 +210,7 @@ def _previous_vectors(folder: Path, fingerprint: str) -> tuple[list[str], np.nda
     """(ids, vectors, content keys) of the index a previous build of the same model wrote into
     `folder`, wherever its manifest says the vectors are (its FAISS index or a Milvus collection,
     whichever store the new build writes to), or None."""
-    from .catalog_vectors import CONTENT_KEYS_FILE, read_content_keys
+    from ..embedding.catalog_vectors import CONTENT_KEYS_FILE, read_content_keys
 
     if not (folder / MATCHER_FILE).is_file() or not (folder / CONTENT_KEYS_FILE).is_file():
         return None
@@ -227,7 +227,7 @@ def _previous_vectors(folder: Path, fingerprint: str) -> tuple[list[str], np.nda
 def _keep_unchanged_keys(folder: Path, fingerprint: str, keys: Mapping[str, str]) -> None:
     """Drops from `folder`'s content keys every product whose vector is about to change in its
     store, so a build killed halfway never pairs an old key with a new vector."""
-    from .catalog_vectors import CONTENT_KEYS_FILE, read_content_keys
+    from ..embedding.catalog_vectors import CONTENT_KEYS_FILE, read_content_keys
 
     path = folder / CONTENT_KEYS_FILE
     if path.is_file():
@@ -242,7 +242,7 @@ def open_index(folder: Path, manifest: Mapping[str, Any], model):
     store = manifest.get("store")
     if store is None:
         return ProductIndex.load(folder / manifest["index"], model_identity=model)
-    from .milvus_index import MilvusProductIndex
+    from ..retrieval.milvus import MilvusProductIndex
 
     return MilvusProductIndex.open(store["uri"], collection=store["collection"], model_identity=model)
 

@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from .data.events import EVENT_TYPES, InteractionEvent
-from .data.events import read_events as read_events  # where it was before the events had a module
+from ..data.events import EVENT_TYPES, InteractionEvent
+from ..data.events import read_events as read_events  # where it was before the events had a module
 
 DEFAULT_EVENT_WEIGHTS = {"view": 1.0, "cart": 3.0, "purchase": 5.0}
 STYLE_ATTRIBUTES = ("color", "colour", "style")  # metadata keys whose words describe looks

@@ -1,6 +1,6 @@
 """P(category | scene): which product categories belong in a room of each scene, counted from training pairs.
 
-The matcher's scene fit and its product sets read it (`hgm_mm.matching`); training writes the
+The matcher's scene fit and its product sets read it (`hgm_mm.ranking.matcher`); training writes the
 counts of its training pairs beside the model (`scene_categories.json`), and `hgm-mm index`
 stores them with the catalogue.
 """
@@ -14,8 +14,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .files import atomic_text, read_json_object
-from .version import __version__
+from ..files import atomic_text, read_json_object
+from ..version import __version__
 
 SCENE_CATEGORIES_FILE = "scene_categories.json"
 

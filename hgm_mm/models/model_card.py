@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from .version import __version__
+from ..version import __version__
 
 CARD_NAME = "README.md"
 

@@ -6,9 +6,9 @@ import os
 import sys
 from pathlib import Path
 
-from .log import LEVELS, log_to_console
-from .milvus_index import MissingCollectionError
-from .version import __version__
+from ..log import LEVELS, log_to_console
+from ..retrieval.milvus import MissingCollectionError
+from ..version import __version__
 
 DATA_ENV = "HGM_DATA"
 
@@ -202,7 +202,7 @@ def _add_train_settings(group) -> None:
     import dataclasses
     import typing
 
-    from .training.config import TrainConfig, setting_help
+    from ..training.config import TrainConfig, setting_help
 
     meaning, types = setting_help(), typing.get_type_hints(TrainConfig)
     for setting in dataclasses.fields(TrainConfig):
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _models() -> int:
-    from .pretrained import builtin_model_names
+    from ..models.pretrained import builtin_model_names
 
     for name in builtin_model_names():
         print(name)
@@ -278,7 +278,7 @@ def train_config(args: argparse.Namespace):
     """The `TrainConfig` of `hgm-mm train`: the --config file's settings (if any), the flags given over them."""
     import dataclasses
 
-    from .training import TrainConfig
+    from ..training import TrainConfig
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     if args.config is not None:
@@ -287,7 +287,7 @@ def train_config(args: argparse.Namespace):
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .training import train
+    from ..training import train
 
     config = train_config(args)
     output = args.output or Path("runs") / config.model.replace(":", "-").replace("/", "-")
@@ -307,7 +307,7 @@ def _train_scenes(args: argparse.Namespace) -> int:
     import json
     import time
 
-    from .training.guide_heads import SCENE_REPORT_FILE, read_scene_data, train_guide_heads
+    from ..training.guide_heads import SCENE_REPORT_FILE, read_scene_data, train_guide_heads
 
     if args.data is None and args.texts is None:
         raise ValueError("nothing to train on: give --data (an images.jsonl scene set) and/or --texts")
@@ -334,11 +334,11 @@ def _train_scenes(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .data import read_pairs, read_products, read_rooms, read_scene_images
-    from .evaluation import (baseline_evaluations, check_report_folder, evaluate, evaluate_scenes, held_out_rooms,
+    from ..data import read_pairs, read_products, read_rooms, read_scene_images
+    from ..evaluation import (baseline_evaluations, check_report_folder, evaluate, evaluate_scenes, held_out_rooms,
                              write_report)
-    from .evaluation.evaluate import TRAIN_PAIRS_FILE
-    from .factory import create_model
+    from ..evaluation.evaluate import TRAIN_PAIRS_FILE
+    from ..models.factory import create_model
 
     if args.guide is not None:
         return _evaluate_guide(args)
@@ -410,8 +410,8 @@ def _baseline_inputs(args, pairs_file: Path | None, model_dir: Path | None, all_
     """
     import json
 
-    from .data import read_pairs, read_rooms
-    from .training.loop import TRAIN_ROOM_SCENES_FILE
+    from ..data import read_pairs, read_rooms
+    from ..training.loop import TRAIN_ROOM_SCENES_FILE
 
     if pairs_file is None:
         print("popularity baselines skipped: give --train-pairs (and --train-rooms)", file=sys.stderr)
@@ -442,9 +442,9 @@ def _baseline_inputs(args, pairs_file: Path | None, model_dir: Path | None, all_
 def _evaluate_guide(args: argparse.Namespace) -> int:
     import json
 
-    from .data import read_pairs, read_rooms, read_scene_texts
-    from .evaluation import evaluate_guide, format_guide_report, held_out_rooms
-    from .matching import Matcher
+    from ..data import read_pairs, read_rooms, read_scene_texts
+    from ..evaluation import evaluate_guide, format_guide_report, held_out_rooms
+    from ..ranking.matcher import Matcher
 
     if args.rooms is None or args.pairs is None:
         raise ValueError("--guide needs --rooms and --pairs (the rooms to match and the products in them)")
@@ -474,16 +474,16 @@ def _saved_model_folder(name: str) -> Path | None:
 
 def _create_model(name: str):
     """A model from a name, or from a folder given as a plain path."""
-    from .factory import create_model
+    from ..models.factory import create_model
 
     folder = _saved_model_folder(name)
     return create_model(f"local-dir:{folder}" if folder is not None else name)
 
 
 def _index(args: argparse.Namespace) -> int:
-    from .data import read_pairs, read_products, read_rooms
-    from .matching import SCENE_CATEGORIES_FILE, SceneCategoryPrior, build_catalog_index, check_output_dir
-    from .milvus_index import DEFAULT_COLLECTION, parse_store_uri
+    from ..data import read_pairs, read_products, read_rooms
+    from ..ranking.matcher import SCENE_CATEGORIES_FILE, SceneCategoryPrior, build_catalog_index, check_output_dir
+    from ..retrieval.milvus import DEFAULT_COLLECTION, parse_store_uri
 
     if (args.pairs is None) != (args.rooms is None):
         raise ValueError("the scene-category prior needs --pairs and --rooms together")
@@ -534,7 +534,7 @@ def _index(args: argparse.Namespace) -> int:
 def _match(args: argparse.Namespace) -> int:
     import json
 
-    from .data.events import read_events
+    from ..data.events import read_events
 
     if args.photo is None and not args.text:
         raise ValueError("nothing to match: give a room photo, --text, or both")
@@ -564,8 +564,8 @@ def _match(args: argparse.Namespace) -> int:
                                                    events=rows or None)
         personal = events is not None
     else:
-        from .matching import Matcher
-        from .profile import UserProfile
+        from ..ranking.matcher import Matcher
+        from ..ranking.profile import UserProfile
         from .serving import RequestRefused, read_room_photo
 
         try:  # the photo is read as a service reads an upload, so both answer alike

@@ -3,7 +3,7 @@
 The tower's lower layers are shared and stay frozen; the classifier owns a copy of the top
 `n_layers` transformer layers (tuned by `training.train_scene_texts`), pools their output as the
 tower does, L2-normalises it and applies a linear head. Before any training the head holds each
-scene's mean description vector (`hgm_mm.scenes.scene_descriptions`), so "a cosy living room" or
+scene's mean description vector (`hgm_mm.data.scenes.scene_descriptions`), so "a cosy living room" or
 "北欧风格的客厅" already lands in living_room: the classifier starts as nearest-description
 matching in the tower's own space and training moves it from there.
 
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .calibration import fit_temperature
-from .scenes import scene_descriptions
+from ..data.scenes import scene_descriptions
 
 
 def transformer_layers(encoder: nn.Module) -> nn.ModuleList:

@@ -53,7 +53,7 @@ import numpy as np
 from .index import (HNSW_EF_PER_K, IndexParams, SearchResult, _as_unit_matrix, _check_identity, _check_metadata,
                     _count_rows, _identity_name, _identity_string, _infer_dim, _is_number, _value_key,
                     check_new_ids)
-from .version import __version__
+from ..version import __version__
 
 FORMAT_VERSION = 1  # of the collection's fields and properties
 DEFAULT_COLLECTION = "hgm_catalogue"

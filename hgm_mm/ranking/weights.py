@@ -4,12 +4,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
-from .json_config import JsonConfig
+from ..json_config import JsonConfig
 
 
 @dataclass
 class RankingWeights(JsonConfig):
-    """How much each term of `Matcher`'s ranking counts; `hgm_mm.matching`'s docstring gives the
+    """How much each term of `Matcher`'s ranking counts; `hgm_mm.ranking.matcher`'s docstring gives the
     measurements behind the defaults."""
 
     similarity: float = 1.0  # the model's room-product score (views pooled)

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .json_config import JsonConfig
-from .scenes import DEFAULT_SCENE_LABELS  # the scene vocabulary, re-exported here as before
+from ..json_config import JsonConfig
+from ..data.scenes import DEFAULT_SCENE_LABELS  # the scene vocabulary, re-exported here as before
 
 IMAGE_TOWER_SOURCES = ("timm", "open_clip")
 TEXT_TOWER_SOURCES = ("hf", "open_clip")
@@ -33,7 +33,7 @@ class ImageTowerConfig(JsonConfig):
 
     source: str = "timm"  # "timm": any timm model; "open_clip": the visual tower of an open_clip model
     name: str = "tf_efficientnet_lite0"  # timm model name, or open_clip model name
-    pretrained: str | None = None  # weight source, see `hgm_mm.pretrained.resolve_weight_source`
+    pretrained: str | None = None  # weight source, see `hgm_mm.models.pretrained.resolve_weight_source`
     image_size: int = 224  # square input side, pixels
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -62,7 +62,7 @@ class TextTowerConfig(JsonConfig):
 
     source: str = "hf"  # "hf": any transformers encoder; "open_clip": the text tower of an open_clip model
     name: str = ""  # transformers model id or folder; open_clip model name; informational once saved
-    pretrained: str | None = None  # weight source, see `hgm_mm.pretrained.resolve_weight_source`
+    pretrained: str | None = None  # weight source, see `hgm_mm.models.pretrained.resolve_weight_source`
     pooling: str = "mean"  # how token states become one vector (hf towers)
     max_length: int = 64  # tokens per text, longer texts are truncated
     prefix: str = ""  # prepended to every text (e5 models expect "query: ")

@@ -30,12 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .data import Dataset, ImageError, Product, Room, load_dataset, load_image
-from .data.ikea_repo import DATA_ENV, ikea_dataset
-from .data.records import PAIRS_FILE, PRODUCTS_FILE, ROOMS_FILE
-from .data.split import split_rooms
-from .files import atomic_text, atomic_write
-from .scenes import scene_words
+from ..data import Dataset, ImageError, Product, Room, load_dataset, load_image
+from ..data.ikea_repo import DATA_ENV, ikea_dataset
+from ..data.records import PAIRS_FILE, PRODUCTS_FILE, ROOMS_FILE
+from ..data.split import split_rooms
+from ..files import atomic_text, atomic_write
+from ..data.scenes import scene_words
 
 DEFAULT_OUTPUT = Path("runs") / "demo"
 SCENE_PHOTOS_PER_SCENE = 40  # photos of the scene set per scene the demo's photo scene head learns from
@@ -252,9 +252,9 @@ def run_demo(data: str | os.PathLike | None = None, *, output: str | os.PathLike
         hgm_mm.data.ikea_repo.DownloadError: No dataset given and no network.
         ValueError: A dataset file breaks the format, or holds too few rooms with products.
     """
-    from .matching import Matcher, SceneCategoryPrior, build_catalog_index
-    from .model import load_model
-    from .training import TrainConfig, train
+    from ..ranking.matcher import Matcher, SceneCategoryPrior, build_catalog_index
+    from ..models.hgm import load_model
+    from ..training import TrainConfig, train
 
     say = echo if echo is not None else (lambda line: None)
     if (rooms is not None and rooms < 1) or steps < 1 or batch_size < 1 or top_k < 1:
@@ -339,7 +339,7 @@ def _train_demo_scene_heads(model, dataset, subset, held_out: set[str], root: Pa
                             image_size: int, seed: int, progress: bool, say) -> None:
     """The guide's scene heads, on every room of the dataset but the held-out ones (photos and
     captions are cheap beside retrieval training) and a few photos per scene of the scene set."""
-    from .training.guide_heads import train_guide_heads
+    from ..training.guide_heads import train_guide_heads
 
     scene_rooms = [r for r in dataset.rooms if r.room_id not in held_out and r.scene]
     extra = _demo_scene_data(root, scene_data, scene_photos, model.scene_labels)
@@ -407,7 +407,7 @@ def scene_verdict(result) -> str:
 
 def _demo_scene_data(root: Path, scene_data, per_scene: int, labels):
     """A few photos per scene of the scene set (`scene_data`, else `places365-rooms/` beside the dataset)."""
-    from .training.guide_heads import SceneData, read_scene_data
+    from ..training.guide_heads import SceneData, read_scene_data
 
     folder = Path(scene_data) if scene_data is not None else root.parent / "places365-rooms"
     if per_scene <= 0 or not ((folder / "images.jsonl").is_file() or folder.is_file()):
@@ -432,7 +432,7 @@ def _measure_held_out(matcher, subset: DemoSubset, positives) -> dict[str, Any]:
     """Scene accuracy from the photo and Recall@10 on every held-out room, beside chance and random."""
     from collections import Counter
 
-    from .evaluation import metrics
+    from ..evaluation import metrics
 
     rooms = [r for r in subset.val_rooms if positives.get(r.room_id)]
     correct, recalls, random_recalls = 0, [], []

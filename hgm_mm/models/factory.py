@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from .config import ImageTowerConfig, ModelConfig, TextTowerConfig
-from .model import HGMModel, load_model
+from .hgm import HGMModel, load_model
 from .pretrained import (HGM_CONFIG_NAME, OPEN_CLIP_CONFIG_NAME, RandomInitWarning, builtin_model_config,
                          hub_hgm_folder, parse_model_name)
 

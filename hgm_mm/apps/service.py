@@ -9,8 +9,8 @@ request; requests run concurrently in FastAPI's thread pool (`Matcher.match` ser
 encoders). Routes, with their OpenAPI description at ``/openapi.json`` and pages at ``/docs``:
 
 - ``POST /match``: multipart form with ``photo`` (JPEG, PNG or WebP) and/or ``text``, ``k``,
-  ``filter`` (a JSON object, `hgm_mm.serving.read_filter`) and ``events`` (the shopper's own
-  events as a JSON list, `hgm_mm.serving.read_events`) -> the result, `MatchResult.to_dict()`
+  ``filter`` (a JSON object, `hgm_mm.apps.serving.read_filter`) and ``events`` (the shopper's own
+  events as a JSON list, `hgm_mm.apps.serving.read_events`) -> the result, `MatchResult.to_dict()`
   with each product's ``photo_url``.
 - ``GET /products/{product_id}``: a product's metadata; ``GET /products/{product_id}/photo``: its photo.
 - ``GET /health``: the model, the catalogue size and the version.
@@ -27,7 +27,7 @@ from typing import Any
 
 from .serving import (DEFAULT_MAX_PIXELS, DEFAULT_MAX_UPLOAD_BYTES, MAX_K, RequestRefused, product_document,
                       read_events, read_filter, read_k, read_room_photo, read_wish, result_document)
-from .version import __version__
+from ..version import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -200,7 +200,7 @@ def serve(index_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8080, d
 
     import uvicorn
 
-    from .matching import Matcher
+    from ..ranking.matcher import Matcher
 
     matcher = Matcher.load(index_dir, device=device, model=model).warm_up()
     service = create_service(matcher, max_upload_bytes=max_upload_bytes, max_pixels=max_pixels)
@@ -250,7 +250,7 @@ class ServiceClient:
         `filter` takes ranges as ``(low, high)`` tuples, as `ProductIndex.search` does; `events` is a
         list of ``{"product_id", "event", "timestamp"}`` of the shopper the ranking is for.
         """
-        from .matching import MatchResult
+        from ..ranking.matcher import MatchResult
 
         fields: dict[str, str] = {"k": str(k)}
         if text:

@@ -50,12 +50,12 @@ class ModelName:
 
 def builtin_model_names() -> list[str]:
     """Names of the model configs that ship with hgm_mm."""
-    folder = resources.files("hgm_mm") / "model_configs"
+    folder = resources.files("hgm_mm.models") / "model_configs"
     return sorted(p.name[: -len(".json")] for p in folder.iterdir() if p.name.endswith(".json"))
 
 
 def builtin_model_config(name: str) -> dict:
-    path = resources.files("hgm_mm") / "model_configs" / f"{name}.json"
+    path = resources.files("hgm_mm.models") / "model_configs" / f"{name}.json"
     return json.loads(path.read_text(encoding="utf-8"))
 
 

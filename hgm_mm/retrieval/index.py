@@ -55,9 +55,9 @@ from typing import Any
 import faiss
 import numpy as np
 
-from .files import atomic_write, check_file_digest, file_sha256, read_json_object, read_versioned_manifest
-from .json_config import JsonConfig
-from .version import __version__
+from ..files import atomic_write, check_file_digest, file_sha256, read_json_object, read_versioned_manifest
+from ..json_config import JsonConfig
+from ..version import __version__
 
 FORMAT_VERSION = 1  # bump when the folder layout or the meaning of a saved key changes
 KINDS = ("auto", "exact", "hnsw", "ivfpq")

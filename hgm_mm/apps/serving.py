@@ -1,6 +1,6 @@
 """What every front end of the guide shares: checking what a client sends, and the result it gets.
 
-The JSON service (`hgm_mm.service`, `hgm-mm serve`), the example upload app (`examples/app`) and
+The JSON service (`hgm_mm.apps.service`, `hgm-mm serve`), the example upload app (`examples/app`) and
 `hgm-mm match --service` all go through these functions and one `Matcher`, so a photo refused by
 one is refused by all, with the same words, and a result reads the same everywhere.
 
@@ -18,7 +18,7 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from .data import ImageError, load_image
+from ..data import ImageError, load_image
 
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP")
 ACCEPTED_MEDIA_TYPES = tuple(f"image/{name.lower()}" for name in ACCEPTED_FORMATS)
@@ -162,8 +162,8 @@ def read_events(value: str | list | None, index) -> "Any":
     (event: view, cart or purchase; timestamp: seconds since the epoch or ISO-8601), at most
     ``MAX_EVENTS``; products the index does not hold are ignored, as in `UserProfile.from_events`.
     """
-    from .data.events import event_from_row
-    from .profile import UserProfile
+    from ..data.events import event_from_row
+    from ..ranking.profile import UserProfile
 
     value = _json_field(value, "events", 'a list of {"product_id", "event", "timestamp"} objects')
     if value is None:

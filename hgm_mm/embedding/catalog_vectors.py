@@ -78,7 +78,7 @@ def catalog_vectors(model, fingerprint: str, ids: Sequence[str], photos: Sequenc
             killed build of the same model are reused, whatever catalogue it was building. The
             caller removes the folder once the vectors are saved elsewhere.
     """
-    from .embedding import embed_to_shards
+    from . import embed_to_shards
 
     keys = [content_key(photo, text) for photo, text in zip(photos, texts)]
     known: dict[str, np.ndarray] = {}
@@ -128,7 +128,7 @@ def catalog_vectors(model, fingerprint: str, ids: Sequence[str], photos: Sequenc
 
 def _harvest_attempts(root: Path, fingerprint: str, wanted: set[str], known: dict[str, np.ndarray]) -> None:
     """Adds the vectors of the finished shards earlier, killed attempts left under `root` (same model only)."""
-    from .embedding import MANIFEST_NAME, ShardedEmbeddings
+    from . import MANIFEST_NAME, ShardedEmbeddings
 
     if (root / MANIFEST_NAME).is_file():  # one shard folder keyed by product id, from an older hgm_mm
         logger.info("%s: shards of an older layout; not reused", root)

@@ -64,15 +64,15 @@ import numpy as np
 import torch
 
 from .catalog import MATCHER_FILE, open_index, read_manifest
-from .embedding import photo_encoder, resolve_engine
-from .index import ProductIndex, model_fingerprint
+from ..embedding import photo_encoder, resolve_engine
+from ..retrieval.index import ProductIndex, model_fingerprint
 from .profile import UserProfile
-from .ranking_weights import RankingWeights
+from .weights import RankingWeights
 # the folder builder and the prior, under the names they have always had here
 from .catalog import CatalogIndex as CatalogIndex, build_catalog_index as build_catalog_index
 from .catalog import check_output_dir as check_output_dir, product_metadata as product_metadata
 from .prior import SCENE_CATEGORIES_FILE as SCENE_CATEGORIES_FILE, SceneCategoryPrior as SceneCategoryPrior
-from .scenes import combine_scene_probabilities, scene_words
+from ..data.scenes import combine_scene_probabilities, scene_words
 
 logger = logging.getLogger(__name__)
 
@@ -240,7 +240,7 @@ class Matcher:
             FileNotFoundError: the folder or a file in it is missing.
             ValueError: a file is damaged or newer than this hgm_mm, or `model` did not build the index.
         """
-        from .model import load_model
+        from ..models.hgm import load_model
 
         folder = Path(index_dir)
         manifest = read_manifest(folder)

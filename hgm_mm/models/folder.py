@@ -21,10 +21,10 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
-from .files import atomic_dir, atomic_write, check_file_digest, file_sha256, read_versioned_manifest
+from ..files import atomic_dir, atomic_write, check_file_digest, file_sha256, read_versioned_manifest
 from .model_card import CARD_NAME
 from .pretrained import HF_HUB_PREFIX, HGM_CONFIG_NAME, OPEN_CLIP_CONFIG_NAME, hub_hgm_folder, is_hub_repo_id
-from .version import __version__
+from ..version import __version__
 
 FORMAT_VERSION = 1  # bump when the folder layout or the meaning of a saved key changes
 WEIGHTS_NAME = "model.safetensors"

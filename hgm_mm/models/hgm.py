@@ -16,7 +16,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .fusion import GatedFusion
-from .model_folder import (OPEN_CLIP_DIR, SCENE_TOKENIZER_DIR, TOKENIZER_DIR, check_state_matches, read_model_folder,
+from .folder import (OPEN_CLIP_DIR, SCENE_TOKENIZER_DIR, TOKENIZER_DIR, check_state_matches, read_model_folder,
                            resolve_model_folder, write_model_folder)
 from .preprocess import RoomViews, TextTokenizer, build_image_transform
 from .scene_heads import scene_reader
@@ -152,7 +152,7 @@ class HGMModel(nn.Module):
         """A PIL image, a path, or a sequence of them -> stacked `transform` outputs on the device."""
         if isinstance(images, (str, os.PathLike)) or hasattr(images, "convert"):
             images = [images]
-        from .data.images import load_image, prepare_image
+        from ..data.images import load_image, prepare_image
 
         # one image policy for paths and PIL images: EXIF orientation, alpha, 16-bit (data/images.py)
         tensors = [transform(load_image(item) if isinstance(item, (str, os.PathLike)) else prepare_image(item))
@@ -341,7 +341,7 @@ class HGMModel(nn.Module):
 
         The photo (`photo_scene_log_probs`) and the words (`text_scene_log_probs`) are read
         separately; for a room with both, the result is their normalised product
-        (`hgm_mm.scenes.combine_scene_probabilities` computes the same on dicts), so readings that
+        (`hgm_mm.data.scenes.combine_scene_probabilities` computes the same on dicts), so readings that
         agree grow surer and a confident one outweighs an unsure one.
 
         Args:
@@ -563,7 +563,7 @@ class HGMModel(nn.Module):
         Args:
             folder: the model folder (created if needed; a model already there is replaced).
             training: what the training run recorded (config, data, validation metrics), for the
-                card (`hgm_mm.model_card`); without it the card describes the towers and how to load.
+                card (`hgm_mm.models.model_card`); without it the card describes the towers and how to load.
         """
         from .model_card import render_model_card
 

@@ -1,0 +1,1 @@
+"""Product search: `ProductIndex` on FAISS and `MilvusProductIndex` on Milvus, with the same methods."""
