@@ -9,7 +9,7 @@
 
 Decisions, in one place (figures from benchmarks/bench_index.py, D=384, 2 CPU cores):
   - Vectors are unit norm and scores are inner products (= cosine). Vectors within
-    `NORM_TOLERANCE` of unit norm are renormalised silently (fp16 towers land there); anything
+    `checks.NORM_TOLERANCE` of unit norm are renormalised silently (fp16 towers land there); anything
     further is refused, since it means the vectors did not come from `model.encode_*`.
   - Kinds: "exact" (IndexIDMap2 over IndexFlatIP), "hnsw" (IndexHNSWFlat, inner product) and
     "ivfpq" (IVF with 4-bit fast-scan PQ and an exact re-ranking stage, IndexRefineFlat; it keeps
@@ -42,7 +42,6 @@ steady (OpenMP threads that wait for busy cores slow exact search down many time
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -58,6 +57,10 @@ import numpy as np
 from ..files import atomic_write, check_file_digest, file_sha256, read_json_object, read_versioned_manifest
 from ..json_config import JsonConfig
 from ..version import __version__
+from .checks import (as_unit_matrix, check_identity, check_metadata, check_new_ids, count_rows, identity_name,
+                     identity_string, infer_dim)
+from .checks import model_fingerprint as model_fingerprint
+from .filters import MetadataColumn, check_filter, unknown_attribute
 
 FORMAT_VERSION = 1  # bump when the folder layout or the meaning of a saved key changes
 KINDS = ("auto", "exact", "hnsw", "ivfpq")
@@ -65,7 +68,6 @@ INDEX_FILE = "index.faiss"
 IDS_FILE = "ids.json"
 METADATA_FILE = "metadata.json"
 MANIFEST_FILE = "manifest.json"
-NORM_TOLERANCE = 1e-2  # |norm - 1| accepted (and renormalised); beyond it vectors are refused
 
 # benchmarks/bench_index.py measures the choice (figures in benchmarks/RESULTS.md): exact search
 # time grows with the catalogue, HNSW's stays near constant at recall@10 >= 0.999; up to this size
@@ -114,28 +116,6 @@ class SearchResult:
         return len(self.ids)
 
 
-def model_fingerprint(model: Any) -> str:
-    """A string that changes whenever the vectors a model produces may change.
-
-    SHA-256 over the model's config JSON (sorted keys) and every state-dict tensor (name, dtype,
-    shape, raw bytes, in name order), prefixed by the config name so errors can say which model
-    is which: "hgm-tiny:sha256:3f2a...". It reads every weight once (a hash over the model's bytes).
-
-    Args:
-        model: an `hgm_mm.HGMModel` (anything with `config.to_dict()` and `state_dict()`).
-    """
-    import torch
-
-    digest = hashlib.sha256()
-    config = model.config.to_dict()
-    digest.update(json.dumps(config, sort_keys=True, separators=(",", ":")).encode("utf-8"))
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().to("cpu").contiguous().reshape(-1)  # (numel,)
-        digest.update(f"\0{name}\0{t.dtype}\0{tuple(tensor.shape)}\0".encode("utf-8"))
-        digest.update(t.view(torch.uint8).numpy())  # raw bytes, no copy
-    return f"{config.get('name', 'custom')}:sha256:{digest.hexdigest()}"
-
-
 class ProductIndex:
     """Product vectors with ids and metadata, searched by inner product with metadata filters.
 
@@ -164,7 +144,7 @@ class ProductIndex:
         self.dim = int(dim)
         self.requested_kind = kind
         self.params = params if params is not None else IndexParams()
-        self.model_identity = _identity_string(model_identity)
+        self.model_identity = identity_string(model_identity)
         self.kind = "exact" if kind == "auto" else kind  # an empty auto index starts exact
         self._index: faiss.Index | None = None  # ivfpq is created when its first vectors arrive (training)
         if self.kind != "ivfpq":
@@ -177,7 +157,7 @@ class ProductIndex:
         self._label_of: dict[str, int] = {}  # product id -> label
         self._live = np.zeros(0, dtype=bool)  # (L,) label -> still in the catalogue
         self._key_counts: Counter = Counter()  # metadata key -> live products that have it
-        self._columns: dict[str, _Column] = {}  # filter columns, built on first use
+        self._columns: dict[str, MetadataColumn] = {}  # filter columns, built on first use
 
     @classmethod
     def build(cls, ids: Sequence[str], vectors: Any, metadata: Sequence[Mapping[str, Any]] | None = None, *,
@@ -191,9 +171,9 @@ class ProductIndex:
             kind, params, model_identity: as in `ProductIndex(...)`.
         """
         params = params if params is not None else IndexParams()
-        dim = _infer_dim(vectors)
+        dim = infer_dim(vectors)
         index = cls(dim, kind=kind, params=params, model_identity=model_identity)
-        if kind == "auto" and _count_rows(vectors) > params.exact_max:
+        if kind == "auto" and count_rows(vectors) > params.exact_max:
             index.kind, index._index = "hnsw", index._new_faiss_index("hnsw", 0)  # build HNSW directly
         index.add(ids, vectors, metadata)
         return index
@@ -207,7 +187,7 @@ class ProductIndex:
 
     def __repr__(self) -> str:
         return (f"ProductIndex(dim={self.dim}, kind={self.kind!r}, count={len(self)}, "
-                f"removed_pending={self.n_removed}, model={_identity_name(self.model_identity)!r})")
+                f"removed_pending={self.n_removed}, model={identity_name(self.model_identity)!r})")
 
     @property
     def ids(self) -> list[str]:
@@ -271,10 +251,10 @@ class ProductIndex:
                 metadata that is not JSON, or too few vectors to train a new "ivfpq" index.
         """
         ids = check_new_ids(ids, self._label_of)
-        x = _as_unit_matrix(vectors, self.dim, "vectors")  # (N, D)
+        x = as_unit_matrix(vectors, self.dim, "vectors")  # (N, D)
         if len(x) != len(ids):
             raise ValueError(f"{len(ids)} ids but {len(x)} vectors; give one vector per id")
-        metas = _check_metadata(metadata, ids)
+        metas = check_metadata(metadata, ids)
         if not ids:
             return
         if self._index is None:  # ivfpq: trained on its first vectors
@@ -362,7 +342,7 @@ class ProductIndex:
     def _search_labels(self, queries: Any, k: int, filter: Mapping[str, Any] | None
                        ) -> tuple[np.ndarray, np.ndarray]:
         """(Q, k') scores and labels (-1 where fewer than k' were found), k' = min(k, products allowed)."""
-        q = _as_unit_matrix(queries, self.dim, "queries", allow_1d=True)  # (Q, D)
+        q = as_unit_matrix(queries, self.dim, "queries", allow_1d=True)  # (Q, D)
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"k={k!r}; expected a positive int")
         mask = self._filter_mask(filter)  # (L,) bool, or None: every live product
@@ -446,18 +426,15 @@ class ProductIndex:
 
     # -- filters -------------------------------------------------------------------------------
     def _filter_mask(self, filter: Mapping[str, Any] | None) -> np.ndarray | None:
-        if filter is None or (isinstance(filter, Mapping) and not filter):
+        filter = check_filter(filter)
+        if filter is None:
             return None
-        if not isinstance(filter, Mapping):
-            raise TypeError(f"filter must be a dict of attribute -> condition, got {type(filter).__name__}")
         mask = self._live.copy()  # (L,)
         for key, condition in filter.items():
             if self._key_counts.get(key, 0) <= 0:
-                known = self.attributes()
-                raise ValueError(f"filter on unknown attribute {key!r}: no product in the index has it; "
-                                 f"known attributes: {known if known else 'none (the index has no metadata)'}")
+                raise unknown_attribute(key, self.attributes())
             if key not in self._columns:
-                self._columns[key] = _Column.build(key, self._meta)
+                self._columns[key] = MetadataColumn.build(key, self._meta)
             mask &= self._columns[key].match(key, condition)
         return mask
 
@@ -589,7 +566,7 @@ class ProductIndex:
         if kind not in KINDS[1:] or not all(isinstance(v, int) and v >= 0 for v in (dim, count, n_labels)):
             raise ValueError(f"{manifest_path}: kind={kind!r}, dimension={dim!r}, count={count!r}, "
                              f"labels={n_labels!r} are not valid; the folder is damaged")
-        _check_identity(saved_identity, _identity_string(model_identity), folder)
+        check_identity(saved_identity, identity_string(model_identity), folder)
         for name in (INDEX_FILE, IDS_FILE, METADATA_FILE):
             path = folder / name
             if not path.is_file():
@@ -624,193 +601,10 @@ class ProductIndex:
         return loaded
 
 
-# -- filter columns ----------------------------------------------------------------------------
-class _Column:
-    """One metadata attribute over labels: value codes for equality, floats for ranges."""
-
-    def __init__(self) -> None:
-        self.vocab: dict[tuple, int] = {}  # hashable value key -> code
-        self.codes = np.zeros(0, dtype=np.int32)  # (L,) code, -1: absent or unhashable
-        self.numbers = np.zeros(0, dtype=np.float64)  # (L,) numeric value, NaN: absent or not a number
-
-    @classmethod
-    def build(cls, key: str, metas: Sequence[dict | None]) -> "_Column":
-        column = cls()
-        column.extend(key, metas)
-        return column
-
-    def extend(self, key: str, metas: Sequence[dict | None]) -> None:
-        codes = np.full(len(metas), -1, dtype=np.int32)
-        numbers = np.full(len(metas), np.nan)
-        for row, meta in enumerate(metas):
-            if meta is None or key not in meta:
-                continue
-            value = meta[key]
-            value_key = _value_key(value)
-            if value_key is not None:
-                codes[row] = self.vocab.setdefault(value_key, len(self.vocab))
-            if _is_number(value):
-                numbers[row] = value
-        self.codes = np.concatenate([self.codes, codes])
-        self.numbers = np.concatenate([self.numbers, numbers])
-
-    def match(self, key: str, condition: Any) -> np.ndarray:
-        """(L,) bool: the products whose value satisfies `condition`."""
-        if isinstance(condition, tuple):
-            if len(condition) != 2 or not all(b is None or _is_number(b) for b in condition):
-                raise ValueError(f"filter {key!r}: a range is a (min, max) pair of numbers or None; "
-                                 f"got {condition!r}")
-            low, high = condition
-            if low is not None and high is not None and low > high:
-                raise ValueError(f"filter {key!r}: range min {low} > max {high}")
-            with np.errstate(invalid="ignore"):  # NaN (absent) compares False: never matches
-                inside = ~np.isnan(self.numbers)
-                if low is not None:
-                    inside &= self.numbers >= low
-                if high is not None:
-                    inside &= self.numbers <= high
-            return inside
-        values = list(condition) if isinstance(condition, (list, set, frozenset)) else [condition]
-        wanted = []
-        for value in values:
-            value_key = _value_key(value)
-            if value_key is None or isinstance(value, (list, dict)):
-                raise ValueError(f"filter {key!r}: {value!r} is not a JSON scalar; use a value, a list of "
-                                 "values, or a (min, max) tuple")
-            if value_key in self.vocab:
-                wanted.append(self.vocab[value_key])
-        if len(wanted) <= 8:  # a few comparisons beat np.isin, which sorts, by far
-            match = np.zeros(len(self.codes), dtype=bool)
-            for code in wanted:
-                match |= self.codes == code
-            return match
-        table = np.zeros(len(self.vocab) + 1, dtype=bool)  # last slot: code -1 (absent), never wanted
-        table[wanted] = True
-        return table[self.codes]
-
-
-def _value_key(value: Any) -> tuple | None:
-    """A hashable key under which equal JSON values meet; bools stay apart from 1 and 0."""
-    if isinstance(value, (list, dict)):
-        return None
-    if isinstance(value, (str, bool, int, float)) or value is None:
-        return (type(value) is bool, value)
-    return None
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
-
-
 def _bitmap_selector(mask: np.ndarray) -> tuple[faiss.IDSelectorBitmap, np.ndarray]:
     """A FAISS selector over labels from a boolean mask; keep the returned bitmap alive."""
     bitmap = np.packbits(mask, bitorder="little")  # bit i of byte i >> 3 is label i, as FAISS reads it
     return faiss.IDSelectorBitmap(len(mask), faiss.swig_ptr(bitmap)), bitmap
-
-
-# -- input validation --------------------------------------------------------------------------
-def check_new_ids(ids: Sequence[str], existing) -> list[str]:
-    """`ids` as a list of str, refused when one is empty, repeated, or in `existing` (a container)."""
-    if isinstance(ids, str):
-        raise ValueError(f"ids must be a list of strings; got the string {ids!r}, wrap it: [{ids!r}]")
-    ids = list(ids)
-    bad = [i for i in ids if not isinstance(i, str) or not i]
-    if bad:
-        raise ValueError(f"ids must be non-empty strings; got {bad[:5]!r}")
-    ids = [str(i) for i in ids]  # numpy str_ -> str, for JSON
-    dupes = [i for i, n in Counter(ids).items() if n > 1]
-    if dupes:
-        raise ValueError(f"{len(dupes)} id(s) appear more than once in this batch, e.g. {dupes[:5]}; "
-                         "product ids must be unique")
-    already = [i for i in ids if i in existing]
-    if already:
-        raise ValueError(f"{len(already)} id(s) are already in the index, e.g. {already[:5]}; to replace "
-                         "their vectors or metadata, remove(ids) them first, then add")
-    return ids
-
-
-def _infer_dim(vectors: Any) -> int:
-    shape = getattr(vectors, "shape", None)
-    if shape is None:
-        shape = np.asarray(vectors).shape
-    if len(shape) != 2 or shape[1] < 1:
-        raise ValueError(f"vectors have shape {tuple(shape)}; expected (N, D)")
-    return int(shape[1])
-
-
-def _count_rows(vectors: Any) -> int:
-    return int(getattr(vectors, "shape", np.asarray(vectors).shape)[0])
-
-
-def _as_unit_matrix(x: Any, dim: int, what: str, *, allow_1d: bool = False) -> np.ndarray:
-    """(N, D) float32 C-contiguous unit rows, a new array; refuses what cosine search cannot use."""
-    if hasattr(x, "detach"):  # a torch tensor
-        x = x.detach().to("cpu").float().numpy()
-    a = np.asarray(x)
-    if a.dtype.kind not in "fiu":
-        raise ValueError(f"{what} have dtype {a.dtype}; expected numbers")
-    if allow_1d and a.ndim == 1:
-        a = a[None, :]
-    if a.ndim != 2 or a.shape[1] != dim:
-        raise ValueError(f"{what} have shape {a.shape}; expected (N, {dim}) for this index of dimension {dim}")
-    a = a.astype(np.float32)  # (N, D), a copy: the caller's array is never changed
-    bad = np.flatnonzero(~np.isfinite(a).all(axis=1))
-    if len(bad):
-        raise ValueError(f"{what} rows {bad[:5].tolist()} hold NaN or inf ({len(bad)} rows); "
-                         "check the model's inputs for those products")
-    norms = np.linalg.norm(a, axis=1)  # (N,)
-    bad = np.flatnonzero(np.abs(norms - 1.0) > NORM_TOLERANCE)
-    if len(bad):
-        raise ValueError(f"{what} must be unit vectors (cosine search); rows {bad[:5].tolist()} have norms "
-                         f"{np.round(norms[bad[:5]], 4).tolist()}. Use model.encode_* outputs, or normalise: "
-                         "v / np.linalg.norm(v, axis=1, keepdims=True)")
-    a /= norms[:, None]
-    return np.ascontiguousarray(a)
-
-
-def _check_metadata(metadata: Sequence[Mapping[str, Any]] | None, ids: list[str]) -> list[dict]:
-    if metadata is None:
-        return [{} for _ in ids]
-    if isinstance(metadata, Mapping) or not isinstance(metadata, Sequence):
-        raise ValueError(f"metadata must be a list of dicts, one per id; got {type(metadata).__name__}")
-    if len(metadata) != len(ids):
-        raise ValueError(f"{len(ids)} ids but {len(metadata)} metadata dicts; give one dict per id")
-    for product_id, meta in zip(ids, metadata):
-        if not isinstance(meta, Mapping) or not all(isinstance(key, str) for key in meta):
-            raise ValueError(f"metadata of {product_id!r} must be a dict with string keys; got {meta!r}")
-    try:
-        # A JSON round trip: a deep copy, and the same values a saved and reloaded index holds.
-        return json.loads(json.dumps([dict(m) for m in metadata], allow_nan=False))
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"metadata must hold JSON values (str, number, bool, None, lists, dicts) and no "
-                         f"NaN: {err}") from err
-
-
-def _identity_string(identity: Any) -> str | None:
-    if identity is None or isinstance(identity, str):
-        return identity
-    if hasattr(identity, "config") and hasattr(identity, "state_dict"):
-        return model_fingerprint(identity)
-    raise TypeError(f"model_identity must be a model_fingerprint string or a model; got {type(identity).__name__}")
-
-
-def _identity_name(identity: str | None) -> str | None:
-    return None if identity is None else identity.rsplit(":sha256:", 1)[0]
-
-
-def _check_identity(saved: str | None, given: str | None, folder: Path) -> None:
-    if given is None or saved == given:
-        return
-    fix = ("Re-index the catalogue with that model: encode the products with it and call "
-           "ProductIndex.build(ids, vectors, metadata, model_identity=model_fingerprint(model)), then save")
-    if saved is None:
-        raise ValueError(f"{folder} was saved without a model identity, so it cannot be checked against model "
-                         f"{_identity_name(given)!r}. {fix}")
-    saved_name, given_name = _identity_name(saved), _identity_name(given)
-    detail = (f"both are named {saved_name!r} but their weights or configs differ ({saved[-64:][:12]} vs "
-              f"{given[-64:][:12]})" if saved_name == given_name else "")
-    raise ValueError(f"{folder} was built with model {saved_name!r}, but the queries come from model "
-                     f"{given_name!r}{': ' + detail if detail else ''}; their vectors are not comparable. {fix}")
 
 
 def _check_saved_products(folder: Path, ids: Any, metas: Any, count: int, n_labels: int) -> None:

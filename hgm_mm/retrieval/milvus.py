@@ -50,10 +50,11 @@ from typing import Any
 
 import numpy as np
 
-from .index import (HNSW_EF_PER_K, IndexParams, SearchResult, _as_unit_matrix, _check_identity, _check_metadata,
-                    _count_rows, _identity_name, _identity_string, _infer_dim, _is_number, _value_key,
-                    check_new_ids)
 from ..version import __version__
+from .checks import (as_unit_matrix, check_identity, check_metadata, check_new_ids, count_rows, identity_name,
+                     identity_string, infer_dim)
+from .filters import check_filter, is_number, range_bounds, unknown_attribute, wanted_values
+from .index import HNSW_EF_PER_K, IndexParams, SearchResult
 
 FORMAT_VERSION = 1  # of the collection's fields and properties
 DEFAULT_COLLECTION = "hgm_catalogue"
@@ -207,7 +208,7 @@ class MilvusProductIndex:
             client.drop_collection(collection)
         index = cls(client, collection, uri=store.canonical, dim=int(dim), kind=kind,
                     params=params if params is not None else IndexParams(),
-                    model_identity=_identity_string(model_identity))
+                    model_identity=identity_string(model_identity))
         index._create_collection()
         return index
 
@@ -220,10 +221,10 @@ class MilvusProductIndex:
         Args: as `ProductIndex.build`, with `uri`, `collection` and `replace` as in `create`.
         """
         params = params if params is not None else IndexParams()
-        dim = _infer_dim(vectors)
+        dim = infer_dim(vectors)
         index = cls.create(uri, dim, collection=collection, kind=kind, params=params,
                            model_identity=model_identity, replace=replace)
-        if kind == "auto" and _count_rows(vectors) > params.exact_max:
+        if kind == "auto" and count_rows(vectors) > params.exact_max:
             index._set_vector_index("hnsw")  # before the rows arrive: built once
         index.add(ids, vectors, metadata)
         return index
@@ -270,7 +271,7 @@ class MilvusProductIndex:
                              f"{FORMAT_VERSION}. Upgrade: pip install -U hgm-mm")
         if kind not in KINDS:
             raise ValueError(f"{where}: kind={kind!r} is not valid; build it again")
-        _check_identity(saved_identity, _identity_string(model_identity), where)
+        check_identity(saved_identity, identity_string(model_identity), where)
         index = cls(client, collection, uri=store.canonical, dim=dim, kind=kind, params=params,
                     model_identity=saved_identity, attributes=attributes)
         index.kind = _vector_index_kind(client, collection)
@@ -332,7 +333,7 @@ class MilvusProductIndex:
 
     def __repr__(self) -> str:
         return (f"MilvusProductIndex(uri={self.uri!r}, collection={self.collection!r}, dim={self.dim}, "
-                f"kind={self.kind!r}, count={len(self)}, model={_identity_name(self.model_identity)!r})")
+                f"kind={self.kind!r}, count={len(self)}, model={identity_name(self.model_identity)!r})")
 
     @property
     def n_removed(self) -> int:
@@ -424,10 +425,10 @@ class MilvusProductIndex:
         if long:
             raise ValueError(f"{len(long)} id(s) are longer than {MAX_ID_LENGTH} bytes, e.g. {long[0][:40]!r}...; "
                              "shorten the product ids")
-        x = _as_unit_matrix(vectors, self.dim, "vectors")  # (N, D)
+        x = as_unit_matrix(vectors, self.dim, "vectors")  # (N, D)
         if len(x) != len(ids):
             raise ValueError(f"{len(ids)} ids but {len(x)} vectors; give one vector per id")
-        metas = _check_metadata(metadata, ids)
+        metas = check_metadata(metadata, ids)
         long = [i for i, meta in zip(ids, metas) if isinstance(meta.get("category"), str)
                 and len(meta["category"].encode("utf-8")) > MAX_CATEGORY_LENGTH]
         if long:
@@ -504,7 +505,7 @@ class MilvusProductIndex:
         return [row["id"] for row in rows], vectors
 
     def _search_hits(self, queries: Any, k: int, filter: Mapping[str, Any] | None, fields: list[str]):
-        q = _as_unit_matrix(queries, self.dim, "queries", allow_1d=True)  # (Q, D)
+        q = as_unit_matrix(queries, self.dim, "queries", allow_1d=True)  # (Q, D)
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"k={k!r}; expected a positive int")
         expression = self._expression(filter)
@@ -520,19 +521,16 @@ class MilvusProductIndex:
     # -- filters -------------------------------------------------------------------------------
     def _expression(self, filter: Mapping[str, Any] | None) -> str | None:
         """The Milvus boolean expression of `filter`; "" for none, None when it can match nothing."""
-        if filter is None or (isinstance(filter, Mapping) and not filter):
+        filter = check_filter(filter)
+        if filter is None:
             return ""
-        if not isinstance(filter, Mapping):
-            raise TypeError(f"filter must be a dict of attribute -> condition, got {type(filter).__name__}")
         unknown = [key for key in filter if key not in self._attributes]
         if unknown:  # another process may have added it since this one opened the collection
             self._refresh_attributes()
         clauses = []
         for key, condition in filter.items():
             if key not in self._attributes:
-                known = self.attributes()
-                raise ValueError(f"filter on unknown attribute {key!r}: no product in the index has it; "
-                                 f"known attributes: {known if known else 'none (the index has no metadata)'}")
+                raise unknown_attribute(key, self.attributes())
             clause = _condition_expression(key, condition)
             if clause is None:
                 return None
@@ -549,11 +547,7 @@ def _condition_expression(key: str, condition: Any) -> str | None:
     field = f"attrs[{json.dumps(key, ensure_ascii=False)}]"
     typed = TYPED_FIELDS.get(key)
     if isinstance(condition, tuple):
-        if len(condition) != 2 or not all(b is None or _is_number(b) for b in condition):
-            raise ValueError(f"filter {key!r}: a range is a (min, max) pair of numbers or None; got {condition!r}")
-        low, high = condition
-        if low is not None and high is not None and low > high:
-            raise ValueError(f"filter {key!r}: range min {low} > max {high}")
+        low, high = range_bounds(key, condition)
         if typed == "number":  # the column holds exactly the product's numeric values
             field = key
         if low is None and high is None:  # any number
@@ -561,13 +555,9 @@ def _condition_expression(key: str, condition: Any) -> str | None:
         parts = ([f"{field} >= {float(low)!r}"] if low is not None else []) + \
                 ([f"{field} <= {float(high)!r}"] if high is not None else [])
         return "(" + " and ".join(parts) + ")"
-    values = list(condition) if isinstance(condition, (list, set, frozenset)) else [condition]
     on_column, on_attrs = [], []
-    for value in values:
-        if _value_key(value) is None or isinstance(value, (list, dict)):
-            raise ValueError(f"filter {key!r}: {value!r} is not a JSON scalar; use a value, a list of values, or "
-                             "a (min, max) tuple")
-        if (typed == "text" and isinstance(value, str)) or (typed == "number" and _is_number(value)):
+    for value in wanted_values(key, condition):
+        if (typed == "text" and isinstance(value, str)) or (typed == "number" and is_number(value)):
             on_column.append(_literal(value))
         else:
             on_attrs.append(_literal(_filter_value(value)))
@@ -581,7 +571,7 @@ def _filter_value(value: Any) -> Any:
     """A metadata value as `attrs` holds it: numbers as numbers, strings, booleans and null tagged."""
     if isinstance(value, bool):
         return "b:true" if value else "b:false"
-    if _is_number(value):
+    if is_number(value):
         return value
     if isinstance(value, str):
         return "s:" + value
@@ -598,7 +588,7 @@ def _typed_values(meta: Mapping[str, Any]) -> dict[str, Any]:
     """The typed columns of a product: its category if a string, its price if a number, else null."""
     category, price = meta.get("category"), meta.get("price")
     return {"category": category if isinstance(category, str) else None,
-            "price": float(price) if _is_number(price) else None}
+            "price": float(price) if is_number(price) else None}
 
 
 def _literal(value: Any) -> str:
