@@ -8,7 +8,7 @@ from PIL import Image
 
 from conftest import tiny_model
 from hgm_mm.data import Room, SceneText
-from hgm_mm.evaluation import GuideEvaluation, evaluate_guide, format_guide_report, metrics
+from hgm_mm.evaluation import GuideEvaluation, evaluate_guide, format_guide_report, metrics, scene_metrics
 from hgm_mm.evaluation.guide import no_scene_set
 from hgm_mm.retrieval.index import ProductIndex, model_fingerprint
 from hgm_mm.ranking.matcher import SCENE_CONFIDENCE, Matcher, RankingWeights, SceneCategoryPrior
@@ -25,37 +25,37 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 # -- expected calibration error -----------------------------------------------------------------
 def test_ece_by_hand():
     # bin (0.8, 0.9]: accuracy 1/2, confidence 0.9 -> gap 0.4; bin (0.5, 0.6]: accuracy 1, confidence 0.6 -> 0.4
-    assert metrics.expected_calibration_error([0.9, 0.9, 0.6, 0.6], [1, 0, 1, 1]) == pytest.approx(0.4)
+    assert scene_metrics.expected_calibration_error([0.9, 0.9, 0.6, 0.6], [1, 0, 1, 1]) == pytest.approx(0.4)
     # apart, each bin has its own gap: 0.5 * 0.05 + 0.5 * 0.15; in one bin the gap is |0.5 - 0.55|
-    assert metrics.expected_calibration_error([0.95, 0.15], [True, False]) == pytest.approx(0.1)
-    assert metrics.expected_calibration_error([0.95, 0.15], [True, False], n_bins=1) == pytest.approx(0.05)
+    assert scene_metrics.expected_calibration_error([0.95, 0.15], [True, False]) == pytest.approx(0.1)
+    assert scene_metrics.expected_calibration_error([0.95, 0.15], [True, False], n_bins=1) == pytest.approx(0.05)
 
 
 def test_ece_bins_close_on_their_upper_edge():
     # 0.3 belongs to (0.2, 0.3] with 0.25: accuracy 1/2 against confidence 0.275
-    assert metrics.expected_calibration_error([0.3, 0.25], [1, 0]) == pytest.approx(0.225)
+    assert scene_metrics.expected_calibration_error([0.3, 0.25], [1, 0]) == pytest.approx(0.225)
     # 0.31 is in the next bin: 0.5 * |1 - 0.31| + 0.5 * |0 - 0.25|
-    assert metrics.expected_calibration_error([0.31, 0.25], [1, 0]) == pytest.approx(0.47)
+    assert scene_metrics.expected_calibration_error([0.31, 0.25], [1, 0]) == pytest.approx(0.47)
 
 
 def test_ece_is_zero_when_calibrated():
-    assert metrics.expected_calibration_error([0.7] * 10, [1] * 7 + [0] * 3) == pytest.approx(0.0, abs=1e-12)
-    assert metrics.expected_calibration_error([1.0, 0.0], [True, False]) == 0.0  # both ends are in a bin
+    assert scene_metrics.expected_calibration_error([0.7] * 10, [1] * 7 + [0] * 3) == pytest.approx(0.0, abs=1e-12)
+    assert scene_metrics.expected_calibration_error([1.0, 0.0], [True, False]) == 0.0  # both ends are in a bin
 
 
 def test_ece_refuses_bad_input():
     with pytest.raises(ValueError, match="empty"):
-        metrics.expected_calibration_error([], [])
+        scene_metrics.expected_calibration_error([], [])
     with pytest.raises(ValueError, match="equal length"):
-        metrics.expected_calibration_error([0.5, 0.6], [1])
+        scene_metrics.expected_calibration_error([0.5, 0.6], [1])
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        metrics.expected_calibration_error([0.5, 1.2], [1, 0])
+        scene_metrics.expected_calibration_error([0.5, 1.2], [1, 0])
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        metrics.expected_calibration_error([float("nan")], [1])
+        scene_metrics.expected_calibration_error([float("nan")], [1])
     with pytest.raises(ValueError, match="0/1"):
-        metrics.expected_calibration_error([0.5], [2])
+        scene_metrics.expected_calibration_error([0.5], [2])
     with pytest.raises(ValueError, match="n_bins"):
-        metrics.expected_calibration_error([0.5], [1], n_bins=0)
+        scene_metrics.expected_calibration_error([0.5], [1], n_bins=0)
 
 
 # -- ranked-list recall and NDCG ----------------------------------------------------------------
@@ -198,7 +198,7 @@ def test_scene_metrics_count_the_rooms_with_a_scene(result, matcher, rooms, text
         scenes = result.scenes[source]
         assert scenes.accuracy == pytest.approx(np.mean(correct))
         assert scenes.mean_confidence == pytest.approx(np.mean(confidence))
-        assert scenes.ece == pytest.approx(metrics.expected_calibration_error(confidence, correct))
+        assert scenes.ece == pytest.approx(scene_metrics.expected_calibration_error(confidence, correct))
         sure = [c >= SCENE_CONFIDENCE for c in confidence]
         assert scenes.confident_share == pytest.approx(np.mean(sure))
         for t, p in zip(truth, readings):

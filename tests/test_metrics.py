@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from hgm_mm.evaluation import metrics as M
+from hgm_mm.evaluation import scene_metrics as S
 
 LOG3 = math.log2(3)
 LOG5 = math.log2(5)
@@ -263,23 +264,23 @@ Y_PRED = ["a", "a", "b", "b", "c", "c"]
 
 
 def test_confusion_matrix_hand_case():
-    cm = M.confusion_matrix(Y_TRUE, Y_PRED, ["a", "b", "c"])
+    cm = S.confusion_matrix(Y_TRUE, Y_PRED, ["a", "b", "c"])
     assert cm.tolist() == [[2, 1, 0], [0, 1, 1], [0, 0, 1]]
     # Label order is respected.
-    assert M.confusion_matrix(Y_TRUE, Y_PRED, ["c", "b", "a"]).tolist() == [[1, 0, 0], [1, 1, 0], [0, 1, 2]]
+    assert S.confusion_matrix(Y_TRUE, Y_PRED, ["c", "b", "a"]).tolist() == [[1, 0, 0], [1, 1, 0], [0, 1, 2]]
 
 
 def test_macro_f1_and_accuracy_hand_case():
-    assert M.scene_accuracy(Y_TRUE, Y_PRED) == pytest.approx(4 / 6)
-    assert M.macro_f1(Y_TRUE, Y_PRED) == pytest.approx((0.8 + 0.5 + 2 / 3) / 3)
+    assert S.scene_accuracy(Y_TRUE, Y_PRED) == pytest.approx(4 / 6)
+    assert S.macro_f1(Y_TRUE, Y_PRED) == pytest.approx((0.8 + 0.5 + 2 / 3) / 3)
     # A class absent from both y_true and y_pred is excluded, not averaged in as 0.
-    assert M.macro_f1(Y_TRUE, Y_PRED, labels=["a", "b", "c", "d"]) == pytest.approx((0.8 + 0.5 + 2 / 3) / 3)
+    assert S.macro_f1(Y_TRUE, Y_PRED, labels=["a", "b", "c", "d"]) == pytest.approx((0.8 + 0.5 + 2 / 3) / 3)
 
 
 def test_macro_f1_class_never_predicted_counts_zero():
     # y_true [a, a, b], y_pred [a, a, a]: a: TP 2, FP 1 -> 4/5; b never predicted -> 0.
-    assert M.macro_f1(["a", "a", "b"], ["a", "a", "a"]) == pytest.approx(0.4)
-    assert M.macro_f1([0, 1, 2], [0, 1, 2]) == 1.0
+    assert S.macro_f1(["a", "a", "b"], ["a", "a", "a"]) == pytest.approx(0.4)
+    assert S.macro_f1([0, 1, 2], [0, 1, 2]) == 1.0
 
 
 # --------------------------------------------------------------- random-ranking baselines
@@ -396,10 +397,18 @@ def test_invalid_shapes_and_types():
 
 def test_invalid_classification_inputs():
     with pytest.raises(ValueError, match=r"not in labels: \['c'\]"):
-        M.confusion_matrix(["a", "c"], ["a", "a"], ["a", "b"])
+        S.confusion_matrix(["a", "c"], ["a", "a"], ["a", "b"])
     with pytest.raises(ValueError, match="distinct"):
-        M.confusion_matrix(["a"], ["a"], ["a", "a"])
+        S.confusion_matrix(["a"], ["a"], ["a", "a"])
     with pytest.raises(ValueError, match="equal length"):
-        M.scene_accuracy(["a", "b"], ["a"])
+        S.scene_accuracy(["a", "b"], ["a"])
     with pytest.raises(ValueError, match="empty"):
-        M.macro_f1([], [])
+        S.macro_f1([], [])
+
+
+def test_the_scene_metrics_are_still_reachable_from_metrics_with_a_warning():
+    for name in S.__all__:
+        with pytest.warns(DeprecationWarning, match="scene_metrics"):
+            assert getattr(M, name) is getattr(S, name)
+    with pytest.raises(AttributeError):
+        M.no_such_metric

@@ -12,7 +12,7 @@ import torch
 
 from ..data.records import Product, Room, read_pairs
 from ..data.text import product_text, room_text
-from . import metrics
+from . import metrics, scene_metrics
 
 DEFAULT_KS = (10, 50)
 TRAIN_PAIRS_FILE = "train_pairs.csv"  # beside a trained model: the pairs it was trained on (room_id,product_id)
@@ -205,10 +205,10 @@ def evaluate_scenes(model, scene_images: Sequence, *, progress: bool = True, num
     truth = [scene_images[i].scene for i in kept]
     labels = sorted(set(truth) | set(predicted))
     return SceneEvaluation(
-        accuracy=metrics.scene_accuracy(truth, predicted), macro_f1=metrics.macro_f1(truth, predicted),
-        labels=labels, confusion=metrics.confusion_matrix(truth, predicted, labels).tolist(),
+        accuracy=scene_metrics.scene_accuracy(truth, predicted), macro_f1=scene_metrics.macro_f1(truth, predicted),
+        labels=labels, confusion=scene_metrics.confusion_matrix(truth, predicted, labels).tolist(),
         n_images=len(truth), skipped=skipped,
-        ece=metrics.expected_calibration_error(confidences, [t == p for t, p in zip(truth, predicted)]),
+        ece=scene_metrics.expected_calibration_error(confidences, [t == p for t, p in zip(truth, predicted)]),
         mean_confidence=float(np.mean(confidences)))
 
 

@@ -31,7 +31,7 @@ import numpy as np
 from ..data.images import ImageError
 from ..ranking.weights import RankingWeights
 from ..data.scenes import combine_scene_probabilities
-from . import metrics
+from . import metrics, scene_metrics
 
 if TYPE_CHECKING:
     from ..data.records import Room, SceneText
@@ -149,10 +149,10 @@ class _SceneTally:
         return SceneSourceEvaluation(
             source=source, n=n, accuracy=float(correct.mean()),
             chance_accuracy=Counter(self.truth).most_common(1)[0][1] / n,
-            ece=metrics.expected_calibration_error(confidence, correct, n_bins=ECE_BINS),
+            ece=scene_metrics.expected_calibration_error(confidence, correct, n_bins=ECE_BINS),
             mean_confidence=float(confidence.mean()), confident_share=float(sure.mean()),
             confident_accuracy=float(correct[sure].mean()) if sure.any() else None,
-            confusion=metrics.confusion_matrix(self.truth, self.predicted, labels))
+            confusion=scene_metrics.confusion_matrix(self.truth, self.predicted, labels))
 
 
 def _mean(values: list[float]) -> float | None:

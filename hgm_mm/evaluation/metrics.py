@@ -1,4 +1,4 @@
-"""Evaluation metrics: retrieval over the whole catalogue, and scene classification.
+"""Retrieval metrics over the whole catalogue and over ranked id lists (scene metrics: `scene_metrics`).
 
 Input conventions (retrieval):
     scores:   (Q, N) real array; row q scores every catalogue product for query room q
@@ -35,14 +35,11 @@ __all__ = [
     "RelevantRanks",
     "average_precision",
     "breakdown",
-    "confusion_matrix",
-    "expected_calibration_error",
     "expected_random_average_precision",
     "expected_random_hit_rate_at_k",
     "expected_random_ndcg_at_k",
     "expected_random_recall_at_k",
     "hit_rate_at_k",
-    "macro_f1",
     "mean_average_precision",
     "ndcg_at_k",
     "ndcg_at_k_ranked",
@@ -54,7 +51,6 @@ __all__ = [
     "relevance_matrix",
     "relevant_ranks",
     "retrieval_report",
-    "scene_accuracy",
 ]
 
 # Upper bound on the number of score elements copied at once (one chunk of query rows).
@@ -501,79 +497,6 @@ def random_baseline_report(relevant, ks: Sequence[int] = (10, 50)) -> dict[str, 
     return report
 
 
-# ---------------------------------------------------------------- scene classification
-
-
-def _check_labels(y_true, y_pred) -> tuple[np.ndarray, np.ndarray]:
-    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
-    if y_true.ndim != 1 or y_true.shape != y_pred.shape:
-        raise ValueError(f"y_true and y_pred must be 1-D of equal length, got {y_true.shape} and {y_pred.shape}")
-    if y_true.size == 0:
-        raise ValueError("y_true and y_pred are empty")
-    return y_true, y_pred
-
-
-def _encode(values: np.ndarray, labels: np.ndarray, name: str) -> np.ndarray:
-    index = {_key(lab): i for i, lab in enumerate(labels)}
-    uniq, inverse = np.unique(values, return_inverse=True)
-    unknown = [_key(u) for u in uniq if _key(u) not in index]
-    if unknown:
-        raise ValueError(f"{name} contains labels not in labels: {unknown[:5]}")
-    return np.array([index[_key(u)] for u in uniq], dtype=np.int64)[inverse]
-
-
-def scene_accuracy(y_true, y_pred) -> float:
-    """Fraction of rooms whose predicted scene equals the true scene."""
-    y_true, y_pred = _check_labels(y_true, y_pred)
-    return float(np.mean(y_true == y_pred))
-
-
-def confusion_matrix(y_true, y_pred, labels) -> np.ndarray:
-    """Counts of (true, predicted) label pairs.
-
-    Args:
-        y_true: (Q,) true labels.
-        y_pred: (Q,) predicted labels.
-        labels: the L distinct labels, in the order of the rows and columns. A label in
-            y_true or y_pred that is missing here is an error.
-
-    Returns:
-        (L, L) int64 matrix; entry [i, j] counts rooms of true label i predicted as j.
-    """
-    y_true, y_pred = _check_labels(y_true, y_pred)
-    labels = np.asarray(labels)
-    if labels.ndim != 1 or labels.size == 0:
-        raise ValueError(f"labels must be a non-empty 1-D sequence, got shape {labels.shape}")
-    if np.unique(labels).size != labels.size:
-        raise ValueError(f"labels must be distinct, got {labels.tolist()}")
-    t = _encode(y_true, labels, "y_true")
-    p = _encode(y_pred, labels, "y_pred")
-    size = labels.size
-    return np.bincount(t * size + p, minlength=size * size).reshape(size, size)
-
-
-def macro_f1(y_true, y_pred, labels=None) -> float:
-    """Unweighted mean of the per-class F1 = 2TP / (2TP + FP + FN).
-
-    Classes absent from both y_true and y_pred are excluded from the mean (their F1 is
-    0/0); a class with true rooms but no predictions, or predictions but no true rooms,
-    has F1 = 0.
-
-    Args:
-        y_true: (Q,) true labels.
-        y_pred: (Q,) predicted labels.
-        labels: the classes to consider; by default those in y_true or y_pred.
-    """
-    y_true, y_pred = _check_labels(y_true, y_pred)
-    if labels is None:
-        labels = np.unique(np.concatenate([y_true, y_pred]))
-    cm = confusion_matrix(y_true, y_pred, labels)  # (L, L)
-    tp = np.diag(cm)
-    denominator = cm.sum(axis=0) + cm.sum(axis=1)  # 2TP + FP + FN
-    present = denominator > 0
-    return float(np.mean(2.0 * tp[present] / denominator[present]))
-
-
 # ------------------------------------------------------------------ ranked id lists
 
 
@@ -625,45 +548,16 @@ def ndcg_at_k_ranked(ranked: Sequence[Hashable], relevant: Iterable[Hashable], k
     return float(dcg / _discounts(min(len(relevant), k))[-1])
 
 
-# ------------------------------------------------------------------------ calibration
+_SCENE_METRICS = ("scene_accuracy", "confusion_matrix", "macro_f1", "expected_calibration_error")
 
 
-def expected_calibration_error(confidences, correct, n_bins: int = 10) -> float:
-    """Expected calibration error of top-class confidences, over equal-width bins.
+def __getattr__(name: str):
+    if name in _SCENE_METRICS:  # their home is scene_metrics; still reachable from here
+        import warnings
 
-    The interval [0, 1] is cut into ``n_bins`` bins (i/n, (i+1)/n] (a confidence of exactly 0
-    falls in the first). For the predictions B_b in bin b,
-    ECE = sum_b |B_b| / N * |accuracy(B_b) - mean confidence(B_b)|; empty bins add nothing.
-    0 means that, bin by bin, predictions made with confidence p are right a share p of the time.
+        from . import scene_metrics
 
-    Args:
-        confidences: (N,) probability given to each predicted class, in [0, 1].
-        correct: (N,) whether each prediction was right (booleans, or 0/1).
-        n_bins: number of bins, an integer >= 1.
-
-    Returns:
-        The ECE, in [0, 1].
-    """
-    if isinstance(n_bins, (bool, np.bool_)) or not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
-        raise ValueError(f"n_bins must be an integer >= 1, got {n_bins!r}")
-    confidences = np.asarray(confidences, dtype=np.float64)
-    correct = np.asarray(correct)
-    if confidences.ndim != 1 or correct.shape != confidences.shape:
-        raise ValueError(f"confidences and correct must be 1-D of equal length, got {confidences.shape} "
-                         f"and {correct.shape}")
-    if confidences.size == 0:
-        raise ValueError("confidences and correct are empty; calibration needs at least one prediction")
-    if not np.all((confidences >= 0) & (confidences <= 1)):  # also refuses NaN
-        bad = int(np.flatnonzero(~((confidences >= 0) & (confidences <= 1)))[0])
-        raise ValueError(f"confidences must lie in [0, 1]; position {bad} is {confidences[bad]!r}")
-    if correct.dtype != np.bool_:
-        if not np.isin(correct, (0, 1)).all():
-            raise ValueError("correct must hold booleans or 0/1")
-        correct = correct.astype(bool)
-    edges = np.linspace(0.0, 1.0, int(n_bins) + 1)
-    # side="left" on the inner edges puts a confidence equal to an edge in the bin it closes
-    bins = np.searchsorted(edges[1:-1], confidences, side="left")  # (N,) in [0, n_bins)
-    count = np.bincount(bins, minlength=n_bins)  # (B,)
-    confidence_sum = np.bincount(bins, weights=confidences, minlength=n_bins)  # (B,)
-    correct_sum = np.bincount(bins, weights=correct.astype(np.float64), minlength=n_bins)  # (B,)
-    return float(np.abs(correct_sum - confidence_sum).sum() / confidences.size)
+        warnings.warn(f"hgm_mm.evaluation.metrics.{name} has moved to hgm_mm.evaluation.scene_metrics",
+                      DeprecationWarning, stacklevel=2)
+        return getattr(scene_metrics, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

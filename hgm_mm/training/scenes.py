@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader
 from ..data.images import ImageError
 from ..data.records import SceneImage, read_scene_images
 from ..models.calibration import fit_temperature
-from ..evaluation import metrics
+from ..evaluation import scene_metrics
 from ..data.loading import PhotoDecoder, PhotoFiles
 from ..models.export import folded_copy, locked_outputs
 from ..models.preprocess import RoomViews
@@ -200,7 +200,7 @@ def _calibrate(model, reader, val_features, stage, batch_size: int, truth: torch
 def _ece(logits: torch.Tensor, truth: torch.Tensor) -> float:
     probabilities = logits.softmax(dim=-1)
     confidence, predicted = probabilities.max(dim=-1)
-    return metrics.expected_calibration_error(confidence.numpy(), (predicted == truth).numpy())
+    return scene_metrics.expected_calibration_error(confidence.numpy(), (predicted == truth).numpy())
 
 
 # -- inputs ----------------------------------------------------------------------------------------
@@ -437,8 +437,8 @@ def _fit(model, reader, stage, locked_norms, train_features, train_labels, val_f
         row = {"epoch": epoch + 1, "loss": loss_sum / len(order), "train_accuracy": correct / len(order)}
         if val_features is not None:
             predicted = _predict(model, reader, val_features, stage, config.batch_size)
-            row["val_accuracy"] = metrics.scene_accuracy(val_truth, predicted)
-            row["val_macro_f1"] = metrics.macro_f1(val_truth, predicted)
+            row["val_accuracy"] = scene_metrics.scene_accuracy(val_truth, predicted)
+            row["val_macro_f1"] = scene_metrics.macro_f1(val_truth, predicted)
         history.append(row)
         bar.set_postfix({k: round(v, 4) for k, v in row.items() if k != "epoch"})
     bar.close()
