@@ -8,7 +8,8 @@ import hgm_mm
 from hgm_mm.data import load_dataset
 from hgm_mm.data.ikea_repo import DownloadError
 from hgm_mm.data.split import split_rooms
-from hgm_mm.apps.demo import HIT_COLOUR, choose_subset, find_demo_data, run_demo, write_contact_sheet, write_subset
+from hgm_mm.apps.contact_sheet import HIT_COLOUR, write_contact_sheet
+from hgm_mm.apps.demo import choose_subset, find_demo_data, run_demo, write_subset
 from hgm_mm.ranking.matcher import MatchResult, RankedProduct
 from hgm_mm.data.scenes import scene_words
 

@@ -34,16 +34,13 @@ from ..data import Dataset, ImageError, Product, Room, load_dataset, load_image
 from ..data.ikea_repo import DATA_ENV, ikea_dataset
 from ..data.records import PAIRS_FILE, PRODUCTS_FILE, ROOMS_FILE
 from ..data.split import split_rooms
-from ..files import atomic_text, atomic_write
 from ..data.scenes import scene_words
+from ..files import atomic_text
+from .contact_sheet import scene_verdict, write_contact_sheet
 
 DEFAULT_OUTPUT = Path("runs") / "demo"
 SCENE_PHOTOS_PER_SCENE = 40  # photos of the scene set per scene the demo's photo scene head learns from
 VAL_FRACTION = 0.2  # rooms held out, as TrainConfig's default
-HIT_COLOUR = (40, 160, 60)  # frame of a product that appears in the room
-_PAGE = (255, 255, 255)
-_INK = (30, 30, 30)
-_MUTED = (110, 110, 110)
 
 
 @dataclass
@@ -397,14 +394,6 @@ def _say_summary(say, measured: dict, unreadable: list[str], trained, sheet: Pat
     say(f"Done in {wall:.0f} s.")
 
 
-def scene_verdict(result) -> str:
-    """What the guide says of a room's scene: "living room (83%)", or "not sure (living room 41%?)"."""
-    probability = result.scene_probabilities.get(result.scene, 0.0)
-    if getattr(result, "scene_confident", True):
-        return f"{scene_words(result.scene)} ({probability:.0%})"
-    return f"not sure ({scene_words(result.scene)} {probability:.0%}?)"
-
-
 def _demo_scene_data(root: Path, scene_data, per_scene: int, labels):
     """A few photos per scene of the scene set (`scene_data`, else `places365-rooms/` beside the dataset)."""
     from ..training.guide_heads import SceneData, read_scene_data
@@ -447,90 +436,3 @@ def _measure_held_out(matcher, subset: DemoSubset, positives) -> dict[str, Any]:
             "scene_chance": max(counts.values()) / len(rooms) if rooms else 0.0,
             "recall@10": sum(recalls) / max(len(recalls), 1),
             "random_recall@10": sum(random_recalls) / max(len(random_recalls), 1)}
-
-
-# -- the contact sheet ----------------------------------------------------------------------------
-def write_contact_sheet(path: str | os.PathLike, rows: Sequence[tuple[Room, Any]],
-                        positives: dict[str, set[str]] | None = None, *, title: str = "", tile: int = 160,
-                        room_height: int = 220) -> Path:
-    """Draws each room photo beside its ranked products (photo, title, score) and saves it (JPEG or PNG by suffix).
-
-    Args:
-        path: The image to write, atomically.
-        rows: (room, `MatchResult`) pairs, one row each.
-        positives: Room id -> ids of the products in that room; those are framed in green.
-        title: A line at the top.
-        tile: Side of a product photo, in pixels.
-        room_height: Height of a room photo, in pixels.
-    """
-    from PIL import Image, ImageDraw
-
-    path = Path(path)
-    positives = positives or {}
-    font, small = _font(14), _font(12)
-    room_width = room_height * 3 // 2
-    k = max((len(result.products) for _, result in rows), default=0)
-    gap, caption = 12, 44
-    row_height = 22 + max(room_height, tile + caption) + gap
-    width = gap + room_width + gap + k * (tile + gap)
-    height = (28 if title else gap) + len(rows) * row_height
-    sheet = Image.new("RGB", (max(width, 400), height), _PAGE)
-    draw = ImageDraw.Draw(sheet)
-    if title:
-        draw.text((gap, 7), title, fill=_INK, font=font)
-    top = 28 if title else gap
-    for room, result in rows:
-        draw.text((gap, top), f"{room.room_id}   true scene: {scene_words(room.scene or '?')}   the guide sees: "
-                              f"{scene_verdict(result)}", fill=_INK, font=font)
-        y = top + 22
-        sheet.paste(_fit(load_image(room.image), room_width, room_height), (gap, y))
-        for column, product in enumerate(result.products):
-            x = gap + room_width + gap + column * (tile + gap)
-            image_path = product.metadata.get("image")
-            try:
-                photo = _fit(load_image(image_path), tile, tile) if image_path else None
-            except ImageError:
-                photo = None
-            if photo is not None:
-                sheet.paste(photo, (x, y))
-            else:
-                draw.rectangle((x, y, x + tile - 1, y + tile - 1), outline=_MUTED)
-                draw.text((x + 8, y + tile // 2), "no photo", fill=_MUTED, font=small)
-            if product.product_id in positives.get(room.room_id, ()):
-                draw.rectangle((x - 3, y - 3, x + tile + 2, y + tile + 2), outline=HIT_COLOUR, width=4)
-            name = str(product.metadata.get("title") or product.product_id)
-            category = product.metadata.get("category") or ""
-            draw.text((x, y + tile + 5), _clip(name, draw, small, tile), fill=_INK, font=small)
-            draw.text((x, y + tile + 22), _clip(str(category), draw, small, tile), fill=_MUTED, font=small)
-        top += row_height
-    file_format = "PNG" if path.suffix.lower() == ".png" else "JPEG"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: sheet.save(tmp, format=file_format, quality=90))
-    return path
-
-
-def _fit(image, width: int, height: int):
-    """The image scaled to fit in width x height, centred on white."""
-    from PIL import Image, ImageOps
-
-    image = ImageOps.contain(image, (width, height))
-    canvas = Image.new("RGB", (width, height), _PAGE)
-    canvas.paste(image, ((width - image.width) // 2, (height - image.height) // 2))
-    return canvas
-
-
-def _clip(text: str, draw, font, width: int) -> str:
-    if draw.textlength(text, font=font) <= width:
-        return text
-    while text and draw.textlength(text + "...", font=font) > width:
-        text = text[:-1]
-    return text + "..."
-
-
-def _font(size: int):
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow before 10.1 has one bitmap size
-        return ImageFont.load_default()
