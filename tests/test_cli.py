@@ -105,7 +105,7 @@ def test_evaluate_baselines_read_the_training_rooms_scenes_from_the_model_and_ch
         warnings.simplefilter("ignore")
         assert main(command) == 2  # no record of t1's scene: refused before the evaluation
     captured = capsys.readouterr()
-    assert "unknown room" in captured.err and "give --train-rooms" in captured.err
+    assert "unknown room" in captured.err and "--train-rooms" in captured.err
     assert "rooms," not in captured.out  # nothing was evaluated
     (model_dir / "train_room_scenes.json").write_text(json.dumps({"format": 1, "scenes": {"t1": "kitchen",
                                                                                             "t2": "bedroom"}}))

@@ -337,7 +337,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from ..data import read_pairs, read_products, read_rooms, read_scene_images
     from ..evaluation import (baseline_evaluations, check_report_folder, evaluate, evaluate_scenes, held_out_rooms,
                              write_report)
-    from ..evaluation.evaluate import TRAIN_PAIRS_FILE
+    from ..evaluation.evaluate import TRAIN_PAIRS_FILE, baseline_training_data
     from ..models.factory import create_model
 
     if args.guide is not None:
@@ -376,7 +376,14 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(f"scoring the {len(rooms)} rooms {args.model} was not trained on "
               f"({left_out} training rooms left out; --all-rooms keeps them)")
     if args.baselines:  # every input of the baselines is read and checked before the evaluation runs
-        train_pairs, train_rooms = _baseline_inputs(args, pairs_file, model_dir, all_rooms, catalog)
+        train_pairs = train_rooms = None
+        if pairs_file is None:
+            print("popularity baselines skipped: give --train-pairs (and --train-rooms)", file=sys.stderr)
+        else:
+            train_pairs, train_rooms, source = baseline_training_data(
+                pairs_file, catalog, train_rooms=read_rooms(args.train_rooms) if args.train_rooms else None,
+                model_folder=model_dir, rooms=all_rooms)
+            print(f"popularity baselines count the training pairs of {pairs_file} (scenes from {source})")
         import warnings
 
         with warnings.catch_warnings():
@@ -400,43 +407,6 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(f"wrote {index}")
     _write_document(args.json, document)
     return 0
-
-
-def _baseline_inputs(args, pairs_file: Path | None, model_dir: Path | None, all_rooms, catalog):
-    """(training pairs, training rooms' scenes) for the popularity baselines, or (None, None) without pairs.
-
-    The scenes come from --train-rooms, else from the model folder's record of them, else from --rooms;
-    a pair naming a room none of these knows is refused now, not after the evaluation.
-    """
-    import json
-
-    from ..data import read_pairs, read_rooms
-    from ..training.loop import TRAIN_ROOM_SCENES_FILE
-
-    if pairs_file is None:
-        print("popularity baselines skipped: give --train-pairs (and --train-rooms)", file=sys.stderr)
-        return None, None
-    recorded = model_dir / TRAIN_ROOM_SCENES_FILE if model_dir is not None else None
-    if args.train_rooms:
-        scenes, source = {r.room_id: r.scene for r in read_rooms(args.train_rooms)}, str(args.train_rooms)
-    elif recorded is not None and recorded.is_file():
-        try:
-            scenes = json.loads(recorded.read_text(encoding="utf-8"))["scenes"]
-            if not isinstance(scenes, dict):
-                raise TypeError("scenes")
-        except (ValueError, KeyError, TypeError) as err:
-            raise ValueError(f"{recorded}: damaged ({err}); give --train-rooms rooms.jsonl of the training rooms") \
-                from None
-        source = str(recorded)
-    else:
-        scenes, source = {r.room_id: r.scene for r in all_rooms}, str(args.rooms)
-    try:
-        train_pairs = read_pairs(pairs_file, room_ids=set(scenes), product_ids={p.product_id for p in catalog})
-    except ValueError as err:
-        raise ValueError(f"{err}. The popularity baselines need every training room's scene: give --train-rooms "
-                         f"rooms.jsonl of the training rooms (the scenes were read from {source})") from None
-    print(f"popularity baselines count the training pairs of {pairs_file} (scenes from {source})")
-    return train_pairs, scenes
 
 
 def _evaluate_guide(args: argparse.Namespace) -> int:

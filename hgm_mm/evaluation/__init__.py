@@ -2,6 +2,7 @@
 guide (`evaluate_guide`), and the report."""
 from .evaluate import RetrievalEvaluation as RetrievalEvaluation
 from .evaluate import baseline_evaluations as baseline_evaluations
+from .evaluate import baseline_training_data as baseline_training_data
 from .evaluate import SceneEvaluation as SceneEvaluation
 from .evaluate import evaluate as evaluate
 from .evaluate import evaluate_scenes as evaluate_scenes

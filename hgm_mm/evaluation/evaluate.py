@@ -1,9 +1,10 @@
 """Room -> product evaluation of a model over a whole catalogue, and the baselines it must beat."""
 from __future__ import annotations
 
+import json
 import os
-from pathlib import Path
 from collections import Counter
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -16,6 +17,7 @@ from . import metrics, scene_metrics
 
 DEFAULT_KS = (10, 50)
 TRAIN_PAIRS_FILE = "train_pairs.csv"  # beside a trained model: the pairs it was trained on (room_id,product_id)
+TRAIN_ROOM_SCENES_FILE = "train_room_scenes.json"  # beside it: {"format": 1, "scenes": {room_id: scene}}
 
 
 @dataclass
@@ -294,3 +296,38 @@ def held_out_rooms(rooms: Sequence[Room], model_folder: str | os.PathLike | None
                          "them on purpose (hgm-mm evaluate --all-rooms)")
     return kept, len(rooms) - len(kept)
 
+
+
+def baseline_training_data(pairs_file: str | os.PathLike, catalog: Sequence[Product], *,
+                           train_rooms: Sequence[Room] | None = None, model_folder: str | os.PathLike | None = None,
+                           rooms: Sequence[Room] = ()) -> tuple[list[tuple[str, str]], dict[str, str | None], str]:
+    """What the popularity baselines count: the training pairs and each training room's scene.
+
+    The scenes come from `train_rooms`, else from the record a trained model's folder keeps of them
+    (`train_room_scenes.json`), else from `rooms`. A pair naming a room none of these knows is
+    refused now, before any evaluation runs.
+
+    Returns:
+        (training pairs, room id -> scene, where the scenes were read from).
+    """
+    recorded = Path(model_folder) / TRAIN_ROOM_SCENES_FILE if model_folder is not None else None
+    if train_rooms is not None:
+        scenes, source = {r.room_id: r.scene for r in train_rooms}, "the training rooms given"
+    elif recorded is not None and recorded.is_file():
+        try:
+            scenes = json.loads(recorded.read_text(encoding="utf-8"))["scenes"]
+            if not isinstance(scenes, dict):
+                raise TypeError("scenes")
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{recorded}: damaged ({err}); give the training rooms' rooms.jsonl "
+                             "(hgm-mm evaluate --train-rooms)") from None
+        source = str(recorded)
+    else:
+        scenes, source = {r.room_id: r.scene for r in rooms}, "the rooms evaluated"
+    try:
+        train_pairs = read_pairs(pairs_file, room_ids=set(scenes), product_ids={p.product_id for p in catalog})
+    except ValueError as err:
+        raise ValueError(f"{err}. The popularity baselines need every training room's scene: give the training "
+                         f"rooms' rooms.jsonl (hgm-mm evaluate --train-rooms); the scenes were read from {source}") \
+            from None
+    return train_pairs, scenes, source

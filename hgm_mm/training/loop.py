@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..data import load_dataset
-from ..evaluation.evaluate import TRAIN_PAIRS_FILE
+from ..evaluation.evaluate import TRAIN_PAIRS_FILE, TRAIN_ROOM_SCENES_FILE
 from ..files import atomic_json, atomic_text
 from ..data.split import split_rooms
 from ..data.text import product_text, room_text
@@ -49,7 +49,6 @@ class NonFiniteLossError(RuntimeError):
     """A loss became NaN or infinite; nothing of that step was applied or saved."""
 
 
-TRAIN_ROOM_SCENES_FILE = "train_room_scenes.json"  # beside TRAIN_PAIRS_FILE in the best model's folder
 
 
 @dataclass
