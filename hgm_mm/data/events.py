@@ -7,9 +7,6 @@ A bad row is refused with a `DataError` naming the file, the line and the fix; `
 """
 from __future__ import annotations
 
-import csv
-import io
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -17,7 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .records import DataError
+from .lines import DataError, csv_rows, json_objects
 
 EVENT_TYPES = ("view", "cart", "purchase")
 EVENTS_HEADER = ("user_id", "product_id", "event", "timestamp")
@@ -55,14 +52,12 @@ def read_events(path: str | Path) -> list[InteractionEvent]:
         DataError: (a `ValueError`) at the first bad row, naming the file, the line and the fix.
     """
     path = Path(path)
-    if not path.is_file():
-        what = "is a directory, not a file" if path.is_dir() else "does not exist"
-        raise DataError(path, None, f"{what}; pass a CSV or JSONL file of interaction events")
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise DataError(path, None, f"not valid UTF-8 ({err.reason} at byte {err.start}); save it as UTF-8") from None
-    rows = _jsonl_rows(path, text) if path.suffix.lower() in (".jsonl", ".json") else _csv_rows(path, text)
+    fix = "pass a CSV or JSONL file of interaction events"
+    if path.suffix.lower() in (".jsonl", ".json"):
+        rows = _jsonl_rows(path, fix)
+    else:
+        rows = ((lineno, {key: cell.strip() for key, cell in row.items()})
+                for lineno, row in csv_rows(path, EVENTS_HEADER, any_order=True, fix=fix))
     return [event_from_row(row, path, lineno) for lineno, row in rows]
 
 
@@ -81,40 +76,8 @@ def event_from_row(row: Mapping[str, Any], origin: str | Path, lineno: int | Non
     return InteractionEvent(user_id, product_id, event, _timestamp(origin, lineno, stamp))
 
 
-def _csv_rows(path: Path, text: str):
-    reader = csv.reader(io.StringIO(text, newline=""))
-    header = None
-    try:
-        for row in reader:
-            if not row or all(not cell.strip() for cell in row):
-                continue
-            if header is None:
-                header = [cell.strip() for cell in row]
-                if sorted(header) != sorted(EVENTS_HEADER) or len(header) != len(EVENTS_HEADER):
-                    raise DataError(path, reader.line_num, f"header {','.join(row)!r} is not valid; the first line "
-                                                           f"must name the columns {','.join(EVENTS_HEADER)}")
-                continue
-            if len(row) != len(header):
-                raise DataError(path, reader.line_num, f"expected {len(header)} columns ({','.join(header)}), got "
-                                                       f"{len(row)}; quote values that contain commas")
-            yield reader.line_num, {key: cell.strip() for key, cell in zip(header, row)}
-    except csv.Error as err:
-        raise DataError(path, reader.line_num, f"malformed CSV ({err}); check the quoting") from None
-    if header is None:
-        raise DataError(path, None, f"empty file; the first line must be {','.join(EVENTS_HEADER)}")
-
-
-def _jsonl_rows(path: Path, text: str):
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(path, lineno, f"malformed JSON ({err.msg} at column {err.colno}); each line must hold "
-                                          "one JSON object") from None
-        if not isinstance(row, dict):
-            raise DataError(path, lineno, "expected a JSON object with keys " + ", ".join(EVENTS_HEADER))
+def _jsonl_rows(path: Path, fix: str):
+    for lineno, row in json_objects(path, fix):
         missing = [key for key in EVENTS_HEADER if key not in row]
         unknown = sorted(set(row) - set(EVENTS_HEADER))
         if missing or unknown:

@@ -8,14 +8,13 @@ image file exists (a ``stat``), they never decode it: use :func:`hgm_mm.data.loa
 """
 from __future__ import annotations
 
-import csv
-import io
-import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .lines import DataError as DataError
+from .lines import csv_rows, json_objects, json_type
 from .scenes import canonical_scene
 
 PRODUCTS_FILE = "products.jsonl"
@@ -23,32 +22,6 @@ ROOMS_FILE = "rooms.jsonl"
 PAIRS_FILE = "pairs.csv"
 SCENE_IMAGES_FILE = "images.jsonl"
 PAIRS_HEADER = ("room_id", "product_id")
-
-_UTF8_BOM = b"\xef\xbb\xbf"
-
-
-class DataError(ValueError):
-    """A dataset file breaks the format.
-
-    The message reads ``<file> line <n>: <what is wrong>; <how to fix it>`` (without ``line`` when
-    the problem concerns the whole file).
-
-    Attributes:
-        path: The offending file (or dataset folder).
-        line: 1-based line number of the problem, or ``None`` when it concerns the whole file.
-        problem: The message without the file and line prefix.
-    """
-
-    def __init__(self, path: str | Path, line: int | None, problem: str) -> None:
-        self.path = Path(path)
-        self.line = line
-        self.problem = problem
-        where = f"{self.path} line {line}" if line is not None else str(self.path)
-        super().__init__(f"{where}: {problem}")
-
-    def __reduce__(self):  # keep the error picklable (e.g. across DataLoader worker processes)
-        return (type(self), (self.path, self.line, self.problem))
-
 
 @dataclass(frozen=True)
 class Product:
@@ -160,85 +133,13 @@ class Dataset:
 # Low-level helpers
 
 
-def _check_file(path: Path) -> None:
-    if not path.is_file():
-        what = "is a directory, not a file" if path.is_dir() else "does not exist"
-        raise DataError(path, None, f"{what}; pass the path of an existing {path.name or 'file'}")
-
-
-def _decode_line(path: Path, lineno: int, raw: bytes) -> str:
-    if lineno == 1 and raw.startswith(_UTF8_BOM):
-        raw = raw[len(_UTF8_BOM):]
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(
-            path, lineno,
-            f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at byte {exc.start + 1} of the line); "
-            "save the file as UTF-8",
-        ) from None
-
-
-def _no_duplicate_keys(path: Path, lineno: int):
-    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        obj: dict[str, Any] = {}
-        for key, value in pairs:
-            if key in obj:
-                raise DataError(path, lineno, f"duplicate key {key!r} in the JSON object; "
-                                              "give each field once")
-            obj[key] = value
-        return obj
-    return hook
-
-
-def _iter_json_objects(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yields ``(line number, object)`` for each non-blank line of a JSONL file."""
-    _check_file(path)
-    with path.open("rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            text = _decode_line(path, lineno, raw)
-            if not text.strip():
-                continue
-            try:
-                obj = json.loads(text, object_pairs_hook=_no_duplicate_keys(path, lineno))
-            except json.JSONDecodeError as exc:
-                raise DataError(
-                    path, lineno,
-                    f"malformed JSON ({exc.msg} at column {exc.colno}); "
-                    "each line must hold one complete JSON object",
-                ) from None
-            if not isinstance(obj, dict):
-                raise DataError(
-                    path, lineno,
-                    f"expected a JSON object, got {_json_type(obj)}; "
-                    'each line must be one object such as {"key": "value"}',
-                )
-            yield lineno, obj
-
-
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return f"a number ({value!r})"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, dict):
-        return "an object"
-    return type(value).__name__
-
-
 def _required_str(path: Path, lineno: int, obj: dict[str, Any], key: str, *, is_id: bool) -> str:
     if key not in obj:
         raise DataError(path, lineno, f"missing required field {key!r}; add it to every line")
     value = obj[key]
     if not isinstance(value, str):
         hint = "write it in quotes as a JSON string" if is_id else "it must be a JSON string"
-        raise DataError(path, lineno, f"field {key!r} must be a string, got {_json_type(value)}; {hint}")
+        raise DataError(path, lineno, f"field {key!r} must be a string, got {json_type(value)}; {hint}")
     if not value.strip():
         raise DataError(path, lineno, f"field {key!r} is empty; give a non-empty value")
     return value
@@ -247,7 +148,7 @@ def _required_str(path: Path, lineno: int, obj: dict[str, Any], key: str, *, is_
 def _optional_str(path: Path, lineno: int, obj: dict[str, Any], key: str) -> str | None:
     value = obj.get(key)
     if value is not None and not isinstance(value, str):
-        raise DataError(path, lineno, f"field {key!r} must be a string or null, got {_json_type(value)}; "
+        raise DataError(path, lineno, f"field {key!r} must be a string or null, got {json_type(value)}; "
                                       "write it as a JSON string")
     return value
 
@@ -294,7 +195,7 @@ def read_products(path: str | Path, *, check_images: bool = True) -> list[Produc
     path = Path(path)
     products: list[Product] = []
     seen: dict[str, int] = {}
-    for lineno, obj in _iter_json_objects(path):
+    for lineno, obj in json_objects(path):
         product_id = _required_str(path, lineno, obj, "product_id", is_id=True)
         image = _required_str(path, lineno, obj, "image", is_id=False)
         title = _optional_str(path, lineno, obj, "title")
@@ -330,7 +231,7 @@ def read_rooms(path: str | Path, *, check_images: bool = True) -> list[Room]:
     path = Path(path)
     rooms: list[Room] = []
     seen: dict[str, int] = {}
-    for lineno, obj in _iter_json_objects(path):
+    for lineno, obj in json_objects(path):
         room_id = _required_str(path, lineno, obj, "room_id", is_id=True)
         image = _required_str(path, lineno, obj, "image", is_id=False)
         scene = _optional_str(path, lineno, obj, "scene")
@@ -368,7 +269,7 @@ def read_scene_images(path: str | Path, *, check_images: bool = True) -> list[Sc
     path = Path(path)
     items: list[SceneImage] = []
     seen: dict[str, int] = {}
-    for lineno, obj in _iter_json_objects(path):
+    for lineno, obj in json_objects(path):
         image = _required_str(path, lineno, obj, "image", is_id=False)
         scene = _required_str(path, lineno, obj, "scene", is_id=False)
         extra = sorted(set(obj) - {"image", "scene"})
@@ -396,7 +297,7 @@ def read_scene_texts(path: str | Path) -> list[SceneText]:
     """
     path = Path(path)
     items: list[SceneText] = []
-    for lineno, obj in _iter_json_objects(path):
+    for lineno, obj in json_objects(path):
         text = _required_str(path, lineno, obj, "text", is_id=False)
         scene = _required_str(path, lineno, obj, "scene", is_id=False)
         extra = sorted(set(obj) - {"text", "scene"})
@@ -428,56 +329,28 @@ def read_pairs(
             cells, an exact duplicate row, or an id outside ``room_ids``/``product_ids``.
     """
     path = Path(path)
-    _check_file(path)
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        lineno = data.count(b"\n", 0, exc.start) + 1
-        raise DataError(path, lineno, f"not valid UTF-8 (byte 0x{data[exc.start]:02x}); "
-                                      "save the file as UTF-8") from None
     known_rooms = set(room_ids) if room_ids is not None else None
     known_products = set(product_ids) if product_ids is not None else None
-
-    reader = csv.reader(io.StringIO(text, newline=""))
     pairs: list[tuple[str, str]] = []
     seen: dict[tuple[str, str], int] = {}
-    header_seen = False
-    try:
-        for row in reader:
-            lineno = reader.line_num
-            if not row or all(not cell.strip() for cell in row):
-                continue
-            if not header_seen:
-                if tuple(cell.strip() for cell in row) != PAIRS_HEADER:
-                    raise DataError(path, lineno, f"bad header {','.join(row)!r}; the first line "
-                                                  "must be exactly 'room_id,product_id'")
-                header_seen = True
-                continue
-            if len(row) != 2:
-                raise DataError(path, lineno, f"expected 2 columns (room_id,product_id), got "
-                                              f"{len(row)}; quote ids that contain commas")
-            room_id, product_id = row
-            for key, value in (("room_id", room_id), ("product_id", product_id)):
-                if not value.strip():
-                    raise DataError(path, lineno, f"empty {key}; give both ids on every row")
-            if known_rooms is not None and room_id not in known_rooms:
-                raise DataError(path, lineno, f"unknown room_id {room_id!r}; it is not in "
-                                              f"{ROOMS_FILE}: add the room or remove the row")
-            if known_products is not None and product_id not in known_products:
-                raise DataError(path, lineno, f"unknown product_id {product_id!r}; it is not in "
-                                              f"{PRODUCTS_FILE}: add the product or remove the row")
-            pair = (room_id, product_id)
-            first = seen.get(pair)
-            if first is not None:
-                raise DataError(path, lineno, f"duplicate pair {room_id!r},{product_id!r} (first "
-                                              f"seen on line {first}); list each pair once")
-            seen[pair] = lineno
-            pairs.append(pair)
-    except csv.Error as exc:
-        raise DataError(path, reader.line_num, f"malformed CSV ({exc}); check the quoting") from None
-    if not header_seen:
-        raise DataError(path, None, "empty file; the first line must be 'room_id,product_id'")
+    for lineno, row in csv_rows(path, PAIRS_HEADER):
+        room_id, product_id = row["room_id"], row["product_id"]
+        for key, value in (("room_id", room_id), ("product_id", product_id)):
+            if not value.strip():
+                raise DataError(path, lineno, f"empty {key}; give both ids on every row")
+        if known_rooms is not None and room_id not in known_rooms:
+            raise DataError(path, lineno, f"unknown room_id {room_id!r}; it is not in "
+                                          f"{ROOMS_FILE}: add the room or remove the row")
+        if known_products is not None and product_id not in known_products:
+            raise DataError(path, lineno, f"unknown product_id {product_id!r}; it is not in "
+                                          f"{PRODUCTS_FILE}: add the product or remove the row")
+        pair = (room_id, product_id)
+        first = seen.get(pair)
+        if first is not None:
+            raise DataError(path, lineno, f"duplicate pair {room_id!r},{product_id!r} (first "
+                                          f"seen on line {first}); list each pair once")
+        seen[pair] = lineno
+        pairs.append(pair)
     return pairs
 
 
