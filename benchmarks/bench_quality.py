@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     import hgm_mm
-    from hgm_mm.apps.cli import find_dataset
+    from hgm_mm.apps.commands import find_dataset
     from hgm_mm.data import load_dataset, read_pairs
     from hgm_mm.data.split import split_rooms
     from hgm_mm.evaluation import baseline_evaluations

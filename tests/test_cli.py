@@ -173,7 +173,8 @@ def test_version_and_log_levels(capsys):
 def test_every_training_setting_has_a_flag_that_reaches_the_config(tmp_path):
     import dataclasses
 
-    from hgm_mm.apps.cli import parse_args, train_config
+    from hgm_mm.apps.cli import parse_args
+    from hgm_mm.apps.commands import train_config
     from hgm_mm.training import TrainConfig
 
     config_file = tmp_path / "run.yaml"
