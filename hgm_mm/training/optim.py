@@ -8,34 +8,38 @@ import torch
 from torch import nn
 
 
+def decay_groups(params: Iterable[nn.Parameter], lr: float, weight_decay: float, *, name: str | None = None
+                 ) -> list[dict]:
+    """AdamW groups of `params` at `lr`: weight matrices decay, biases, norms and scalars such as the
+    temperature (fewer than 2 dimensions) do not; parameters that do not require grad are left out."""
+    params = [p for p in params if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "lr": lr, "weight_decay": weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "lr": lr, "weight_decay": 0.0}]
+    if name is not None:  # lets the tracked run log each learning rate under its own key (tracking.learning_rates)
+        for group in groups:
+            group["name"] = name
+    return [group for group in groups if group["params"]]
+
+
 def trainable_parameter_groups(model: nn.Module, *, lr: float, tower_lr: float, weight_decay: float) -> list[dict]:
-    """AdamW groups: towers at `tower_lr`, the rest at `lr`; no decay on biases, norms and the temperature."""
-    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    """The retrieval run's AdamW groups: the towers at `tower_lr`, the rest at `lr` (`decay_groups`)."""
+    towers, heads = [], []
     for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        in_tower = name.split(".")[0] in ("image_tower", "text_tower", "scene_text_tower")
-        no_decay = param.ndim < 2 or name == "logit_scale"
-        groups.setdefault((in_tower, no_decay), []).append(param)
-    # "name" lets the tracked run log each learning rate under its own key (tracking.learning_rates)
-    return [{"params": params, "lr": tower_lr if in_tower else lr, "weight_decay": 0.0 if no_decay else weight_decay,
-             "name": "towers" if in_tower else "heads"}
-            for (in_tower, no_decay), params in sorted(groups.items())]
+        (towers if name.split(".")[0] in ("image_tower", "text_tower", "scene_text_tower") else heads).append(param)
+    return decay_groups(heads, lr, weight_decay, name="heads") + decay_groups(towers, tower_lr, weight_decay,
+                                                                               name="towers")
 
 
 def adamw(groups: Iterable[tuple[nn.Module | Iterable[nn.Parameter], float]], weight_decay: float, *,
           undecayed: Iterable[tuple[nn.Module | Iterable[nn.Parameter], float]] = ()) -> torch.optim.AdamW:
-    """AdamW over (module or parameters, learning rate) pairs: weight matrices decay, biases and
-    norms do not, nor anything in `undecayed`; parameters that do not require grad are left out."""
-    param_groups = []
-    for params, lr in undecayed:
-        params = [p for p in (params.parameters() if isinstance(params, nn.Module) else params) if p.requires_grad]
-        param_groups.append({"params": params, "lr": lr, "weight_decay": 0.0})
-    for params, lr in groups:
-        params = [p for p in (params.parameters() if isinstance(params, nn.Module) else params) if p.requires_grad]
-        param_groups.append({"params": [p for p in params if p.ndim >= 2], "lr": lr, "weight_decay": weight_decay})
-        param_groups.append({"params": [p for p in params if p.ndim < 2], "lr": lr, "weight_decay": 0.0})
-    return torch.optim.AdamW([g for g in param_groups if g["params"]])
+    """AdamW over (module or parameters, learning rate) pairs (`decay_groups`), and over `undecayed`
+    pairs without weight decay."""
+    def parameters(params):
+        return list(params.parameters() if isinstance(params, nn.Module) else params)
+
+    param_groups = [group for params, lr in undecayed for group in decay_groups(parameters(params), lr, 0.0)]
+    param_groups += [group for params, lr in groups for group in decay_groups(parameters(params), lr, weight_decay)]
+    return torch.optim.AdamW(param_groups)
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, *,
