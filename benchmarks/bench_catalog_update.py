@@ -61,7 +61,7 @@ def added_products(products: list, n: int = 10) -> tuple[list, dict[str, int]]:
 
 
 def timed_build(model, products, folder: Path) -> tuple[float, object]:
-    from hgm_mm.ranking.matcher import build_catalog_index
+    from hgm_mm.ranking.catalog import build_catalog_index
 
     start = time.perf_counter()
     built = build_catalog_index(model, products, folder, kind="exact", progress=False)

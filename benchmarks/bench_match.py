@@ -48,7 +48,7 @@ def ikea_folder(data: Path) -> Path:
 def scene_prior_and_rooms(ikea: Path):
     """The prior P(category | scene) from the IKEA pairs, and the IKEA rooms."""
     from hgm_mm.data.records import read_pairs, read_products, read_rooms
-    from hgm_mm.ranking.matcher import SceneCategoryPrior
+    from hgm_mm.ranking.prior import SceneCategoryPrior
 
     products = {p.product_id: p for p in read_products(ikea / "products.jsonl", check_images=False)}
     rooms = {r.room_id: r for r in read_rooms(ikea / "rooms.jsonl", check_images=False)}
@@ -63,7 +63,8 @@ def scene_prior_and_rooms(ikea: Path):
 def embedded_catalogue(model, ikea: Path, workdir: Path) -> tuple[np.ndarray, list[str]]:
     """The IKEA catalogue's vectors (N, D), as `hgm-mm index` computes them, and each product's category."""
     from hgm_mm.data.records import read_products
-    from hgm_mm.ranking.matcher import Matcher, build_catalog_index
+    from hgm_mm.ranking.catalog import build_catalog_index
+    from hgm_mm.ranking.matcher import Matcher
 
     products = [p for p in read_products(ikea / "products.jsonl") if p.category]
     build_catalog_index(model, products, workdir / "ikea-index", progress=False)

@@ -47,7 +47,8 @@ def build_index(model_name: str, ikea: Path, folder: Path) -> None:
     """The IKEA catalogue embedded by the model, with the scene-category prior of the IKEA rooms."""
     import hgm_mm
     from hgm_mm.data import read_pairs, read_products, read_rooms
-    from hgm_mm.ranking.matcher import SceneCategoryPrior, build_catalog_index
+    from hgm_mm.ranking.catalog import build_catalog_index
+    from hgm_mm.ranking.prior import SceneCategoryPrior
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", hgm_mm.RandomInitWarning)

@@ -32,7 +32,10 @@ from hgm_mm.data import load_dataset  # noqa: E402
 from hgm_mm.data.split import split_rooms  # noqa: E402
 from hgm_mm.evaluation.evaluate import embed_catalog  # noqa: E402
 from hgm_mm.retrieval.index import ProductIndex, model_fingerprint  # noqa: E402
-from hgm_mm.ranking.matcher import Matcher, RankingWeights, SceneCategoryPrior, product_metadata  # noqa: E402
+from hgm_mm.ranking.catalog import product_metadata  # noqa: E402
+from hgm_mm.ranking.matcher import Matcher  # noqa: E402
+from hgm_mm.ranking.prior import SceneCategoryPrior  # noqa: E402
+from hgm_mm.ranking.weights import RankingWeights  # noqa: E402
 
 SCENE_FIT = (0.0, 0.05, 0.1, 0.15, 0.2)
 DIVERSITY = (0.0, 0.01, 0.02, 0.05, 0.1)

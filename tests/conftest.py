@@ -56,7 +56,7 @@ def ikea_head_index(tmp_path_factory, ikea_head_catalogue: dict) -> Path:
     import torch
 
     import hgm_mm
-    from hgm_mm.ranking.matcher import build_catalog_index
+    from hgm_mm.ranking.catalog import build_catalog_index
 
     torch.set_num_threads(1)
     folder = tmp_path_factory.mktemp("ikea_head") / "index"

@@ -16,7 +16,8 @@ from PIL import Image
 import hgm_mm
 from conftest import tiny_model
 from hgm_mm.embedding.catalog_vectors import content_key
-from hgm_mm.ranking.matcher import Matcher, build_catalog_index
+from hgm_mm.ranking.catalog import build_catalog_index
+from hgm_mm.ranking.matcher import Matcher
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -11,7 +11,9 @@ from hgm_mm.data import Room, SceneText
 from hgm_mm.evaluation import GuideEvaluation, evaluate_guide, format_guide_report, metrics, scene_metrics
 from hgm_mm.evaluation.guide import no_scene_set
 from hgm_mm.retrieval.index import ProductIndex, model_fingerprint
-from hgm_mm.ranking.matcher import SCENE_CONFIDENCE, Matcher, RankingWeights, SceneCategoryPrior
+from hgm_mm.ranking.matcher import Matcher, SCENE_CONFIDENCE
+from hgm_mm.ranking.prior import SceneCategoryPrior
+from hgm_mm.ranking.weights import RankingWeights
 from hgm_mm.data.scenes import combine_scene_probabilities
 
 N = 40

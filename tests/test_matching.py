@@ -11,8 +11,10 @@ import hgm_mm
 from conftest import tiny_model
 from hgm_mm.data import Product, Room
 from hgm_mm.retrieval.index import ProductIndex, model_fingerprint
-from hgm_mm.ranking.matcher import (MatchResult, Matcher, RankingWeights, SceneCategoryPrior, build_catalog_index,
-                             diverse_order)
+from hgm_mm.ranking.catalog import build_catalog_index
+from hgm_mm.ranking.matcher import diverse_order, Matcher, MatchResult
+from hgm_mm.ranking.prior import SceneCategoryPrior
+from hgm_mm.ranking.weights import RankingWeights
 from hgm_mm.ranking.profile import UserProfile
 
 N = 40

@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 import hgm_mm
-from hgm_mm.ranking.matcher import Matcher, build_catalog_index
+from hgm_mm.ranking.catalog import build_catalog_index
+from hgm_mm.ranking.matcher import Matcher
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -217,7 +217,8 @@ def _create_model(name: str):
 
 def index_command(args: argparse.Namespace) -> int:
     from ..data import read_pairs, read_products, read_rooms
-    from ..ranking.matcher import SCENE_CATEGORIES_FILE, SceneCategoryPrior, build_catalog_index, check_output_dir
+    from ..ranking.catalog import build_catalog_index, check_output_dir
+    from ..ranking.prior import SCENE_CATEGORIES_FILE, SceneCategoryPrior
     from ..retrieval.milvus import DEFAULT_COLLECTION, parse_store_uri
 
     if (args.pairs is None) != (args.rooms is None):

@@ -11,9 +11,9 @@ What it does:
      original photos. The rooms are split into training and validation rooms as `train` splits
      them, and the rooms shown are validation rooms: the model never trained on them.
   3. Fine-tunes `model` for `steps` steps on the training rooms (`hgm_mm.train`).
-  4. Indexes the subset's catalogue with the trained model (`matching.build_catalog_index`), with
+  4. Indexes the subset's catalogue with the trained model (`ranking.catalog.build_catalog_index`), with
      the scene-category prior counted from the pairs of every dataset room except the held-out ones.
-  5. Matches the shown rooms' photos (`matching.Matcher`), prints the ranked products, writes
+  5. Matches the shown rooms' photos (`ranking.matcher.Matcher`), prints the ranked products, writes
      `demo.json` and a contact sheet: each room photo beside its top products, with titles, the
      products that really appear in that room framed in green.
 """
@@ -72,7 +72,7 @@ class DemoResult:
         data_dir: The dataset folder used.
         subset_dir: The subset dataset folder trained on.
         model_dir: The trained model (`hgm_mm.load_model`).
-        index_dir: The catalogue index (`matching.Matcher.load`).
+        index_dir: The catalogue index (`ranking.matcher.Matcher.load`).
         contact_sheet: The image of each shown room beside its top products.
         report: `demo.json`: every match with its per-term scores, and the paths above.
         matches: Room id -> `MatchResult` of the shown rooms.
@@ -249,7 +249,9 @@ def run_demo(data: str | os.PathLike | None = None, *, output: str | os.PathLike
         hgm_mm.data.ikea_repo.DownloadError: No dataset given and no network.
         ValueError: A dataset file breaks the format, or holds too few rooms with products.
     """
-    from ..ranking.matcher import Matcher, SceneCategoryPrior, build_catalog_index
+    from ..ranking.catalog import build_catalog_index
+    from ..ranking.matcher import Matcher
+    from ..ranking.prior import SceneCategoryPrior
     from ..models.hgm import load_model
     from ..training import TrainConfig, train
 

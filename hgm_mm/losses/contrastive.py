@@ -1,4 +1,4 @@
-"""Training losses: gathered contrastive losses and the scene cross-entropy (`grad_cache` embeds their batches in chunks).
+"""Gathered contrastive losses and the scene cross-entropy (`grad_cache` embeds their batches in chunks).
 
 Scaling convention (every loss here that averages over queries):
     Each process computes the loss of its OWN queries against the candidates of ALL processes
@@ -27,8 +27,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from .grad_cache import grad_cache_step as grad_cache_step  # its name here before it had a module of its own
 
 PAD_ID = -1  # fills the rows of a room -> product id table (see `pad_positive_ids`)
 

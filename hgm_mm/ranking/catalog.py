@@ -109,7 +109,7 @@ def build_catalog_index(model, products: Sequence | str | os.PathLike, output_di
         kind: the index kind ("auto", "exact", "hnsw", "ivfpq"; "ivfpq" is FAISS only).
         store: "faiss" (the index inside the folder) or a Milvus store URI
             ("milvus-lite:PATH.db", "milvus://HOST:PORT"; see `hgm_mm.retrieval.milvus`).
-        collection: the Milvus collection (default `milvus_index.DEFAULT_COLLECTION`).
+        collection: the Milvus collection (default `retrieval.milvus.DEFAULT_COLLECTION`).
         batch_size, num_workers, progress: of the catalogue embedding.
     """
     from ..embedding.catalog_vectors import CONTENT_KEYS_FILE, catalog_vectors

@@ -91,7 +91,7 @@ def _prefix_features(model, tower, sources, transform, stage: int, *, batch_size
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, ...) activations entering `stage` for each photo, and which photos were readable.
 
-    `tower` is the model's image tower or its folded inference copy (`inference.folded_copy`).
+    `tower` is the model's image tower or its folded inference copy (`models.export.folded_copy`).
     """
     from tqdm.auto import tqdm
 

@@ -341,7 +341,7 @@ def _cache_views(model, images: Sequence[SceneImage], stage: int | None, views, 
     """Locked-layer outputs of every view of every readable photo.
 
     `views` is a photo -> (V, 3, S, S), or `_RandomCrops`, which reads each photo into its versions.
-    The layers run through the tower's folded inference copy (`inference.folded_copy`), which
+    The layers run through the tower's folded inference copy (`models.export.folded_copy`), which
     computes what the tower computes, to float rounding, faster.
 
     Returns:
