@@ -318,6 +318,20 @@ def test_cached_locked_layers_train_like_pixels(dataset, tmp_path, unlocked_text
         assert got["recall@10"] == pytest.approx(expected["recall@10"], abs=1e-6)
 
 
+def test_feature_map_room_views_train_from_the_cache_like_from_pixels(dataset, tmp_path):
+    settings = dict(unlocked_image_groups=1, unlocked_text_layers=0, max_steps=3, room_views="feature_map",
+                    room_map_size=96)
+    from_pixels = run(tiny_config(cache_frozen_features=False, **settings), dataset, tmp_path / "pixels")
+    from_cache = run(tiny_config(**settings), dataset, tmp_path / "cache")
+    pixels, cache = checkpoint_weights(tmp_path / "pixels"), checkpoint_weights(tmp_path / "cache")
+    for name in pixels:
+        assert torch.allclose(pixels[name], cache[name], atol=1e-5), name
+    for got, expected in zip(from_cache.history, from_pixels.history):
+        assert got["recall@10"] == pytest.approx(expected["recall@10"], abs=1e-6)
+    saved = hgm_mm.load_model(from_cache.model_dir).config
+    assert (saved.room_views, saved.room_map_size) == ("feature_map", 96)
+
+
 def test_a_short_run_caches_only_the_rooms_its_steps_draw(dataset, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="hgm_mm")
     data = hgm_mm.data.load_dataset(dataset)

@@ -67,6 +67,8 @@ def draft_side(transform: Callable) -> int | None:
     from ..models.preprocess import RoomViews
 
     if isinstance(transform, RoomViews):
+        if transform.kind == "feature_map":  # the whole photo at M x M
+            return DRAFT_HEADROOM * transform.size
         return DRAFT_HEADROOM * max(transform.grids) * transform.size  # tiles of the finest grid cover S x S
     if isinstance(transform, T.Compose) and transform.transforms:
         first = transform.transforms[0]

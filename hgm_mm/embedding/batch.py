@@ -37,8 +37,9 @@ from torch.utils.data import DataLoader, Sampler
 
 from ..data.images import ImageError
 from ..data.loading import PhotoDecoder, PhotoFiles, draft_side, normaliser, split_normalisation
-from ..models.export import FoldedImageEncoder, OnnxExportError, OnnxImageEncoder, onnxruntime_available
-from ..models.hgm import VIEW_PASS_IMAGES
+from ..models.export import (FoldedImageEncoder, FoldedRoomMapEncoder, OnnxExportError, OnnxImageEncoder,
+                             onnxruntime_available)
+from ..models.hgm import MAP_PASS_ROOMS, VIEW_PASS_IMAGES
 
 PRECISIONS = ("auto", "fp32", "bf16")
 ENGINES = ("auto", "torch", "onnxruntime")
@@ -157,20 +158,26 @@ def _encoder(model, *, room_views: bool, precision: str, engine: str = "torch", 
     `fold_batch_norms` runs the tower's inference copy (`FoldedImageEncoder`) in eval mode.
     """
     dtype = _autocast_dtype(model.device, precision)
+    room_map = room_views and model.room_views.kind == "feature_map"  # one pass a room gives all its views
     if engine == "onnxruntime":
-        encode_photos = OnnxImageEncoder(model)
+        encode_photos = OnnxImageEncoder(model, room_map=room_map)
     elif fold_batch_norms and not model.training:
-        encode_photos = FoldedImageEncoder(model)
+        encode_photos = FoldedRoomMapEncoder(model) if room_map else FoldedImageEncoder(model)
     else:
-        encode_photos = model.encode_image
+        encode_photos = model.encode_room_views if room_map else model.encode_image
 
     def run(pixels: torch.Tensor) -> torch.Tensor:
-        photos = pixels.flatten(0, 1) if room_views else pixels  # views run as photos: (R * V, 3, S, S)
-        # a batch of rooms holds R * V photos (8 rooms of 55 views: 440): 9 GB in one pass, 2.5 GB in passes of 64
-        passes = photos.split(VIEW_PASS_IMAGES) if room_views else (photos,)
+        if room_map:  # (R, 1, 3, M, M) -> (R, V, D)
+            passes = pixels[:, 0].split(MAP_PASS_ROOMS)
+        else:
+            photos = pixels.flatten(0, 1) if room_views else pixels  # views run as photos: (R * V, 3, S, S)
+            # a batch of rooms holds R * V photos (8 rooms of 55 views: 440): 9 GB in one pass, 2.5 GB in passes of 64
+            passes = photos.split(VIEW_PASS_IMAGES) if room_views else (photos,)
         with torch.inference_mode(), torch.autocast(model.device.type, dtype=dtype, enabled=dtype is not None):
             vectors = torch.cat([encode_photos(chunk.to(model.device, non_blocking=True)).float().cpu()
                                  for chunk in passes])
+        if room_map:
+            return vectors
         return vectors.view(*pixels.shape[:2], -1) if room_views else vectors
 
     return run
@@ -243,7 +250,7 @@ def embed_images(model, sources: Sequence[str | os.PathLike], *, batch_size: int
     if on_error not in ("skip", "raise"):
         raise ValueError(f"on_error={on_error!r}; expected 'skip' or 'raise'")
     _check_positive(batch_size=batch_size)
-    n_photos = len(sources) * (model.room_views.n_views if room_views else 1)
+    n_photos = len(sources) * (model.room_views.n_passes if room_views else 1)
     encode = photo_encoder(model, room_views=room_views, precision=precision, engine=engine, n_photos=n_photos,
                            fold_batch_norms=False)
     batches = _ShardBatches([0], max(1, len(sources)), len(sources), batch_size)

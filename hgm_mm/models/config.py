@@ -18,6 +18,7 @@ IMAGE_TOWER_SOURCES = ("timm", "open_clip")
 TEXT_TOWER_SOURCES = ("hf", "open_clip")
 POOLING_MODES = ("mean", "cls")
 VIEW_POOLINGS = ("lse", "max", "mean")
+ROOM_VIEW_KINDS = ("crops", "feature_map")  # how room views are encoded (ModelConfig.room_views)
 PROJECTIONS = ("linear", "none")
 SCENE_SOURCES = ("room", "photo")
 
@@ -107,6 +108,11 @@ class ModelConfig(JsonConfig):
     # A room photo is seen as views: grid g cuts it into g x g tiles (1 = the whole photo), since
     # each product is a small part of a scene. A product's score for a room pools its view scores.
     room_grids: tuple[int, ...] = (1,)
+    # How the views are seen. "crops": each tile resized to the tower's input size and encoded on
+    # its own (sum of g * g tower passes). "feature_map": the whole photo at `room_map_size` in one
+    # pass, the tower's last feature map average-pooled over each tile's cells (timm towers).
+    room_views: str = "crops"
+    room_map_size: int = 640  # "feature_map": side of the one pass
     view_pooling: str = "lse"  # "lse": soft maximum at `view_temperature`; "max"; "mean"
     view_temperature: float = 0.05
     # What scene recognition reads from a photo. "room": `scene_head` on the fused room vector (the
@@ -136,6 +142,11 @@ class ModelConfig(JsonConfig):
         if not self.room_grids or any(not isinstance(g, int) or not 1 <= g <= 8 for g in self.room_grids) \
                 or len(set(self.room_grids)) != len(self.room_grids):
             raise ValueError(f"ModelConfig.room_grids={list(self.room_grids)}; expected distinct grid sizes 1..8")
+        _check_choice("ModelConfig", "room_views", self.room_views, ROOM_VIEW_KINDS)
+        if isinstance(self.room_map_size, bool) or not isinstance(self.room_map_size, int) \
+                or self.room_map_size < 32 * max(self.room_grids):
+            raise ValueError(f"ModelConfig.room_map_size={self.room_map_size!r}; expected an int >= 32 x the largest "
+                             f"grid ({32 * max(self.room_grids)}), so each tile covers a cell of the feature map")
         _check_choice("ModelConfig", "view_pooling", self.view_pooling, VIEW_POOLINGS)
         if not self.view_temperature > 0:
             raise ValueError(f"ModelConfig.view_temperature={self.view_temperature!r}; expected > 0")

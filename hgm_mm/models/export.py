@@ -41,6 +41,25 @@ class FoldedImageEncoder(nn.Module):
         return F.normalize(self.project(features), dim=-1)  # (B, D)
 
 
+class FoldedRoomMapEncoder(nn.Module):
+    """`model.encode_room_views` for rooms seen as one feature map (`room_views="feature_map"`):
+    room photos (R, 3, M, M) -> unit view vectors (R, V, D), through the folded tower copy."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.project = model.image_proj
+        self.grids = tuple(model.config.room_grids)
+        self.image_size = model.room_views.size
+        self.tower = folded_copy(model.image_tower, self.image_size, model.device)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        if tuple(pixels.shape[-2:]) != (self.image_size, self.image_size):
+            raise ValueError(f"room pixels of {tuple(pixels.shape[-2:])}; this encoder takes "
+                             f"{self.image_size}x{self.image_size}")
+        features = self.tower.region_features(pixels.contiguous(memory_format=torch.channels_last), self.grids)
+        return F.normalize(self.project(features), dim=-1)  # (R, V, D)
+
+
 def folded_copy(tower: nn.Module, image_size: int, device: torch.device, *, prefix_stage: int = 0) -> nn.Module:
     """A channels-last copy of `tower` in eval mode with conv -> BatchNorm pairs folded, for inputs of
     `image_size`; `tower` itself when none fold. It computes what the eval-mode tower computes (to
@@ -172,7 +191,8 @@ def onnxruntime_available() -> bool:
 
 
 class OnnxImageEncoder:
-    """Pixels (B, 3, S, S) -> unit vectors (B, D) like `model.encode_image`, run by ONNX Runtime on a CPU.
+    """Pixels (B, 3, S, S) -> unit vectors (B, D) like `model.encode_image`, run by ONNX Runtime on a CPU;
+    with `room_map`, room photos (R, 3, M, M) -> view vectors (R, V, D) like `model.encode_room_views`.
 
     The folded image path is exported once, when this is built (about a second for
     EfficientNet-Lite0), and checked against `encode_image` on a probe batch. The ONNX Runtime
@@ -186,22 +206,23 @@ class OnnxImageEncoder:
         ImportError: onnxruntime, onnx or onnxscript is not installed.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, *, room_map: bool = False):
         import onnxruntime  # noqa: F401  (missing: fail before the export's seconds)
 
         if model.device.type != "cpu":
             raise ValueError(f"OnnxImageEncoder runs on the CPU; the model is on {model.device}")
-        image_size = model.config.image_tower.image_size
+        image_size = model.room_views.size if room_map else model.config.image_tower.image_size
         probe = torch.randn(3, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
-        encoder = FoldedImageEncoder(model).eval()
+        encoder = (FoldedRoomMapEncoder if room_map else FoldedImageEncoder)(model).eval()
         self.onnx_model = _export(encoder, probe)
         self._session = None
+        reference = model.encode_room_views if room_map else model.encode_image
         with torch.inference_mode():
-            expected = model.encode_image(probe.to(model.device)).float().cpu()  # (3, D)
+            expected = reference(probe.to(model.device)).float().cpu()  # (3, D), room maps (3, V, D)
         got = self(probe)
         if not torch.allclose(got, expected, rtol=0, atol=ONNX_ATOL):
             difference = (got - expected).abs().max().item()
-            raise OnnxExportError(f"the ONNX image path differs from encode_image by {difference:.2e} "
+            raise OnnxExportError(f"the ONNX image path differs from {reference.__name__} by {difference:.2e} "
                                   f"(allowed {ONNX_ATOL:.0e}); embed with engine='torch'")
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:

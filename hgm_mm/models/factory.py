@@ -22,6 +22,8 @@ def create_model(
     scene_text_tower: str | TextTowerConfig | None = None,
     embed_dim: int | None = None,
     scene_labels: list[str] | tuple[str, ...] | None = None,
+    room_views: str | None = None,
+    room_map_size: int | None = None,
     device: str | torch.device | None = None,
 ) -> HGMModel:
     """Creates a model from a built-in name, an open_clip architecture, `hf-hub:` or `local-dir:`.
@@ -39,6 +41,8 @@ def create_model(
             by default the text tower also reads scene text.
         embed_dim: size of the shared embedding space.
         scene_labels: the scene classes of the scene head.
+        room_views: how room views are encoded, "crops" or "feature_map" (`ModelConfig.room_views`).
+        room_map_size: "feature_map": the side of the one pass.
         device: where to put the model.
 
     A model with randomly initialised towers is announced with a `RandomInitWarning`.
@@ -49,7 +53,8 @@ def create_model(
         if not folder.is_dir():
             raise FileNotFoundError(f"local-dir: {folder} is not a folder")
         if (folder / HGM_CONFIG_NAME).is_file():
-            _refuse_overrides(name, pretrained, image_tower, text_tower, scene_text_tower, embed_dim, scene_labels)
+            _refuse_overrides(name, pretrained, image_tower, text_tower, scene_text_tower, embed_dim, scene_labels,
+                              room_views, room_map_size)
             return load_model(folder, device=device)
         if not (folder / OPEN_CLIP_CONFIG_NAME).is_file():
             raise FileNotFoundError(f"local-dir: {folder} holds neither {HGM_CONFIG_NAME} (an hgm_mm model) "
@@ -58,7 +63,8 @@ def create_model(
     elif parsed.kind == "hf-hub":
         hgm_folder = hub_hgm_folder(parsed.identifier)
         if hgm_folder is not None:
-            _refuse_overrides(name, pretrained, image_tower, text_tower, scene_text_tower, embed_dim, scene_labels)
+            _refuse_overrides(name, pretrained, image_tower, text_tower, scene_text_tower, embed_dim, scene_labels,
+                              room_views, room_map_size)
             return load_model(hgm_folder, device=device)
         config = _open_clip_config(name, None)
     elif parsed.kind == "open_clip":
@@ -69,6 +75,9 @@ def create_model(
         raise ValueError(f"pretrained={pretrained!r} only applies to open_clip architectures, not {name!r}")
 
     config = _apply_overrides(config, image_tower, text_tower, scene_text_tower, embed_dim, scene_labels)
+    room_changes = {k: v for k, v in (("room_views", room_views), ("room_map_size", room_map_size)) if v is not None}
+    if room_changes:  # replace() runs ModelConfig's checks again
+        config = dataclasses.replace(config, **room_changes)
     model = HGMModel(config)
     random_towers = [tower for tower, pretrained_ in model.tower_pretrained.items() if not pretrained_]
     if random_towers:

@@ -28,6 +28,7 @@ from .towers.timm_tower import TimmImageTower
 if TYPE_CHECKING:
     from .model_card import TrainingRecord
 
+MAP_PASS_ROOMS = 8  # "feature_map" room photos per tower pass at inference
 VIEW_PASS_IMAGES = 64  # room views per tower pass at inference: memory stays flat however many views a room has
 
 ImageInput = Any  # a tensor (B, 3, H, W) or (3, H, W), a PIL image, a path, or a sequence of them
@@ -124,7 +125,13 @@ class HGMModel(nn.Module):
                                                              config.scene_text_layers)
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
         self.image_transform = build_image_transform(config.image_tower)
-        self.room_views = RoomViews(config.image_tower, config.room_grids)
+        self.room_views = RoomViews(config.image_tower, config.room_grids, kind=config.room_views,
+                                    map_size=config.room_map_size)
+        if config.room_views == "feature_map" and not (isinstance(self.image_tower, TimmImageTower)
+                                                       and self.image_tower.has_region_features()):
+            raise ValueError(f"room_views='feature_map' pools a timm tower's feature map; this model's image tower "
+                             f"({config.image_tower.source}:{config.image_tower.name}) has none hgm_mm knows: "
+                             "use room_views='crops'")
         self.image_input_stage = 0  # > 0 inside `image_inputs_from_stage`
         self.eval()
         if self.scene_text_classifier is not None and load_weights:  # a new model: start from the descriptions
@@ -225,13 +232,22 @@ class HGMModel(nn.Module):
 
     def encode_room_views(self, images: ImageInput) -> torch.Tensor:
         """Each view of each room photo (see `config.room_grids`) -> unit vectors (R, V, D)."""
-        views = self.preprocess_room_views(images)  # (R, V, 3, S, S)
+        views = self.preprocess_room_views(images)  # (R, V, 3, S, S); "feature_map": (R, 1, 3, M, M)
+        if self.room_views.kind == "feature_map":
+            return F.normalize(self.image_proj(self._room_map_features(views[:, 0])), dim=-1)  # (R, V, D)
         flat = views.flatten(0, 1)  # (R * V, 3, S, S)
         if self.training and torch.is_grad_enabled():  # one pass: train-mode BatchNorm sees the whole batch
             features = self._image_features(flat)  # (R * V, C)
         else:  # R * V photos in one pass: 8 rooms of 55 views held 9 GB (2.5 GB in passes of 64)
             features = torch.cat([self._image_features(chunk) for chunk in flat.split(VIEW_PASS_IMAGES)])
         return F.normalize(self.image_proj(features), dim=-1).view(*views.shape[:2], -1)  # (R, V, D)
+
+    def _room_map_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Room photos at the map size (R, 3, M, M), or their cached locked-layer outputs -> the
+        tower's features pooled over each view's cells (R, V, C)."""
+        passes = [pixels] if self.training and torch.is_grad_enabled() else pixels.split(MAP_PASS_ROOMS)
+        return torch.cat([self.image_tower.region_features(chunk, self.config.room_grids,
+                                                           start_stage=self.image_input_stage) for chunk in passes])
 
     def encode_room(self, images: ImageInput | None = None, texts: Sequence[str | None] | str | None = None,
                     *, view_embeds: torch.Tensor | None = None) -> torch.Tensor:

@@ -24,27 +24,43 @@ def build_image_transform(cfg: ImageTowerConfig):
 
 
 class RoomViews:
-    """A room photo -> its views (V, 3, S, S): for each grid g, g x g tiles, each resized to S x S.
+    """A room photo -> the tower inputs of its views: for each grid g, g x g tiles.
 
-    Tiles are resized whole (not cropped) so no part of the room is lost; grid 1 is the photo.
+    "crops" (the default): each tile resized to S x S, (V, 3, S, S) with V = sum of g * g. Tiles are
+    resized whole (not cropped) so no part of the room is lost; grid 1 is the photo.
+    "feature_map": the whole photo resized to `map_size` x `map_size`, (1, 3, M, M); the tiles are
+    cells of the tower's feature map, pooled by `TimmImageTower.region_features`.
     """
 
-    def __init__(self, cfg: ImageTowerConfig, grids: tuple[int, ...]):
+    def __init__(self, cfg: ImageTowerConfig, grids: tuple[int, ...], *, kind: str = "crops",
+                 map_size: int | None = None):
         from torchvision import transforms as T
 
+        if kind not in ("crops", "feature_map"):
+            raise ValueError(f"RoomViews kind={kind!r}; expected 'crops' or 'feature_map'")
         self.grids = grids
-        self.size = cfg.image_size
+        self.kind = kind
+        self.size = cfg.image_size if kind == "crops" else int(map_size or cfg.image_size)
         self.interpolation = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR}[
             cfg.interpolation]
         self.to_tensor = T.Compose([T.ToTensor(), T.Normalize(cfg.mean, cfg.std)])
 
     @property
     def n_views(self) -> int:
+        """View vectors per room."""
         return sum(g * g for g in self.grids)
+
+    @property
+    def n_passes(self) -> int:
+        """Tower inputs per room: one per view, or one photo whose feature map holds them all."""
+        return self.n_views if self.kind == "crops" else 1
 
     def __call__(self, image) -> torch.Tensor:
         from torchvision.transforms import functional as TF
 
+        if self.kind == "feature_map":
+            whole = TF.resize(image, [self.size, self.size], interpolation=self.interpolation)
+            return self.to_tensor(whole).unsqueeze(0)  # (1, 3, M, M)
         width, height = image.size
         views = []
         for g in self.grids:
@@ -56,7 +72,6 @@ class RoomViews:
                     views.append(self.to_tensor(TF.resize(tile, [self.size, self.size],
                                                           interpolation=self.interpolation)))
         return torch.stack(views)  # (V, 3, S, S)
-
 
 
 class WholePhoto:

@@ -49,10 +49,12 @@ class RoomVectorScenes:
     def logits_from_cache(self, model, features: torch.Tensor, stage: int | None) -> torch.Tensor:
         """Cached locked-layer outputs (B, V, ...) of the V views of each photo -> scene logits (B, S):
         the views through the rest of the tower and the projection, the room vector, then the head."""
-        batch, n_views = features.shape[:2]
-        flat = features.flatten(0, 1).to(model.device, model.scene_head.weight.dtype)  # (B * V, ...)
-        pooled = flat if stage is None else model.image_tower(flat, start_stage=stage)  # (B * V, C)
-        views = F.normalize(model.image_proj(pooled), dim=-1).view(batch, n_views, -1)  # (B, V, D)
+        features = features.to(model.device, model.scene_head.weight.dtype)
+        if stage is None:  # pooled tower outputs (B, V, C)
+            views = F.normalize(model.image_proj(features), dim=-1)  # (B, V, D)
+        else:
+            with model.image_inputs_from_stage(stage):
+                views = model.encode_room_views(features)  # (B, V, D)
         room = model.room_vector(views)  # (B, D)
         return model.scene_head(room)
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..models.config import SCENE_SOURCES
+from ..models.config import ROOM_VIEW_KINDS, SCENE_SOURCES
 from ..json_config import JsonConfig
 
 PRECISIONS = ("no", "bf16", "fp16")
@@ -29,6 +29,10 @@ class TrainConfig(JsonConfig):
     _key_noun = "setting"
 
     model: str = "hgm-lite-en"  # starting model: any name create_model takes
+    # "feature_map" is one tower pass a room photo, its feature map pooled per tile: faster, lower Recall@10
+    # (docs/training.md)
+    room_views: str | None = None  # how a new model encodes room views: "crops" or "feature_map"; None: the model's
+    room_map_size: int | None = None  # "feature_map": side of the one pass; None: the model's (640)
     epochs: int = 33  # passes over the catalogue's products
     max_steps: int | None = None  # stop after this many optimiser steps, whatever the epoch
     batch_size: int = 384  # catalogue products per step (photo <-> text contrastive)
@@ -94,6 +98,12 @@ class TrainConfig(JsonConfig):
         if isinstance(self.scene_image_size, bool) or not isinstance(self.scene_image_size, int) \
                 or self.scene_image_size < 8:
             raise ValueError(f"TrainConfig.scene_image_size={self.scene_image_size!r}; expected an int >= 8")
+        if self.room_views is not None and self.room_views not in ROOM_VIEW_KINDS:
+            raise ValueError(f"TrainConfig.room_views={self.room_views!r}; expected None or one of "
+                             f"{list(ROOM_VIEW_KINDS)}")
+        if self.room_map_size is not None and (isinstance(self.room_map_size, bool)
+                                               or not isinstance(self.room_map_size, int) or self.room_map_size < 32):
+            raise ValueError(f"TrainConfig.room_map_size={self.room_map_size!r}; expected None or an int >= 32")
         if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
             raise ValueError(f"TrainConfig.max_steps={self.max_steps!r}; expected None or an int >= 1")
         for name in ("lr", "tower_lr", "lora_alpha"):
@@ -183,7 +193,8 @@ class SceneTrainConfig(JsonConfig):
     # cache each photo's mirror image too and draw one of the two per photo and epoch; None: True for "photo"
     mirror: bool | None = None
     # "room": "whole" trains on the whole-photo view alone (1/V of the caching); "all" on the mean of all the
-    # room views, as inference scores it; both measured the same within noise. Validation uses all the views
+    # room views, as inference scores it; both measured the same within noise. Validation uses all the views.
+    # Views pooled from one feature map (ModelConfig.room_views "feature_map") always train on them all
     train_views: str = "whole"
     seed: int = 0  # the order of the photos, the mirror draws and the crops; the same seed gives the same weights
     image_errors: str = "skip"  # unreadable photos: "skip" (left out and listed) or "raise"

