@@ -14,6 +14,11 @@ import numpy as np
 NORM_TOLERANCE = 1e-2  # |norm - 1| accepted (and renormalised); beyond it vectors are refused
 
 
+# Model settings added after index folders recorded identities, with the defaults that compute what
+# models before them computed: a model at these defaults hashes as it did before the setting existed.
+_SETTINGS_ADDED_LATER = {"room_views": "crops", "room_map_size": 640}
+
+
 def model_fingerprint(model: Any) -> str:
     """A string that changes whenever the vectors a model produces may change.
 
@@ -28,6 +33,9 @@ def model_fingerprint(model: Any) -> str:
 
     digest = hashlib.sha256()
     config = model.config.to_dict()
+    for key, default in _SETTINGS_ADDED_LATER.items():  # at their defaults, older folders keep their identity
+        if config.get(key) == default:
+            config.pop(key)
     digest.update(json.dumps(config, sort_keys=True, separators=(",", ":")).encode("utf-8"))
     for name, tensor in sorted(model.state_dict().items()):
         t = tensor.detach().to("cpu").contiguous().reshape(-1)  # (numel,)
