@@ -6,7 +6,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .config import ImageTowerConfig
+from .config import ROOM_VIEW_KINDS, ImageTowerConfig
 
 
 def build_image_transform(cfg: ImageTowerConfig):
@@ -36,8 +36,8 @@ class RoomViews:
                  map_size: int | None = None):
         from torchvision import transforms as T
 
-        if kind not in ("crops", "feature_map"):
-            raise ValueError(f"RoomViews kind={kind!r}; expected 'crops' or 'feature_map'")
+        if kind not in ROOM_VIEW_KINDS:
+            raise ValueError(f"RoomViews kind={kind!r}; expected one of {list(ROOM_VIEW_KINDS)}")
         self.grids = grids
         self.kind = kind
         self.size = cfg.image_size if kind == "crops" else int(map_size or cfg.image_size)
