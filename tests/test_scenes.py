@@ -22,8 +22,8 @@ HEAD_ONLY = {"branch_stages": 0, "random_crops": 0, "scene_image_size": None}  #
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def tiny_model(seed: int = 0):
-    model = shared_tiny_model(seed, scene_labels=LABELS)
+def tiny_model(seed: int = 0, **overrides):
+    model = shared_tiny_model(seed, scene_labels=LABELS, **overrides)
     with torch.no_grad():  # an untrained head: every photo gets the first label
         model.scene_head.weight.zero_()
         model.scene_head.bias.zero_()
@@ -195,6 +195,22 @@ def test_the_last_training_decides_which_head_predict_scene_reads(toy):
     assert set(result.trained_parameters) == {"scene_head.weight", "scene_head.bias"}
     assert result.val_accuracy == pytest.approx(evaluate_scenes(model, val_images, progress=False,
                                                                 num_workers=0).accuracy)
+
+
+@pytest.mark.parametrize("unlocked_image_groups", [0, 1])
+def test_the_room_head_of_a_feature_map_model_validates_as_evaluate_scenes_reads_it(toy, unlocked_image_groups):
+    train_images, val_images = toy
+    model = tiny_model(seed=0, room_views="feature_map", room_map_size=96)
+    result = train_scenes(model, train_images, val_images=val_images, scene_source="room", epochs=2, batch_size=8,
+                          num_workers=0, progress=False, unlocked_image_groups=unlocked_image_groups)
+    assert "scene_head.weight" in result.trained_parameters
+    measured = evaluate_scenes(model, val_images, progress=False, num_workers=0)
+    assert result.val_accuracy == pytest.approx(measured.accuracy)
+    # the calibration read the validation photos' cached logits: before the temperature, their ECE is
+    # the one inference gives at temperature 1
+    model.config.photo_scene_temperature = 1.0
+    uncalibrated = evaluate_scenes(model, val_images, progress=False, num_workers=0)
+    assert result.calibration["val_ece_before"] == pytest.approx(uncalibrated.ece, abs=1e-5)
 
 
 def test_one_scene_reader_is_chosen_when_the_model_is_built_and_follows_the_head_trained(toy, tmp_path):
